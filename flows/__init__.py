@@ -1,0 +1,1 @@
+"""dermaflow's outer edge: the CLI and the Prefect flows."""

@@ -1,0 +1,1 @@
+"""dermaflow stage code: one module per stage, pure functions, no Prefect, no argv."""

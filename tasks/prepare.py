@@ -1,0 +1,222 @@
+"""Prepare: decode every image once into a memory-mappable cache that training reads.
+
+Decoding a JPEG and resizing it costs far more than a training step of a small model, so it is
+done once per dataset version: each split becomes ``<split>_images.npy`` (N, S, S, 3) uint8,
+``<split>_masks.npy`` (N, S, S) uint8 in {0, 1}, and ``<split>.parquet`` (the rows, in order,
+with ``label_idx``). ``np.load(..., mmap_mode="r")`` then serves batches without decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from tasks.io import atomic_dir
+from tasks.labels import ISIC_CLASSES
+from tasks.split import SPLITS, read_split
+
+_HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+class PrepareError(ValueError):
+    """An image that passed validation still failed to decode."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, upright.
+
+    EXIF orientation is applied first (phone photos are often stored sideways). 16-bit and
+    float greyscale are rescaled by their actual range instead of clipped, CMYK is converted,
+    and transparency is composited onto white rather than dropped to black.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in {"RGBA", "LA", "PA"}:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def square(img: Image.Image, size: int, resize: str, resample: int) -> Image.Image:
+    """Center-crop to a square (``center_crop``) or stretch (``squash``), then resize."""
+    if resize == "center_crop":
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img.resize((size, size), resample=resample, reducing_gap=3.0)
+
+
+def decode_one(
+    image: Path, mask: Path | None, size: int, resize: str
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Decode, orient and resize one image (and its mask, with the same geometry)."""
+    try:
+        with Image.open(image) as img:
+            rgb = square(to_rgb(img), size, resize, Image.Resampling.BICUBIC)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise PrepareError(f"{image}: cannot decode ({err})") from err
+    out_mask = np.zeros((size, size), dtype=np.uint8)
+    has_mask = mask is not None
+    if has_mask:
+        with Image.open(mask) as m:
+            m = ImageOps.exif_transpose(m).convert("L")
+            m = square(m, size, resize, Image.Resampling.NEAREST)
+            out_mask = (np.asarray(m) > 127).astype(np.uint8)
+    return np.asarray(rgb, dtype=np.uint8), out_mask, has_mask
+
+
+def _decode_chunk(args: tuple[list[tuple[Path, Path | None]], int, str]):
+    items, size, resize = args
+    results = [decode_one(i, m, size, resize) for i, m in items]
+    return (
+        np.stack([r[0] for r in results]),
+        np.stack([r[1] for r in results]),
+        [r[2] for r in results],
+    )
+
+
+def class_names(labels: pd.Series) -> list[str]:
+    """Class order: ISIC order when every label is an ISIC name, else sorted folder names."""
+    present = set(labels.dropna().unique())
+    if present <= set(ISIC_CLASSES):
+        return [c for c in ISIC_CLASSES if c in present]
+    return sorted(present)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def prepare_split(
+    rows: pd.DataFrame,
+    root: Path,
+    out_dir: Path,
+    split: str,
+    classes: list[str],
+    size: int,
+    resize: str,
+    workers: int,
+    progress: Progress | None = None,
+) -> int:
+    """Decode one split's rows into ``out_dir``; returns the number of images written."""
+    n = len(rows)
+    images = np.lib.format.open_memmap(
+        out_dir / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3)
+    )
+    masks = np.lib.format.open_memmap(
+        out_dir / f"{split}_masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size)
+    )
+    items = [
+        (root / p, (root / m) if isinstance(m, str) and m else None)
+        for p, m in zip(rows["path"], rows["mask_path"], strict=True)
+    ]
+    chunk = 32
+    jobs = [(items[s], size, resize) for s in _chunks(n, chunk)]
+    has_mask: list[bool] = []
+    task = progress.add_task(f"decoding {split}", total=n) if progress else None
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        results = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        for sl, (img, msk, flags) in zip(_chunks(n, chunk), results, strict=True):
+            images[sl] = img
+            masks[sl] = msk
+            has_mask.extend(flags)
+            if progress is not None:
+                progress.advance(task, len(flags))
+    finally:
+        if pool:
+            pool.shutdown()
+    images.flush()
+    masks.flush()
+    del images, masks
+    index = rows.reset_index(drop=True).copy()
+    index["label_idx"] = [classes.index(label) for label in index["label"]]
+    index["has_mask"] = has_mask
+    index.to_parquet(out_dir / f"{split}.parquet", index=False)
+    return n
+
+
+def prepare(
+    split_dir: str | Path,
+    root: str | Path,
+    out_dir: str | Path,
+    size: int,
+    resize: str = "center_crop",
+    workers: int = 1,
+    show_progress: bool = True,
+) -> dict:
+    """Build the cache for every split; returns stage metrics (decode throughput included)."""
+    root = Path(root)
+    splits = {s: read_split(split_dir, s) for s in SPLITS}
+    classes = class_names(pd.concat([f["label"] for f in splits.values()]))
+    start = time.perf_counter()
+    with (
+        atomic_dir(out_dir) as tmp,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            disable=not show_progress,
+            transient=True,
+        ) as bar,
+    ):
+        counts = {
+            s: prepare_split(frame, root, tmp, s, classes, size, resize, workers, bar)
+            for s, frame in splits.items()
+        }
+        meta = {"classes": classes, "size": size, "resize": resize, "counts": counts}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    seconds = time.perf_counter() - start
+    total = sum(counts.values())
+    return {
+        "images": total,
+        "seconds": round(seconds, 3),
+        "decode_images_per_s": round(total / seconds, 1) if seconds else None,
+        "size": size,
+        "workers": workers,
+    }
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """A split of the cache: memory-mapped arrays plus the row table and the class list."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8, memory-mapped
+    masks: np.ndarray  # (N, S, S) uint8 in {0, 1}; all zero where has_mask is False
+    rows: pd.DataFrame  # manifest rows in array order, with label_idx and has_mask
+    classes: list[str]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label_idx"].to_numpy()
+
+
+def open_split(prepared_dir: str | Path, split: str) -> PreparedSplit:
+    """Open one split of the cache without reading it into memory."""
+    d = Path(prepared_dir)
+    meta = json.loads((d / "meta.json").read_text())
+    return PreparedSplit(
+        images=np.load(d / f"{split}_images.npy", mmap_mode="r"),
+        masks=np.load(d / f"{split}_masks.npy", mmap_mode="r"),
+        rows=pd.read_parquet(d / f"{split}.parquet"),
+        classes=list(meta["classes"]),
+    )

@@ -1,0 +1,161 @@
+"""The one module that talks to MLflow: store location, the lineage run, artifacts, registry.
+
+One MLflow run per pipeline execution holds every param, metric, model and picture of that
+lineage. The train entry opens it and records its id in ``models/run.json`` (a DVC out); the
+later stages (calibrate, export, explain) reopen the same run from that file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from tasks.io import write_json
+
+STORE_DIR = Path("mlruns")
+RUN_FILE = Path("models/run.json")
+
+
+def tracking_uri(repo: str | Path = ".") -> str:
+    """``$MLFLOW_TRACKING_URI`` when set (a tracking server), else the project's sqlite store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = (Path(repo) / STORE_DIR / "mlflow.db").resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def configure(repo: str | Path = ".") -> str:
+    uri = tracking_uri(repo)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, repo: str | Path = ".") -> str:
+    """Create (once) the experiment, with artifacts under mlruns/ beside the sqlite file."""
+    configure(repo)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (Path(repo) / STORE_DIR / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit(repo: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def lineage_run(
+    experiment: str, run_name: str, tags: dict[str, str], repo: str | Path = "."
+) -> Iterator[mlflow.ActiveRun]:
+    """Start the pipeline's run and record its id in models/run.json for later stages."""
+    experiment_id = ensure_experiment(experiment, repo)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        write_json(
+            Path(repo) / RUN_FILE,
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": experiment_id,
+                "experiment": experiment,
+                "tracking_uri": mlflow.get_tracking_uri(),
+            },
+        )
+        yield run
+
+
+@contextlib.contextmanager
+def resume_lineage_run(repo: str | Path = ".") -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run that the train stage started (for calibrate, export, explain)."""
+    info = json.loads((Path(repo) / RUN_FILE).read_text())
+    configure(repo)
+    with mlflow.start_run(run_id=info["run_id"]) as run:
+        yield run
+
+
+def update_run_file(repo: str | Path = ".", **fields: Any) -> None:
+    path = Path(repo) / RUN_FILE
+    info = json.loads(path.read_text())
+    info.update(fields)
+    write_json(path, info)
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    """The resolved config in one call (MLflow caps values at 6000 characters)."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    mlflow.log_metrics(clean, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_artifacts(files: dict[str, str | Path]) -> None:
+    """``{artifact_dir: path}``: each existing file (or folder) into that artifact dir."""
+    for where, path in files.items():
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=where)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path=where)
+
+
+def log_pytorch_model(
+    model: Any, input_example: Any, registered_model: str | None
+) -> tuple[str, str | None]:
+    """Log the hookable nn.Module (pickle format: pt2 graphs cannot take CAM hooks).
+
+    Returns:
+        The model URI and the registered version (None when not registered).
+    """
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        serialization_format="pickle",
+        signature=infer_signature(input_example, output),
+        input_example=input_example,
+        registered_model_name=registered_model,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    version = getattr(info, "registered_model_version", None)
+    return info.model_uri, None if version is None else str(version)
+
+
+def environment_tags() -> dict[str, str]:
+    import torch
+
+    return {
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "cuda": str(torch.cuda.is_available()),
+    }

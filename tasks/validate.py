@@ -1,0 +1,462 @@
+"""Validate: check a manifest against the dataset rules, every defect in one run.
+
+Ingest describes what it finds and never drops a row; this stage judges. Every rule becomes one
+Great Expectations expectation in a single suite that is validated in a single call, so a
+dataset with ten different defects is reported with ten failing rules at once, instead of a
+fix-one-rerun-find-the-next loop (a GX call costs seconds; a rerun of ingest costs minutes).
+
+Rules that are not a built-in check of one column (a path escaping the root, the same bytes
+under two labels, a class that is too small) are first turned into a derived column in pandas,
+so that GX still decides which rows fail and the report stays one uniform list of rules.
+Each failing rule names its offending rows (``row 12 (image_id=..., path=...)``, numbered 0-based
+as in the manifest) and the value that broke it, because "3 rows failed" alone sends a person
+hunting through a 25 000-row table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
+from tasks.config import ValidateConfig
+from tasks.ingest import MANIFEST_COLUMNS
+from tasks.labels import ISIC_CLASSES
+
+E = gx.expectations
+
+# Sources whose labels must come from the ISIC 2019 vocabulary (HAM10000 codes are mapped on
+# ingest); a class-per-folder dataset defines its own vocabulary with its folder names.
+ISIC_SOURCES = frozenset({"isic2019", "ham10000"})
+SEVERITIES = ("error", "warning", "off")
+MAX_LISTED = 20  # offenders spelled out in a message line before "and N more"
+MAX_OFFENDERS = 1000  # offenders kept per rule in the report (the count is always exact)
+ROW_KEYS = ["row", "image_id", "path"]  # GX returns these columns for every unexpected row
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One data rule: how GX checks it and how an offending row is described to a person.
+
+    ``expect`` builds the expectation from the config (on the manifest plus the derived
+    columns of :func:`derive_columns`); ``show`` turns an offending row into the short text
+    after its row reference, e.g. ``truncated`` or ``age 150 outside [0, 120]``.
+    """
+
+    name: str
+    description: str
+    expect: Callable[[ValidateConfig], Any]
+    show: Callable[[pd.Series, ValidateConfig], str]
+
+
+def _text(value: Any) -> str:
+    return "none" if _missing(value) else str(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, (list, tuple, dict)) and bool(pd.isna(value)))
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "label_known",
+        "label in the dataset's class vocabulary (ISIC 2019 names, or the given classes)",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="label_ok", value_set=[True]),
+        lambda r, c: f"unknown label {r.label!r}" if not _missing(r.label) else "no label",
+    ),
+    Rule(
+        "onehot_single",
+        "ISIC ground truth marks exactly one class per row",
+        lambda c: E.ExpectColumnValuesToBeBetween(column="onehot_sum", min_value=1, max_value=1),
+        lambda r, c: f"{int(r.onehot_sum)} classes marked in the ground truth",
+    ),
+    Rule(
+        "image_id_unique",
+        "no image_id appears twice",
+        lambda c: E.ExpectColumnValuesToBeUnique(column="image_id"),
+        lambda r, c: f"image_id also on row(s) {r.same_id_rows}",
+    ),
+    Rule(
+        "image_readable",
+        "the image file exists, is non-empty, decodes and is not truncated",
+        lambda c: E.ExpectColumnValuesToBeNull(column="file_error"),
+        lambda r, c: str(r.file_error),
+    ),
+    Rule(
+        "path_inside_root",
+        "the image path, symlinks resolved, stays inside the dataset root",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="inside_root", value_set=[True]),
+        lambda r, c: f"resolves outside the root to {r.resolved_path}",
+    ),
+    Rule(
+        "min_size",
+        "width and height are at least min_side pixels",
+        lambda c: E.ExpectColumnValuesToBeBetween(column="min_side", min_value=c.min_side),
+        lambda r, c: f"{r.width}x{r.height} px, smaller than {c.min_side} px",
+    ),
+    Rule(
+        "age_range",
+        "age inside age_range (missing ages allowed)",
+        lambda c: E.ExpectColumnValuesToBeBetween(
+            column="age", min_value=c.age_range[0], max_value=c.age_range[1]
+        ),
+        lambda r, c: f"age {r.age:g} outside [{c.age_range[0]}, {c.age_range[1]}]",
+    ),
+    Rule(
+        "hash_label_conflict",
+        "identical image bytes never carry different labels",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="hash_conflict", value_set=[False]),
+        lambda r, c: f"label {r.label!r}, same bytes as {r.same_hash_rows}",
+    ),
+    Rule(
+        "class_min_count",
+        "every class has at least min_per_class images",
+        lambda c: E.ExpectColumnValuesToBeBetween(column="class_count", min_value=c.min_per_class),
+        lambda r, c: f"class {r.label!r} has {int(r.class_count)} image(s) < {c.min_per_class}",
+    ),
+    Rule(
+        "mask_readable",
+        "a listed segmentation mask exists and decodes",
+        lambda c: E.ExpectColumnValuesToBeNull(column="mask_error"),
+        lambda r, c: f"mask {r.mask_error}: {_text(r.mask_path)}",
+    ),
+    Rule(
+        "sex_known",
+        "sex in known_sex (missing allowed)",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="sex", value_set=list(c.known_sex)),
+        lambda r, c: f"sex {r.sex!r}",
+    ),
+    Rule(
+        "site_known",
+        "anatomical site in known_sites (missing allowed)",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="site", value_set=list(c.known_sites)),
+        lambda r, c: f"site {r.site!r}",
+    ),
+)
+RULE_NAMES = tuple(rule.name for rule in RULES)
+
+
+@dataclass
+class RuleResult:
+    """Outcome of one rule; ``offenders`` holds {row, image_id, path, value} per failing row."""
+
+    rule: str
+    severity: str
+    success: bool
+    description: str
+    unexpected_count: int
+    offenders: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """All rule outcomes of one validation run, plus what a reader needs around them."""
+
+    results: list[RuleResult]
+    n_rows: int
+    class_counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # rules with severity off
+    gx_seconds: float = 0.0  # wall time of the one GX validate call
+
+    @property
+    def passed(self) -> bool:
+        """True when no error-severity rule failed (warnings never stop the pipeline)."""
+        return not self.errors()
+
+    def errors(self) -> list[RuleResult]:
+        return [r for r in self.results if not r.success and r.severity == "error"]
+
+    def warnings(self) -> list[RuleResult]:
+        return [r for r in self.results if not r.success and r.severity == "warning"]
+
+    def result(self, rule: str) -> RuleResult:
+        """The result of ``rule``; KeyError if it did not run (unknown or severity off)."""
+        for r in self.results:
+            if r.rule == rule:
+                return r
+        raise KeyError(f"rule {rule!r} did not run (skipped: {self.skipped})")
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return f"validation {verdict}: {self._counts()}"
+
+    def _counts(self) -> str:
+        return (
+            f"{len(self.errors())} error rule(s) and {len(self.warnings())} warning rule(s) "
+            f"failed over {self.n_rows} rows"
+        )
+
+    def message(self) -> str:
+        """Summary line, then one line per failing rule (errors first)."""
+        return "\n".join([self.summary()] + [r.message for r in self.errors() + self.warnings()])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "n_rows": self.n_rows,
+            "errors": [r.rule for r in self.errors()],
+            "warnings": [r.rule for r in self.warnings()],
+            "skipped": list(self.skipped),
+            "class_counts": dict(self.class_counts),
+            "gx_seconds": round(self.gx_seconds, 3),
+            "rules": [dataclasses.asdict(r) for r in self.results],
+        }
+
+    def to_markdown(self, max_rows: int = 50) -> str:
+        """A report a person reads first: verdict, rule table, offenders, class counts."""
+        lines = [
+            "# Data validation report",
+            "",
+            f"**{'PASSED' if self.passed else 'FAILED'}**: {self._counts()}.",
+            "",
+            "| rule | severity | passed | unexpected | checks |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            mark = "yes" if r.success else "**no**"
+            lines.append(
+                f"| {r.rule} | {r.severity} | {mark} | {r.unexpected_count} | "
+                f"{_md(r.description)} |"
+            )
+        lines += [f"| {name} | off | not run | – | |" for name in self.skipped]
+        for r in self.errors() + self.warnings():
+            lines += ["", f"## [{r.severity}] {r.rule}: {r.unexpected_count} of {self.n_rows} rows"]
+            lines += ["", _md(r.description), ""]
+            if not r.offenders:
+                lines.append(_md(r.message))
+                continue
+            lines += ["| row | image_id | path | value |", "|---|---|---|---|"]
+            for o in r.offenders[:max_rows]:
+                lines.append(
+                    f"| {o['row']} | {_md(o['image_id'])} | {_md(o['path'])} | {_md(o['value'])} |"
+                )
+            if r.unexpected_count > max_rows:
+                lines.append(f"\n… and {r.unexpected_count - max_rows} more (see the JSON report)")
+        total = sum(self.class_counts.values()) or 1
+        lines += ["", "## Class counts", "", "| class | images | share |", "|---|---|---|"]
+        for label, count in self.class_counts.items():
+            lines.append(f"| {_md(label)} | {count} | {count / total:.1%} |")
+        return "\n".join(lines) + "\n"
+
+
+class ValidationError(Exception):
+    """The manifest broke at least one error-severity rule; ``str()`` names rule, row and file."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        super().__init__(report.message())
+        self.report = report
+
+
+def raise_for_errors(report: ValidationReport) -> ValidationReport:
+    """Raise :class:`ValidationError` if an error rule failed; otherwise return the report."""
+    if not report.passed:
+        raise ValidationError(report)
+    return report
+
+
+def _md(value: Any) -> str:
+    return _text(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _label_vocabulary_ok(frame: pd.DataFrame, classes: list[str] | None) -> pd.Series:
+    """True/False per row, or NA where the one-hot rule already owns the missing label."""
+    labels = frame["label"]
+    if classes is not None:
+        ok = labels.isin(list(classes))
+    else:
+        isic = frame["source"].isin(ISIC_SOURCES)
+        ok = labels.notna() & (~isic | labels.isin(ISIC_CLASSES))
+    out = pd.array(ok.to_numpy(dtype=bool), dtype="boolean")
+    not_onehot = frame["onehot_sum"].notna() & (frame["onehot_sum"] != 1)
+    out[not_onehot.to_numpy(dtype=bool)] = pd.NA
+    return pd.Series(out, index=frame.index)
+
+
+def _inside_root(paths: pd.Series, root: Path) -> tuple[list[bool], list[str]]:
+    base = root.resolve()
+    inside, resolved = [], []
+    for rel in paths:
+        if _missing(rel):
+            inside.append(False)
+            resolved.append("no path")
+            continue
+        target = (root / str(rel)).resolve()
+        inside.append(target.is_relative_to(base))
+        resolved.append(str(target))
+    return inside, resolved
+
+
+def _rows_sharing(frame: pd.DataFrame, key: str, mask: pd.Series) -> dict[int, list[int]]:
+    """For each row in ``mask``, the other masked rows with the same ``key`` value."""
+    groups = frame.loc[mask].groupby(key, sort=False).groups
+    return {
+        int(row): [int(o) for o in rows if o != row]
+        for rows in groups.values()
+        if len(rows) > 1
+        for row in rows
+    }
+
+
+def derive_columns(
+    manifest: pd.DataFrame, root: Path, classes: list[str] | None = None
+) -> pd.DataFrame:
+    """The manifest (re-indexed 0..n-1) plus the columns that rules need beyond one field.
+
+    Added: ``row``, ``label_ok``, ``inside_root`` / ``resolved_path``, ``min_side``,
+    ``hash_conflict`` / ``same_hash_rows``, ``class_count`` and ``same_id_rows``. A column is
+    NA where another rule owns the defect (no size for an undecodable image, no label check for
+    a row whose one-hot ground truth is broken), so one defect fails one rule.
+    """
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"manifest lacks column(s) {missing}; rebuild it with the ingest stage")
+    frame = manifest.reset_index(drop=True).copy()
+    frame.insert(0, "row", np.arange(len(frame), dtype=np.int64))
+    frame["label_ok"] = _label_vocabulary_ok(frame, classes)
+    frame["inside_root"], frame["resolved_path"] = _inside_root(frame["path"], root)
+
+    width = pd.to_numeric(frame["width"], errors="coerce").astype(float)
+    height = pd.to_numeric(frame["height"], errors="coerce").astype(float)
+    frame["min_side"] = np.minimum(width, height)
+
+    # An empty file hashes like every other empty file; image_readable owns that defect.
+    hashed = frame["sha256"].notna() & frame["label"].notna() & (frame["file_error"] != "empty")
+    labels_per_hash = frame.loc[hashed].groupby("sha256")["label"].nunique()
+    conflicting = set(labels_per_hash.index[labels_per_hash > 1])
+    frame["hash_conflict"] = hashed & frame["sha256"].isin(conflicting)
+    twins = _rows_sharing(frame, "sha256", frame["hash_conflict"])
+    frame["same_hash_rows"] = [
+        ", ".join(f"row {o} (label {frame.at[o, 'label']!r})" for o in twins.get(i, []))
+        for i in range(len(frame))
+    ]
+
+    frame["class_count"] = frame["label"].map(frame["label"].value_counts()).astype(float)
+    dups = _rows_sharing(frame, "image_id", frame["image_id"].notna())
+    frame["same_id_rows"] = [", ".join(map(str, dups.get(i, []))) for i in range(len(frame))]
+    return frame
+
+
+def _severities(cfg: ValidateConfig) -> dict[str, str]:
+    """Severity per rule; a rule absent from the config is an error (fail safe)."""
+    unknown = sorted(set(cfg.severity) - set(RULE_NAMES))
+    if unknown:
+        raise ValueError(f"validate.severity: unknown rule(s) {unknown}; known: {RULE_NAMES}")
+    out = {name: cfg.severity.get(name, "error") for name in RULE_NAMES}
+    bad = {k: v for k, v in out.items() if v not in SEVERITIES}
+    if bad:
+        raise ValueError(f"validate.severity: {bad} must be one of {SEVERITIES}")
+    return out
+
+
+def _run_suite(frame: pd.DataFrame, expectations: list[Any]) -> tuple[dict[str, Any], float]:
+    """Validate all expectations on ``frame`` in one GX call; results keyed by meta rule."""
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_definition = (
+        context.data_sources.add_pandas("dermaflow")
+        .add_dataframe_asset("manifest")
+        .add_batch_definition_whole_dataframe("manifest")
+    )
+    suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=expectations))
+    started = time.perf_counter()
+    outcome = batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(
+        suite,
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ROW_KEYS},
+    )
+    elapsed = time.perf_counter() - started
+    return {r.expectation_config.meta["rule"]: r for r in outcome.results}, elapsed
+
+
+def _exception_message(info: dict[str, Any]) -> str | None:
+    """GX nests exception info per metric; return the first message raised, if any."""
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for value in info.values():
+        if isinstance(value, dict) and value.get("raised_exception"):
+            return str(value.get("exception_message"))
+    return None
+
+
+def _rule_result(
+    rule: Rule, severity: str, gx_result: Any, frame: pd.DataFrame, cfg: ValidateConfig
+) -> RuleResult:
+    n = len(frame)
+    crashed = _exception_message(gx_result.exception_info or {})
+    if crashed is not None:
+        message = f"[{severity}] {rule.name}: the check itself failed: {crashed}"
+        return RuleResult(rule.name, severity, False, rule.description, 0, [], message)
+    unexpected = gx_result.result.get("unexpected_index_list") or []
+    count = int(gx_result.result.get("unexpected_count") or len(unexpected))
+    offenders = []
+    for entry in unexpected[:MAX_OFFENDERS]:
+        row = frame.loc[int(entry["row"])]
+        offenders.append(
+            {
+                "row": int(entry["row"]),
+                "image_id": _text(row.image_id),
+                "path": _text(row.path),
+                "value": rule.show(row, cfg),
+            }
+        )
+    success = bool(gx_result.success)
+    if success:
+        message = f"[{severity}] {rule.name}: ok ({n} rows)"
+    else:
+        listed = "; ".join(
+            f"row {o['row']} (image_id={o['image_id']}, path={o['path']}): {o['value']}"
+            for o in offenders[:MAX_LISTED]
+        )
+        more = f"; and {count - MAX_LISTED} more" if count > MAX_LISTED else ""
+        message = f"[{severity}] {rule.name}: {count} of {n} rows — {listed}{more}"
+    return RuleResult(rule.name, severity, success, rule.description, count, offenders, message)
+
+
+def validate_manifest(
+    manifest: pd.DataFrame,
+    root: str | Path,
+    cfg: ValidateConfig,
+    classes: list[str] | None = None,
+) -> ValidationReport:
+    """Check every rule on the manifest in one GX run and return the full report.
+
+    Args:
+        manifest: the ingest manifest (``tasks.ingest.MANIFEST_COLUMNS``).
+        root: the dataset root the manifest's paths are relative to; needed to resolve them.
+        cfg: thresholds and the severity (error | warning | off) of each rule.
+        classes: the class vocabulary to enforce. By default ISIC/HAM rows must use the ISIC
+            2019 names and a folder dataset's folder names are its vocabulary.
+
+    Returns:
+        The report; it never raises on bad data, so a caller can write the report first and
+        then call :func:`raise_for_errors`.
+    """
+    root = Path(root)
+    severity = _severities(cfg)
+    frame = derive_columns(manifest, root, classes)
+    active = [rule for rule in RULES if severity[rule.name] != "off"]
+    expectations = []
+    for rule in active:
+        expectation = rule.expect(cfg)
+        expectation.meta = {"rule": rule.name}
+        expectations.append(expectation)
+    by_rule, elapsed = _run_suite(frame, expectations) if active else ({}, 0.0)
+    counts = frame["label"].fillna("(no label)").value_counts()
+    return ValidationReport(
+        results=[
+            _rule_result(rule, severity[rule.name], by_rule[rule.name], frame, cfg)
+            for rule in active
+        ],
+        n_rows=len(frame),
+        class_counts={str(k): int(v) for k, v in counts.items()},
+        skipped=[rule.name for rule in RULES if severity[rule.name] == "off"],
+        gx_seconds=elapsed,
+    )
