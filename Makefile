@@ -22,6 +22,9 @@ run: $(STAMP)  ## the main job: the pipeline on the embedded synthetic default
 test: $(STAMP)  ## the test suite (real DVC, GX, MLflow, Prefect, onnxruntime in tmp dirs)
 	$(VENV)/bin/python -m pytest -n 2 --durations=15 tests
 
+ui: $(STAMP)  ## the MLflow UI over mlruns/mlflow.db on http://127.0.0.1:5000
+	dermaflow ui
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tasks flows tests bench
 	$(VENV)/bin/ruff format --check tasks flows tests bench

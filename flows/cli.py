@@ -37,12 +37,11 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a param for this call:
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from tasks.ingest import IngestError
+    from tasks.models import WeightsUnavailableError
     from tasks.prepare import PrepareError
     from tasks.split import SplitError
-    from tasks.validate import ValidationError
-
-    from tasks.models import WeightsUnavailableError
     from tasks.train import TrainingError
+    from tasks.validate import ValidationError
 
     return (
         ConfigError,
@@ -205,8 +204,14 @@ def train(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
                 p.model, p.train, paths.PREPARED, paths.CHECKPOINT, version, on_epoch=on_epoch
             )
             final = save_outputs(
-                result, p.model.arch, version, paths.BUNDLE, paths.PREDICTIONS,
-                paths.TRAIN_REPORTS, paths.PREPARED, log_lines,
+                result,
+                p.model.arch,
+                version,
+                paths.BUNDLE,
+                paths.PREDICTIONS,
+                paths.TRAIN_REPORTS,
+                paths.PREPARED,
+                log_lines,
             )
             write_json(paths.METRICS / "train.json", final["summary"])
             tracking.set_tags({"device": result.device, "best_epoch": str(result.best_epoch)})
@@ -257,10 +262,40 @@ def run(
     code = subprocess.call(cmd, env=env)
     if code:
         raise typer.Exit(code)
-    console.print(
-        f"\n[bold green]done[/]. Data report: {paths.VALIDATION_MD}, "
-        f"{paths.CONTACT_SHEET}; split report: {paths.METRICS / 'split.json'}"
-    )
+    console.print("\n[bold green]done.[/] Where to look:")
+    console.print(f"  data report      {paths.VALIDATION_MD}, {paths.CONTACT_SHEET}")
+    console.print(f"  split report     {paths.METRICS / 'split.json'}")
+    train_json = paths.METRICS / "train.json"
+    if train_json.exists():
+        test = json.loads(train_json.read_text())["test"]
+        console.print(
+            f"  test metrics     balanced accuracy {test['balanced_accuracy']:.3f}, "
+            f"accuracy {test['accuracy']:.3f}, macro F1 {test['macro_f1']:.3f} ({train_json})"
+        )
+        console.print(f"  pictures         {paths.TRAIN_REPORTS}/*.png")
+    console.print("  MLflow UI        make ui   (or: dermaflow ui) -> http://127.0.0.1:5000")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+) -> None:
+    """Serve the MLflow UI over the project's store (mlruns/mlflow.db) on 127.0.0.1."""
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri()
+    console.print(f"MLflow UI on http://127.0.0.1:{port} over {uri}")
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 if __name__ == "__main__":

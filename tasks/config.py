@@ -126,6 +126,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CalibrateConfig:
+    method: str  # temperature | vector | isotonic (fitted on the validation logits)
+    bins: int  # equal-width bins for ECE, MCE and the reliability diagrams
+    target_accuracy: float  # selective prediction: accuracy the kept (not referred) cases reach
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int  # ONNX opset version
+    parity_tolerance: float  # max |p_onnx - p_torch| allowed on the test images
+    provider: str  # auto | cuda | cpu (onnxruntime execution provider)
+    bench_batches: list[int]  # batch sizes for the latency / throughput comparison
+    bench_repeats: int  # timed runs per batch size (after warm-up)
+    alias: str  # registry alias set on the exported version
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str | None  # MLflow experiment (null: the dataset name)
     registered_model: str  # registered model name; each training adds a version
@@ -141,6 +158,8 @@ class Params:
     prepare: PrepareConfig
     model: ModelConfig
     train: TrainConfig
+    calibrate: CalibrateConfig
+    export: ExportConfig
     tracking: TrackingConfig
     extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages
 

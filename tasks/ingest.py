@@ -284,7 +284,8 @@ def build_manifest(
         if column not in frame.columns:
             frame[column] = None
     frame["lesion_id"] = [
-        _clean(lesion) or image for lesion, image in zip(frame["lesion_id"], frame["image_id"])
+        _clean(lesion) or image
+        for lesion, image in zip(frame["lesion_id"], frame["image_id"], strict=True)
     ]
     frame["sex"] = [_clean(v) for v in frame["sex"]]
     frame["site"] = [_clean(v) for v in frame["site"]]

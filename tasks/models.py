@@ -22,6 +22,7 @@ fits a freshly built model.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import urllib.error
@@ -44,12 +45,16 @@ BUNDLE_VERSION = 1
 _REACHABILITY_TIMEOUT_S = 10.0
 
 
-class WeightsError(RuntimeError):
+class WeightsUnavailableError(RuntimeError):
+    """Usable pretrained weights cannot be had (offline and not cached, or no such file).
+
+    It is the base of every weights error, so the CLI's one ``except`` turns them all into a
+    readable stage failure instead of a stack trace.
+    """
+
+
+class WeightsFileError(WeightsUnavailableError):
     """A weights file that exists but cannot be used: unreadable, or not this architecture."""
-
-
-class WeightsUnavailableError(WeightsError):
-    """Pretrained weights that are neither on disk nor downloadable (e.g. offline)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def build_model(
         ValueError: unknown arch or pretrained mode, bad num_classes or dropout.
         WeightsUnavailableError: ImageNet weights neither cached nor downloadable, or a
             ``weights_path`` that does not exist.
-        WeightsError: a weights file that is unreadable or does not fit the backbone.
+        WeightsFileError: a weights file that is unreadable or does not fit the backbone.
     """
     spec = arch_spec(arch)
     if pretrained not in {"none", "imagenet"}:
@@ -356,7 +361,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file: report them uniformly
-        raise WeightsError(
+        raise WeightsFileError(
             f"{path}: not a readable weights file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Expected a torch.save'd "
             "state_dict of tensors; delete or replace the file."
@@ -367,10 +372,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{path}: expected a state_dict (name -> tensor), got {type(obj)}")
+        raise WeightsFileError(f"{path}: expected a state_dict (name -> tensor), got {type(obj)}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise WeightsError(f"{path}: entries that are not tensors: {bad[:5]}")
+        raise WeightsFileError(f"{path}: entries that are not tensors: {bad[:5]}")
     out: dict[str, torch.Tensor] = OrderedDict()
     for key, value in obj.items():
         for prefix in _WRAPPER_PREFIXES:
@@ -414,7 +419,7 @@ def _load_backbone(
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
-        raise WeightsError(
+        raise WeightsFileError(
             f"{source}: weights do not fit the {arch} backbone ({'; '.join(parts)}). "
             f"Is model.arch right for this file?"
         )
@@ -518,6 +523,7 @@ def save_bundle(
         The bundle path.
     """
     spec = arch_spec(arch)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: save the real module
     head = head_layer(model, arch)
     if head.out_features != len(classes):
         raise ValueError(f"model has {head.out_features} outputs but {len(classes)} classes")
@@ -528,7 +534,7 @@ def save_bundle(
         "arch": arch,
         "classes": [str(c) for c in classes],
         "input_size": int(input_size)
-        if isinstance(input_size, int)
+        if isinstance(input_size, numbers.Integral)
         else [int(s) for s in input_size],
         "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
         "temperature": float(temperature),

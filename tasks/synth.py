@@ -12,22 +12,23 @@ Properties the rest of the pipeline relies on:
   mask is wrong by construction (the pointing game and the gallery rely on it).
 * An optional marker (an ink dot or a ruler) is drawn *outside* the mask on a share of one
   class's images: a controlled shortcut that shows what shortcut learning looks like.
-* ``difficulty`` pulls each lesion's appearance towards the class average or towards another
-  class and adds noise, so the task is learnable but not trivially so.
-* Every random stream is keyed by ``(seed, purpose, lesion, view)``; files are byte-identical
-  for the same config however the work is scheduled.
+* ``difficulty`` pulls each lesion's look towards the class average or towards another class
+  and adds noise, so the task is learnable but not trivially so.
+* Every random stream is keyed by ``(seed, purpose, lesion, view)``, so the files are
+  byte-identical for the same config however the work is scheduled.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from rich.progress import track
 from scipy import ndimage
 
 from tasks.config import SynthConfig
@@ -41,59 +42,60 @@ SITES = ("anterior torso", "posterior torso", "lateral torso", "upper extremity"
          "lower extremity", "head/neck", "palms/soles", "oral/genital")  # fmt: skip
 ALLOC, SHAPE, SKIN, META, SCENE, MARK = range(1, 7)  # purposes of the random streams
 
-RGB = tuple[float, float, float]
 BROWN_L, BROWN, BROWN_D = (0.70, 0.50, 0.34), (0.53, 0.34, 0.21), (0.33, 0.19, 0.12)
 BLACK, BLUEGREY, RED = (0.12, 0.09, 0.08), (0.36, 0.40, 0.50), (0.76, 0.26, 0.28)
 PINK, WHITE, PURPLE = (0.90, 0.60, 0.60), (0.96, 0.94, 0.91), (0.40, 0.12, 0.30)
+PEARL, KERATIN, TAN = (0.94, 0.78, 0.78), (0.95, 0.89, 0.66), (0.82, 0.68, 0.48)
 SKIN_LIGHT, SKIN_DARK = np.array([0.96, 0.80, 0.72]), np.array([0.74, 0.53, 0.41])
-HAIR, INK, VESSEL = np.array([0.10, 0.07, 0.05]), np.array([0.20, 0.18, 0.45]), (0.70, 0.10, 0.16)
+HAIR, INK, VESSEL = np.array([0.10, 0.07, 0.05]), np.array([0.17, 0.14, 0.48]), (0.70, 0.10, 0.16)
 
 
 @dataclass(frozen=True)
 class Look:
-    """How one class looks. Every field is numeric so that looks can be blended (difficulty)."""
+    """How one class looks. Every field is a number or an array, so looks can be blended."""
 
-    radius: float  # mean lesion radius as a share of the image side
-    elong: float  # maximum extra elongation of the outline
-    asym: float  # low-order border harmonics and eccentric pigment: asymmetry
-    ragged: float  # high-order border harmonics: irregular border
-    soft: float  # width of the fading rim relative to the radius: ill-defined lesions fade
-    opacity: float  # how much skin the lesion hides (translucent BCC lets skin through)
-    base: RGB  # main colour
-    dark: RGB  # first patch colour and the share of the lesion it covers
-    dark_amt: float
-    cool: RGB  # second patch colour and share
-    cool_amt: float
-    warm: RGB  # third patch colour and share
-    warm_amt: float
-    centre: RGB  # central colour (DF scar-like white, SCC keratin) and its strength
-    centre_amt: float
-    mottle: float = 0.04  # fine multiplicative texture
-    network: float = 0.0  # reticular pigment network
-    vessels: float = 0.0  # arborizing red vessels
-    scale: float = 0.0  # white scaly speckle
-    milia: float = 0.0  # milia-like light dots
-    lacunae: float = 0.0  # round red-purple lacunae
+    radius: Any  # mean radius as a share of the image side
+    elong: Any  # most extra elongation of the outline
+    asym: Any  # low-order border harmonics and off-centre pigment: asymmetry
+    ragged: Any  # high-order border harmonics: irregular border
+    soft: Any  # width of the fading rim, share of the radius: ill-defined lesions fade out
+    opacity: Any  # how much skin it hides (translucent BCC lets the skin show through)
+    base: Any  # main colour (r, g, b)
+    patches: Any  # three colour patches (r, g, b, share of the lesion they cover)
+    centre: Any  # central spot (r, g, b, strength): DF's white scar, SCC's keratin
+    mottle: Any = 0.04  # fine multiplicative texture
+    network: Any = 0.0  # reticular pigment network
+    vessels: Any = 0.0  # arborizing red vessels
+    scale: Any = 0.0  # white scaly speckle
+    milia: Any = 0.0  # milia-like light dots
+    lacunae: Any = 0.0  # round red-purple lacunae
 
 
 LOOKS: dict[str, Look] = {
-    "MEL": Look(0.30, 0.35, 0.22, 0.16, 0.15, 0.95, BROWN_D, BLACK, 0.30, BLUEGREY, 0.22,
-                RED, 0.12, BROWN_D, 0.0, mottle=0.12, network=0.45),
-    "NV": Look(0.22, 0.25, 0.03, 0.03, 0.12, 0.90, BROWN, BROWN_D, 0.10, BROWN_L, 0.06,
-               BROWN, 0.0, BROWN, 0.0, mottle=0.04, network=0.35),
-    "BCC": Look(0.22, 0.30, 0.10, 0.10, 0.25, 0.65, (0.94, 0.78, 0.78), BLUEGREY, 0.12, WHITE,
-                0.10, PINK, 0.10, WHITE, 0.0, mottle=0.05, vessels=1.0),
-    "AK": Look(0.24, 0.30, 0.10, 0.14, 0.55, 0.70, (0.86, 0.45, 0.42), RED, 0.25, WHITE, 0.10,
-               PINK, 0.15, WHITE, 0.0, mottle=0.12, vessels=0.15, scale=1.0),
-    "BKL": Look(0.25, 0.30, 0.08, 0.08, 0.06, 0.90, (0.72, 0.55, 0.38), BROWN, 0.12, (0.82, 0.68, 0.48),
-                0.15, BROWN_D, 0.05, BROWN_L, 0.0, mottle=0.10, network=0.05, scale=0.2,
-                milia=1.0),
-    "DF": Look(0.18, 0.20, 0.05, 0.06, 0.35, 0.90, (0.50, 0.33, 0.24), BROWN, 0.10, BROWN_L,
-               0.05, PINK, 0.05, WHITE, 1.0, mottle=0.05, network=0.15),
-    "VASC": Look(0.16, 0.25, 0.08, 0.05, 0.08, 0.95, (0.55, 0.18, 0.28), PURPLE, 0.20, RED,
-                 0.15, PURPLE, 0.05, RED, 0.0, mottle=0.06, lacunae=1.0),
-    "SCC": Look(0.24, 0.30, 0.15, 0.16, 0.35, 0.80, (0.92, 0.70, 0.66), RED, 0.15, WHITE, 0.15,
-                PINK, 0.10, (0.95, 0.89, 0.66), 0.95, mottle=0.10, vessels=0.3, scale=0.5),
+    "MEL": Look(0.30, 0.35, 0.22, 0.16, 0.15, 0.95, BROWN_D,
+                ((*BLACK, 0.30), (*BLUEGREY, 0.22), (*RED, 0.12)), (*BROWN_D, 0.0),
+                mottle=0.12, network=0.45),
+    "NV": Look(0.22, 0.25, 0.03, 0.03, 0.12, 0.90, BROWN,
+               ((*BROWN_D, 0.10), (*BROWN_L, 0.06), (*BROWN, 0.0)), (*BROWN, 0.0),
+               network=0.35),
+    "BCC": Look(0.22, 0.30, 0.10, 0.10, 0.25, 0.65, PEARL,
+                ((*BLUEGREY, 0.12), (*WHITE, 0.10), (*PINK, 0.10)), (*WHITE, 0.0),
+                mottle=0.05, vessels=1.0),
+    "AK": Look(0.24, 0.30, 0.10, 0.14, 0.55, 0.70, (0.86, 0.45, 0.42),
+               ((*RED, 0.25), (*WHITE, 0.10), (*PINK, 0.15)), (*WHITE, 0.0),
+               mottle=0.12, vessels=0.15, scale=1.0),
+    "BKL": Look(0.25, 0.30, 0.08, 0.08, 0.06, 0.90, (0.72, 0.55, 0.38),
+                ((*BROWN, 0.12), (*TAN, 0.15), (*BROWN_D, 0.05)), (*BROWN_L, 0.0),
+                mottle=0.10, network=0.05, scale=0.2, milia=1.0),
+    "DF": Look(0.18, 0.20, 0.05, 0.06, 0.35, 0.90, (0.50, 0.33, 0.24),
+               ((*BROWN, 0.10), (*BROWN_L, 0.05), (*PINK, 0.05)), (*WHITE, 1.0),
+               mottle=0.05, network=0.15),
+    "VASC": Look(0.16, 0.25, 0.08, 0.05, 0.08, 0.95, (0.55, 0.18, 0.28),
+                 ((*PURPLE, 0.20), (*RED, 0.15), (*PURPLE, 0.05)), (*RED, 0.0),
+                 mottle=0.06, lacunae=1.0),
+    "SCC": Look(0.24, 0.30, 0.15, 0.16, 0.35, 0.80, (0.92, 0.70, 0.66),
+                ((*RED, 0.15), (*WHITE, 0.15), (*PINK, 0.10)), (*KERATIN, 0.95),
+                mottle=0.10, vessels=0.3, scale=0.5),
 }  # fmt: skip
 
 # label -> (mean age, sd, P(male), weights over SITES): older carcinomas on the head/neck, young
@@ -111,44 +113,38 @@ DEMOGRAPHY: dict[str, tuple[float, float, float, tuple[float, ...]]] = {
 }
 
 
-def _mix(a: Look, b: Look, w: float) -> Look:
-    """Blend two looks field by field: ``(1 - w) * a + w * b``."""
-    return Look(**{f.name: _lerp(getattr(a, f.name), getattr(b, f.name), w)
-                   for f in dataclasses.fields(Look)})  # fmt: skip
+def _blend(looks: list[Look], weights: list[float]) -> Look:
+    """Weighted average of looks, field by field (colours and strengths alike)."""
+    w = np.asarray(weights, float) / np.sum(weights)
+    stack = {f.name: [np.asarray(getattr(k, f.name), float) for k in looks] for f in fields(Look)}
+    return Look(**{name: np.tensordot(w, values, 1) for name, values in stack.items()})
 
 
-def _lerp(a, b, w):
-    if isinstance(a, tuple):
-        return tuple(float(x + (y - x) * w) for x, y in zip(a, b, strict=True))
-    return float(a + (b - a) * w)
-
-
-_AVERAGE = LOOKS["NV"]
-for _i, _other in enumerate(list(LOOKS.values())[1:], start=2):
-    _AVERAGE = _mix(_AVERAGE, _other, 1.0 / _i)  # running mean over the eight looks
+AVERAGE = _blend(list(LOOKS.values()), [1.0] * len(LOOKS))
 
 
 def _look_for(label: str, rng: np.random.Generator, difficulty: float) -> Look:
-    """The textbook look of ``label``, pulled towards the average or a random class and noised.
+    """The textbook look of ``label``, pulled towards the average or another class, and noised.
 
-    Half of the lesions drift towards the shared average (everything gets vaguer) and half
-    towards one other class (real look-alikes: BKL vs MEL, BCC vs SCC), by a random share up to
-    ``difficulty``; colours and feature strengths then get noise scaled by ``difficulty``.
+    Half of the lesions drift towards the shared average (everything gets vaguer), half towards
+    one random class (look-alikes: BKL vs MEL, BCC vs SCC), by a random share that grows with
+    ``difficulty``; colours and feature strengths then get noise that grows with it too.
     """
     names = list(LOOKS)
     if label in LOOKS:
         look = LOOKS[label]
-    else:  # UNK, or any label without a look: a mixture of two classes
+    else:  # UNK, or any label without a look of its own: half one class, half another
         a, b = rng.choice(len(names), 2, replace=False)
-        look = _mix(LOOKS[names[a]], LOOKS[names[b]], rng.uniform(0.3, 0.7))
-    target = _AVERAGE if rng.random() < 0.5 else LOOKS[names[rng.integers(len(names))]]
-    look = _mix(look, target, difficulty * rng.uniform(0.0, 0.6))
+        look = _blend([LOOKS[names[a]], LOOKS[names[b]]], [1.0, 1.0])
+    target = AVERAGE if rng.random() < 0.5 else LOOKS[names[rng.integers(len(names))]]
+    share = difficulty * rng.uniform(0.0, 0.6)
+    look = _blend([look, target], [1 - share, share])
     noisy = {}
-    for f in dataclasses.fields(Look):
-        v = getattr(look, f.name)
-        if isinstance(v, tuple):
-            noisy[f.name] = tuple(np.clip(np.add(v, rng.normal(0, 0.06 * difficulty, 3)), 0, 1))
-        else:
+    for f in fields(Look):
+        v = np.asarray(getattr(look, f.name), float)
+        if v.ndim:  # colours (and patch shares) shift
+            noisy[f.name] = np.clip(v + rng.normal(0, 0.06 * difficulty, v.shape), 0, 1)
+        else:  # sizes and strengths scale
             noisy[f.name] = float(v * np.exp(rng.normal(0, 0.35 * difficulty)))
     noisy["opacity"] = min(noisy["opacity"], 1.0)
     return Look(**noisy)
@@ -160,7 +156,7 @@ def _rng(seed: int, purpose: int, lesion: int = 0, view: int = 0) -> np.random.G
 
 
 def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [-0.5, 0.5), so shapes are independent of the resolution."""
+    """Pixel-centre coordinates in [-0.5, 0.5), so shapes do not depend on the resolution."""
     c = (np.arange(n) + 0.5) / n - 0.5
     return np.meshgrid(c, c, indexing="ij")
 
@@ -169,6 +165,11 @@ def _field(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     """Smooth Gaussian noise with unit variance; ``sigma`` is a share of the side."""
     f = ndimage.gaussian_filter(rng.standard_normal((n, n)), max(sigma * n, 0.5), mode="wrap")
     return (f - f.mean()) / (f.std() + 1e-8)
+
+
+def _over(rgb: np.ndarray, colour: Any, weight: np.ndarray) -> np.ndarray:
+    """Paint ``colour`` over ``rgb`` with per-pixel opacity ``weight``."""
+    return rgb + (np.asarray(colour, float)[..., :3] - rgb) * np.clip(weight, 0, 1)[..., None]
 
 
 def _stroke(n: int, ys: np.ndarray, xs: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -180,8 +181,13 @@ def _stroke(n: int, ys: np.ndarray, xs: np.ndarray, weight: np.ndarray) -> np.nd
     return np.clip(ndimage.gaussian_filter(canvas, 0.5) * 2.5, 0, 1)
 
 
+def _blob(y: np.ndarray, x: np.ndarray, cy: float, cx: float, r: float, rim: float) -> np.ndarray:
+    """A filled disc with a soft rim ``rim`` wide (normalised units)."""
+    return np.clip((r - np.hypot(y - cy, x - cx)) / rim + 0.5, 0, 1)
+
+
 def _vessels(rng: np.random.Generator, radius: float, n: int) -> np.ndarray:
-    """Arborizing vessels: a few trunks that wander and fork into thinner branches."""
+    """Arborizing vessels: a few trunks that wander and fork twice into thinner branches."""
     ys, xs, ws = [], [], []
     stack = [(*rng.uniform(-0.6, 0.6, 2) * radius, rng.uniform(0, 2 * np.pi), 0.9 * radius, 1.0)
              for _ in range(rng.integers(2, 5))]  # fmt: skip
@@ -189,29 +195,21 @@ def _vessels(rng: np.random.Generator, radius: float, n: int) -> np.ndarray:
         y, x, angle, length, w = stack.pop()
         steps = max(int(length * n * 2), 2)
         turn = np.cumsum(rng.normal(0, 0.25, steps)) + angle
-        py, px = (
-            y + np.cumsum(np.sin(turn)) * length / steps,
-            x + np.cumsum(np.cos(turn)) * length / steps,
-        )
-        ys.append(py), xs.append(px), ws.append(np.full(steps, w))
+        ys.append(y + np.cumsum(np.sin(turn)) * length / steps)
+        xs.append(x + np.cumsum(np.cos(turn)) * length / steps)
+        ws.append(np.full(steps, w))
         if w > 0.5:
             for side in (-1, 1):
-                stack.append(
-                    (py[-1], px[-1], turn[-1] + side * rng.uniform(0.3, 0.9), length * 0.6, w * 0.7)
-                )
+                fork = turn[-1] + side * rng.uniform(0.3, 0.9)
+                stack.append((ys[-1][-1], xs[-1][-1], fork, length * 0.6, w * 0.7))
     return _stroke(n, np.concatenate(ys), np.concatenate(xs), np.concatenate(ws))
 
 
-def _blob(y: np.ndarray, x: np.ndarray, cy: float, cx: float, r: float, edge: float) -> np.ndarray:
-    """A filled disc with a soft rim ``edge`` wide (normalised units)."""
-    return np.clip((r - np.hypot(y - cy, x - cx)) / edge + 0.5, 0, 1)
-
-
 def _paint_lesion(look: Look, rng: np.random.Generator, n: int):
-    """Paint one lesion centred on its own canvas: colour (n, n, 3), alpha and outline (n, n).
+    """Paint one lesion on its own canvas: colour (n, n, 3), opacity (n, n), outline (n, n).
 
-    The canvas is the lesion's own frame; :func:`_render` warps it into each view, so repeat
-    images of a lesion show the same lesion shifted, turned and zoomed.
+    The canvas is the lesion's own frame; :func:`_render` warps it into each view, so the
+    repeat images of a lesion show the same lesion shifted, turned and zoomed.
     """
     y, x = _grid(n)
     radius = look.radius * rng.uniform(0.8, 1.2)
@@ -229,32 +227,29 @@ def _paint_lesion(look: Look, rng: np.random.Generator, n: int):
     rgb = np.empty((n, n, 3))
     rgb[:] = look.base
     phi = rng.uniform(0, 2 * np.pi)
-    tilt = (x * np.cos(phi) + y * np.sin(phi)) / radius  # eccentric pigment for asymmetry
-    for colour, amount in ((look.dark, look.dark_amt), (look.cool, look.cool_amt),
-                           (look.warm, look.warm_amt)):  # fmt: skip
+    tilt = (x * np.cos(phi) + y * np.sin(phi)) / radius  # off-centre pigment: asymmetry
+    for patch in np.asarray(look.patches):
         f = _field(rng, n, 0.05) + 3 * look.asym * tilt
-        cut = np.quantile(f[outline], 1 - np.clip(amount, 0, 1)) if outline.any() else 0
-        w = 1 / (1 + np.exp(-(f - cut) / 0.2)) * min(amount * 4, 1)
-        rgb += (np.asarray(colour) - rgb) * w[..., None]
+        share = np.clip(patch[3], 0, 1)
+        cut = np.quantile(f[outline], 1 - share) if outline.any() else 0.0
+        rgb = _over(rgb, patch, min(share * 4, 1) / (1 + np.exp(-(f - cut) / 0.2)))
     rgb *= 1 + look.mottle * _field(rng, n, 0.015)[..., None]
     net = np.exp(-((_field(rng, n, 0.012) / 0.35) ** 2)) * (0.6 + 0.4 * _field(rng, n, 0.1))
     rgb *= 1 - np.clip(look.network * 0.6 * net * np.clip(depth * 2, 0, 1), 0, 0.9)[..., None]
-    flecks = np.clip(_field(rng, n, 0.006) - 1.0, 0, 1)
-    rgb += (np.asarray(WHITE) - rgb) * np.clip(look.scale * 0.8 * flecks, 0, 1)[..., None]
+    rgb = _over(rgb, WHITE, look.scale * 0.8 * np.clip(_field(rng, n, 0.006) - 1.0, 0, 1))
     for _ in range(rng.poisson(look.milia * 6)):
         cy, cx = rng.uniform(-0.6, 0.6, 2) * radius
-        w = _blob(y, x, cy, cx, rng.uniform(0.012, 0.025), 0.01) * min(look.milia, 1) * 0.85
-        rgb += (np.array([0.95, 0.90, 0.76]) - rgb) * w[..., None]
+        dot = _blob(y, x, cy, cx, rng.uniform(0.012, 0.025), 0.01)
+        rgb = _over(rgb, (0.95, 0.90, 0.76), dot * min(look.milia, 1) * 0.85)
     for _ in range(rng.poisson(look.lacunae * 9)):
         cy, cx = rng.uniform(-0.7, 0.7, 2) * radius
-        colour = np.asarray(RED) + (np.asarray(PURPLE) - RED) * rng.uniform()
-        w = _blob(y, x, cy, cx, radius * rng.uniform(0.12, 0.28), 0.012) * min(look.lacunae, 1)
-        rgb += (colour * 0.9 - rgb) * w[..., None]
+        colour = 0.9 * (np.asarray(RED) + (np.asarray(PURPLE) - RED) * rng.uniform())
+        lacuna = _blob(y, x, cy, cx, radius * rng.uniform(0.12, 0.28), 0.012)
+        rgb = _over(rgb, colour, lacuna * min(look.lacunae, 1))
     if look.vessels > 0.02:
-        w = np.clip(look.vessels, 0, 1) * 0.9 * _vessels(rng, radius, n)
-        rgb += (np.asarray(VESSEL) - rgb) * w[..., None]
+        rgb = _over(rgb, VESSEL, min(look.vessels, 1) * 0.9 * _vessels(rng, radius, n))
     core = np.exp(-2 * (rho / (0.45 * np.maximum(r, 1e-3))) ** 2) * (1 + 0.3 * _field(rng, n, 0.04))
-    rgb += (np.asarray(look.centre) - rgb) * np.clip(look.centre_amt * core, 0, 1)[..., None]
+    rgb = _over(rgb, look.centre, look.centre[3] * core)
     return np.clip(rgb, 0, 1), alpha, outline
 
 
@@ -270,14 +265,12 @@ def _skin(tone: float, rng: np.random.Generator, n: int) -> np.ndarray:
 def _hairs(rng: np.random.Generator, n: int) -> np.ndarray:
     """Coverage of a few dark hairs: quadratic Bezier curves from edge to edge."""
     t = np.linspace(0, 1, 4 * n)[:, None]
-    curves = []
+    curves = [np.zeros((0, 2))]
     for _ in range(min(rng.poisson(1.5), 6)):
         a, b = rng.uniform(0, 2 * np.pi, 2)
         p0, p2 = 0.75 * np.array([np.sin(a), np.cos(a)]), 0.75 * np.array([np.sin(b), np.cos(b)])
         p1 = rng.uniform(-0.3, 0.3, 2)
         curves.append((1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t**2 * p2)
-    if not curves:
-        return np.zeros((n, n))
     pts = np.concatenate(curves)
     return _stroke(n, pts[:, 0], pts[:, 1], np.ones(len(pts)))
 
@@ -292,26 +285,26 @@ def _vignette(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _warp(layers: np.ndarray, centre: np.ndarray, angle: float, zoom: float) -> np.ndarray:
-    """Place a lesion canvas into the image: turn by ``angle``, scale, move to ``centre``."""
+    """Place a lesion canvas into the image: turn it by ``angle``, zoom, move to ``centre``."""
     n = layers.shape[0]
     y, x = _grid(n)
     dy, dx = y - centre[0], x - centre[1]
     c, s = np.cos(angle), np.sin(angle)
     rows = ((-s * dx + c * dy) / zoom + 0.5) * n - 0.5
     cols = ((c * dx + s * dy) / zoom + 0.5) * n - 0.5
-    return np.stack([ndimage.map_coordinates(layers[..., i], [rows, cols], order=1, cval=0.0)
-                     for i in range(layers.shape[-1])], axis=-1)  # fmt: skip
+    planes = np.moveaxis(layers, -1, 0)
+    return np.stack([ndimage.map_coordinates(p, [rows, cols], order=1) for p in planes], axis=-1)
 
 
 def _marker(kind: str, rng: np.random.Generator, mask: np.ndarray, light: np.ndarray):
-    """Coverage and colour of a spurious marker placed where it cannot touch the lesion.
+    """Coverage and colour of a spurious marker, placed where it cannot touch the lesion.
 
-    ``ink``: a dark-blue dot in the visible area, as near to a random corner as the lesion
-    allows. ``ruler``: a striped bar along the edge that stays clearest of the lesion.
+    ``ink``: a dark-blue dot in the lit area, as near to a random corner as the lesion allows.
+    ``ruler``: a striped bar along the edge that keeps clearest of the lesion.
     """
     n = mask.shape[0]
     y, x = _grid(n)
-    free = ndimage.distance_transform_edt(~mask) / n  # distance to the lesion, normalised
+    free = ndimage.distance_transform_edt(~mask) / n  # distance to the lesion
     if kind == "ink":
         r = rng.uniform(0.035, 0.055)
         lit = ndimage.distance_transform_edt(light > 0.9) / n
@@ -320,8 +313,8 @@ def _marker(kind: str, rng: np.random.Generator, mask: np.ndarray, light: np.nda
         goal = 0.34 * np.array([np.sin(corner), np.cos(corner)])
         score = np.where(room > 0, -np.hypot(y - goal[0], x - goal[1]), room - 10)
         cy, cx = np.unravel_index(np.argmax(score), score.shape)
-        cover = _blob(y, x, y[cy, cx], x[cy, cx], r, 1.0 / n) * 0.95
-        return cover * (free > 1.5 / n), INK * rng.uniform(0.8, 1.2)
+        dot = _blob(y, x, y[cy, cx], x[cy, cx], r, 1.0 / n) * 0.95
+        return dot * (free > 1.5 / n), INK * rng.uniform(0.8, 1.2)
     if kind != "ruler":
         raise ValueError(f"synth.marker.kind: unknown marker {kind!r}; expected ink or ruler")
     width, inset = rng.uniform(0.07, 0.10), rng.uniform(0.08, 0.13)
@@ -336,10 +329,14 @@ def _marker(kind: str, rng: np.random.Generator, mask: np.ndarray, light: np.nda
     return (bars[best] & clear) * 0.95, colour
 
 
-def _render(label: str, seed: int, lesion: int, view: int, size: int, difficulty: float,
-            marker: str | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One view of one lesion. Only the SHAPE stream sees the label; skin, hair, vignette and
-    noise come from streams keyed by (lesion, view) alone, so they cannot carry class evidence.
+def _render(
+    label: str, seed: int, lesion: int, view: int, size: int, difficulty: float, marker: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One view of one lesion: image and mask as uint8.
+
+    Only the SHAPE stream sees the label. Skin tone (per lesion), texture, hair, vignette,
+    framing and noise (per view) come from streams that never see it, so for a given key the
+    pixels outside the mask are the same whatever the class.
     """
     shape_rng, scene_rng = _rng(seed, SHAPE, lesion), _rng(seed, SCENE, lesion, view)
     where, turn = shape_rng.normal(0, 0.05, 2), shape_rng.uniform(0, 2 * np.pi)
@@ -348,27 +345,31 @@ def _render(label: str, seed: int, lesion: int, view: int, size: int, difficulty
     zoom, gain = scene_rng.uniform(0.9, 1.1), scene_rng.uniform(0.9, 1.1)
     placed = _warp(np.dstack([rgb, alpha, outline]), where + shift, turn + tilt, zoom)
     mask = placed[..., 4] > 0.5
-    cover = (placed[..., 3] * mask)[..., None]
-    img = _skin(_rng(seed, SKIN, lesion).uniform(), scene_rng, size) * (1 - cover)
-    img += placed[..., :3] * cover
+    img = _skin(_rng(seed, SKIN, lesion).uniform(), scene_rng, size)
+    img = _over(img, placed[..., :3], placed[..., 3] * mask)
     light = _vignette(scene_rng, size)
-    img += (HAIR - img) * (0.85 * _hairs(scene_rng, size))[..., None]
+    img = _over(img, HAIR, 0.85 * _hairs(scene_rng, size))
     img = img * light[..., None] + 0.03 * (1 - light[..., None])
     if marker:
-        mark, colour = _marker(marker, _rng(seed, MARK, lesion, view), mask, light)
-        img += (colour - img) * mark[..., None]
+        cover, colour = _marker(marker, _rng(seed, MARK, lesion, view), mask, light)
+        img = _over(img, colour, cover)
     img = img * gain + scene_rng.normal(0, 0.01, img.shape)
     return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), mask.astype(np.uint8) * 255
 
 
-def render_lesion_image(label: str, rng: np.random.Generator, size: int, difficulty: float,
-                        marker: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def render_lesion_image(
+    label: str,
+    rng: np.random.Generator,
+    size: int,
+    difficulty: float,
+    marker: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Render one synthetic dermoscopy image and its lesion mask.
 
     Args:
-        label: ISIC class (``MEL``, ``NV``, ...); unknown labels get a mixture look.
-        rng: the only source of randomness. The same generator state gives the same image with
-            or without a marker and for every label, except inside the lesion (and the marker).
+        label: ISIC class (``MEL``, ``NV``, ...); any other label gets a two-class mixture.
+        rng: the only source of randomness. Generators in the same state give the same
+            background whatever the label and marker: only the lesion (and marker) change.
         size: side of the square image in pixels.
         difficulty: 0 gives textbook lesions, 1 heavy overlap between classes.
         marker: ``None``, ``"ink"`` or ``"ruler"``: a spurious mark outside the lesion.
@@ -380,26 +381,25 @@ def render_lesion_image(label: str, rng: np.random.Generator, size: int, difficu
 
 
 def _allocate(mix: dict[str, float], count: int) -> dict[str, int]:
-    """Images per class by largest remainder, with >= 3 per class when there is room.
+    """Images per class by largest remainder, then >= 3 per class where there is room.
 
-    Three images make three lesions, the least a stratified train/val/test split needs.
+    Three images make three lesions: the least a stratified train/val/test split needs.
     """
     bad = sorted(set(mix) - set(ISIC_CLASSES))
     if bad or not any(v > 0 for v in mix.values()):
-        raise ValueError(f"synth.class_mix: needs ISIC classes with positive weight, got {mix}")
+        raise ValueError(f"synth.class_mix: needs ISIC classes with positive weights, got {mix}")
     labels = [c for c in ISIC_CLASSES if mix.get(c, 0) > 0]
     share = np.array([mix[c] for c in labels]) / sum(mix[c] for c in labels) * count
     n = np.floor(share).astype(int)
-    n[np.argsort(-(share - n), kind="stable")[: count - n.sum()]] += 1
-    least = min(3, count // len(labels))
-    while n.min() < least:
+    n[np.argsort(n - share, kind="stable")[: count - n.sum()]] += 1
+    while n.min() < min(3, count // len(labels)):
         n[np.argmax(n)] -= 1
         n[np.argmin(n)] += 1
     return dict(zip(labels, n.tolist(), strict=True))
 
 
 def _lesion_sizes(n: int, most: int, rng: np.random.Generator) -> list[int]:
-    """Split ``n`` images into lesions of 1..most images (mostly singletons, as in HAM10000)."""
+    """Split ``n`` images into lesions of 1..``most`` views, mostly single (as in HAM10000)."""
     p = 0.55 ** np.arange(max(most, 1))
     sizes: list[int] = []
     while sum(sizes) < n:
@@ -411,45 +411,43 @@ def _lesion_sizes(n: int, most: int, rng: np.random.Generator) -> list[int]:
     return sizes
 
 
-def _demography(label: str, rng: np.random.Generator) -> tuple[str, str, str]:
-    """Age (multiple of 5), sex and site of one lesion; a few are missing, as in ISIC 2019."""
+def _demography(label: str, rng: np.random.Generator) -> list[str]:
+    """Age (a multiple of 5), site and sex of one lesion; a few missing, as in ISIC 2019."""
     mean, sd, male, sites = DEMOGRAPHY.get(label, DEMOGRAPHY["UNK"])
     age = f"{float(np.clip(5 * round(rng.normal(mean, sd) / 5), 5, 85)):.1f}"
-    sex = "male" if rng.random() < male else "female"
     site = SITES[rng.choice(len(SITES), p=np.array(sites) / sum(sites))]
-    gaps = rng.random(3) < (0.015, 0.01, 0.05)
-    return tuple("" if gap else v for v, gap in zip((age, sex, site), gaps, strict=True))
-
-
-def _write_image(job: tuple) -> None:
-    label, seed, lesion, view, size, difficulty, marker, jpg, png = job
-    img, mask = _render(label, seed, lesion, view, size, difficulty, marker)
-    Image.fromarray(img).save(jpg, format="JPEG", quality=92)
-    Image.fromarray(mask).save(png, format="PNG")
+    sex = "male" if rng.random() < male else "female"
+    gaps = rng.random(3) < (0.015, 0.05, 0.01)
+    return ["" if gap else v for v, gap in zip((age, site, sex), gaps, strict=True)]
 
 
 def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
     """Write the synthetic dataset in the ISIC 2019 layout under ``out_root``, atomically.
 
-    Lesions are allocated per class (largest remainder), split into 1..``images_per_lesion``
-    views each, shuffled, and numbered; each view is rendered from its own keyed streams, so the
-    output is byte-identical for the same config. ``out_root`` is replaced only on success.
+    Images per class come from ``class_mix`` by largest remainder; each class's images are
+    grouped into lesions of up to ``images_per_lesion`` views; lesions and images are shuffled
+    and numbered. Every view renders from its own keyed streams, so the bytes depend on the
+    config only, and ``out_root`` is replaced only once everything is written.
 
     Args:
         cfg: the ``synth`` section of params.yaml.
-        out_root: dataset root; gets ``ISIC_2019_Training_Input/`` (JPEGs and
-            ``<image_id>_segmentation.png`` masks), the ground-truth and the metadata CSVs.
+        out_root: dataset root; gets ``ISIC_2019_Training_Input/`` (``<id>.jpg`` and
+            ``<id>_segmentation.png``), ``ISIC_2019_Training_GroundTruth.csv`` and
+            ``ISIC_2019_Training_Metadata.csv``.
         progress: show a progress bar.
 
     Returns:
-        Summary: ``count``, ``per_class`` image counts, ``lesions``, ``marked``, ``seconds``.
+        ``count``, ``per_class`` image counts, ``lesions``, ``marked`` images, ``seconds``.
     """
     start = time.perf_counter()
     if cfg.marker.label is not None and cfg.marker.kind not in ("ink", "ruler"):
         raise ValueError(f"synth.marker.kind: {cfg.marker.kind!r} is not ink or ruler")
     rng = _rng(cfg.seed, ALLOC)
-    lesions = [(label, k) for label, n in _allocate(cfg.class_mix, cfg.count).items()
-               for k in _lesion_sizes(n, cfg.images_per_lesion, rng)]  # fmt: skip
+    lesions = [
+        (label, k)
+        for label, n in _allocate(cfg.class_mix, cfg.count).items()
+        for k in _lesion_sizes(n, cfg.images_per_lesion, rng)
+    ]
     lesions = [lesions[i] for i in rng.permutation(len(lesions))]
     views = [(j, v) for j, (_, k) in enumerate(lesions) for v in range(k)]
     views = [views[i] for i in rng.permutation(len(views))]
@@ -457,27 +455,23 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
     if cfg.marker.label is not None:
         own = [i for i, (j, _) in enumerate(views) if lesions[j][0] == cfg.marker.label]
         marked[rng.permutation(own)[: round(cfg.marker.fraction * len(own))]] = True
+
     demo = [_demography(label, _rng(cfg.seed, META, j)) for j, (label, _) in enumerate(lesions)]
-
-    from rich.progress import track
-
+    truth = [["image", *ISIC_CLASSES]]
+    meta = [["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]]
     with atomic_dir(out_root) as tmp:
         (tmp / IMAGES_DIR).mkdir()
-        truth, meta, jobs = [], [], []
-        for i, (j, v) in enumerate(views):
+        for i, (j, v) in enumerate(track(views, "synth images", disable=not progress)):
             image_id, label = f"ISIC_{i:07d}", lesions[j][0]
             truth.append([image_id] + ["1.0" if c == label else "0.0" for c in ISIC_CLASSES])
-            age, sex, site = demo[j]
-            meta.append([image_id, age, site, f"HAM_{j + 1:07d}", sex])
+            meta.append([image_id, demo[j][0], demo[j][1], f"HAM_{j + 1:07d}", demo[j][2]])
             mark = cfg.marker.kind if marked[i] else None
-            stem = tmp / IMAGES_DIR / image_id
-            jobs.append((label, cfg.seed, j, v, cfg.image_size, cfg.difficulty, mark,
-                         f"{stem}.jpg", f"{stem}_segmentation.png"))  # fmt: skip
-        for job in track(jobs, description="synth images", disable=not progress):
-            _write_image(job)
-        _write_csv(tmp / GROUND_TRUTH, ["image", *ISIC_CLASSES], truth)
-        _write_csv(tmp / METADATA, ["image", "age_approx", "anatom_site_general", "lesion_id",
-                                    "sex"], meta)  # fmt: skip
+            img, mask = _render(label, cfg.seed, j, v, cfg.image_size, cfg.difficulty, mark)
+            Image.fromarray(img).save(tmp / IMAGES_DIR / f"{image_id}.jpg", quality=92)
+            Image.fromarray(mask).save(tmp / IMAGES_DIR / f"{image_id}_segmentation.png")
+        for name, rows in ((GROUND_TRUTH, truth), (METADATA, meta)):
+            with open(tmp / name, "w", newline="") as fh:
+                csv.writer(fh, lineterminator="\n").writerows(rows)
     labels = [lesions[j][0] for j, _ in views]
     return {
         "count": len(views),
@@ -486,10 +480,3 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
         "marked": int(marked.sum()),
         "seconds": round(time.perf_counter() - start, 2),
     }
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)

@@ -305,7 +305,10 @@ def train(
     eval_loss = make_loss(train_cfg.loss, weights, train_cfg.focal_gamma, 0.0)
 
     model = build_model(
-        model_cfg.arch, len(classes), model_cfg.pretrained, model_cfg.weights_path,
+        model_cfg.arch,
+        len(classes),
+        model_cfg.pretrained,
+        model_cfg.weights_path,
         model_cfg.dropout,
     ).to(device)
     if train_cfg.channels_last and device.type == "cuda":
@@ -363,8 +366,17 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             train_loss = train_one_epoch(
-                runner, loader, loss_fn, optimizer, scheduler, device, train_cfg, augment,
-                epoch, scaler, bar,
+                runner,
+                loader,
+                loss_fn,
+                optimizer,
+                scheduler,
+                device,
+                train_cfg,
+                augment,
+                epoch,
+                scaler,
+                bar,
             )
             seconds = time.perf_counter() - t0
             val_metrics, _, _ = evaluate(runner, val_loader, eval_loss, device, classes)
@@ -446,8 +458,15 @@ def save_outputs(
     from tasks.models import save_bundle
 
     save_bundle(
-        bundle, result.model, arch, result.classes, result.image_size, MEAN, STD,
-        temperature=1.0, data_version=data_version,
+        bundle,
+        result.model,
+        arch,
+        result.classes,
+        result.image_size,
+        MEAN,
+        STD,
+        temperature=1.0,
+        data_version=data_version,
     )
     for split, logits, labels in (
         ("val", result.val_logits, result.val_labels),
@@ -485,7 +504,7 @@ def save_outputs(
         f"resumed_from_epoch={result.resumed_from}",
     ]
     write_text(report_dir / "train.log", "\n".join(log_lines) + "\n")
-    flat = {**ev.flat_metrics(result.val, "val"), **ev.flat_metrics(result.test, "test")}
+    flat = {**ev.flat_metrics(result.val, "best_val"), **ev.flat_metrics(result.test, "test")}
     flat.update({f"class_weight_{c}": w for c, w in weights.items()})
     flat["train_seconds"] = result.seconds
     summary = {

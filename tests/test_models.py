@@ -18,7 +18,7 @@ from torch import nn
 
 from tasks.models import (
     ARCHITECTURES,
-    WeightsError,
+    WeightsFileError,
     WeightsUnavailableError,
     backbone_parameters,
     build_model,
@@ -146,7 +146,7 @@ def _assert_backbone_equal(model: nn.Module, state: dict[str, torch.Tensor], hea
     assert checked >= 20
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "ddp_prefix"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "ddp_prefix", "pre_0.4"])
 def test_weights_path_loads_the_backbone(tmp_path: Path, wrap: str) -> None:
     source = torchvision.models.resnet18(weights=None)  # random init, 1000-class head
     state = source.state_dict()
@@ -155,6 +155,8 @@ def test_weights_path_loads_the_backbone(tmp_path: Path, wrap: str) -> None:
         "state_dict": {"state_dict": state, "epoch": 3},
         "model": {"model": state},
         "ddp_prefix": {f"module.{k}": v for k, v in state.items()},
+        # torchvision's 2017 ImageNet files predate BatchNorm's num_batches_tracked
+        "pre_0.4": {k: v for k, v in state.items() if "num_batches_tracked" not in k},
     }[wrap]
     path = tmp_path / "resnet18.pth"
     torch.save(saved, path)
@@ -179,16 +181,16 @@ def test_weights_path_accepts_old_densenet_keys(tmp_path: Path) -> None:
 def test_corrupt_weights_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.pth"
     path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(WeightsError, match="broken.pth.*not a readable weights file"):
+    with pytest.raises(WeightsFileError, match="broken.pth.*not a readable weights file"):
         build_model("resnet18", 3, weights_path=path)
 
 
 def test_weights_of_another_arch_are_refused(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(WeightsError, match=r"resnet18 backbone.*unexpected: layer1\.2\."):
+    with pytest.raises(WeightsFileError, match=r"resnet18 backbone.*unexpected: layer1\.2\."):
         build_model("resnet18", 3, weights_path=tmp_path / "r34.pth")
     torch.save(build_model("custom_cnn", 3).state_dict(), tmp_path / "cnn.pth")
-    with pytest.raises(WeightsError, match="missing: conv1.weight"):
+    with pytest.raises(WeightsFileError, match="missing: conv1.weight"):
         build_model("resnet18", 3, weights_path=tmp_path / "cnn.pth")
 
 
@@ -196,7 +198,7 @@ def test_weights_with_wrong_shapes_are_refused(tmp_path: Path) -> None:
     state = build_model("custom_cnn", 3).state_dict()
     state["block1.0.weight"] = torch.zeros(64, 1, 3, 3)  # a grayscale stem
     torch.save(state, tmp_path / "gray.pth")
-    with pytest.raises(WeightsError, match=r"shape: block1\.0\.weight \(64, 1, 3, 3\)"):
+    with pytest.raises(WeightsFileError, match=r"shape: block1\.0\.weight \(64, 1, 3, 3\)"):
         build_model("custom_cnn", 3, weights_path=tmp_path / "gray.pth")
 
 
@@ -242,7 +244,7 @@ def test_imagenet_comes_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.M
     _assert_backbone_equal(model, state, "fc")
 
     cache_file.write_bytes(b"truncated download")
-    with pytest.raises(WeightsError, match=cache_file.name):
+    with pytest.raises(WeightsFileError, match=cache_file.name):
         build_model("resnet18", 7, pretrained="imagenet")
 
 

@@ -36,8 +36,15 @@ def _save(path, mode: str) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "suffix"),
-    [("RGB", ".jpg"), ("L", ".png"), ("RGBA", ".png"), ("CMYK", ".jpg"), ("I;16", ".png"),
-     ("P", ".png"), ("RGB", ".tif")],
+    [
+        ("RGB", ".jpg"),
+        ("L", ".png"),
+        ("RGBA", ".png"),
+        ("CMYK", ".jpg"),
+        ("I;16", ".png"),
+        ("P", ".png"),
+        ("RGB", ".tif"),
+    ],
 )
 def test_every_mode_decodes_to_rgb(tmp_path, mode, suffix):
     path = tmp_path / f"img{suffix}"
@@ -78,8 +85,9 @@ def test_cache_round_trip(tmp_path):
     assert manifest["mask_path"].notna().sum() == 1
     frame, _ = split_manifest(manifest, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
     write_splits(frame, tmp_path / "splits")
-    metrics = prepare(tmp_path / "splits", root, tmp_path / "prep", size=32, workers=2,
-                      show_progress=False)
+    metrics = prepare(
+        tmp_path / "splits", root, tmp_path / "prep", size=32, workers=2, show_progress=False
+    )
     assert metrics["images"] == 14 and metrics["decode_images_per_s"] > 0
     seen = 0
     for split in ("train", "val", "test"):

@@ -17,7 +17,7 @@ def toy_manifest(seed: int = 0, n_lesions: int = 120) -> pd.DataFrame:
     rows = []
     labels = rng.choice(["NV", "MEL", "BCC", "DF"], size=n_lesions, p=[0.6, 0.25, 0.1, 0.05])
     for lesion, label in enumerate(labels):
-        for k in range(int(rng.integers(1, 5))):
+        for _ in range(int(rng.integers(1, 5))):
             rows.append(
                 {
                     "image_id": f"img{len(rows):04d}",

@@ -1,0 +1,162 @@
+"""Training: exact resume after a kill, NaN guard, and the MLflow lineage run on real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.config import load_params
+from tasks.ingest import build_manifest
+from tasks.prepare import prepare
+from tasks.split import split_manifest, write_splits
+from tasks.synth import generate
+from tasks.train import TrainingError, train
+from tests.helpers import REPO, TINY, env, run, write_params
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, object]:
+    """A prepared 32-px synthetic set (3 classes, 150 images) and the matching params."""
+    root = tmp_path_factory.mktemp("tiny")
+    p = load_params(write_params(root / "params.yaml", TINY))
+    generate(p.synth, root / "raw", progress=False)
+    manifest = build_manifest(root / "raw", progress=False)
+    frame, _ = split_manifest(manifest, p.split.fractions, p.split.seed)
+    write_splits(frame, root / "splits")
+    prepare(root / "splits", root / "raw", root / "prepared", size=32, show_progress=False)
+    return root, p
+
+
+def _cfg(p, **train_changes):
+    return p.model, dataclasses.replace(p.train, **train_changes)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny, tmp_path):
+    root, p = tiny
+    model_cfg, train_cfg = _cfg(p, epochs=3)
+    full = train(
+        model_cfg, train_cfg, root / "prepared", tmp_path / "full.pt", "v1", show_progress=False
+    )
+
+    # A separate process trains the same config and is SIGKILLed right after epoch 2's
+    # checkpoint is on disk: no cleanup, no exception handling, like an OOM kill.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from tasks.config import load_params
+        from tasks.train import train
+        import dataclasses
+        p = load_params({str(root / "params.yaml")!r})
+        cfg = dataclasses.replace(p.train, epochs=3)
+        def die(record):
+            if record["epoch"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(p.model, cfg, {str(root / "prepared")!r}, {str(tmp_path / "killed.pt")!r}, "v1",
+              on_epoch=die, show_progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed.pt").exists()
+
+    resumed = train(
+        model_cfg, train_cfg, root / "prepared", tmp_path / "killed.pt", "v1", show_progress=False
+    )
+    assert resumed.resumed_from == 2 and full.resumed_from is None
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.test["balanced_accuracy"] == full.test["balanced_accuracy"]
+    assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
+    np.testing.assert_array_equal(resumed.test_logits, full.test_logits)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny, tmp_path):
+    root, p = tiny
+    model_cfg, cfg = _cfg(p, epochs=1)
+    train(model_cfg, cfg, root / "prepared", tmp_path / "ck.pt", "v1", show_progress=False)
+    again = train(model_cfg, cfg, root / "prepared", tmp_path / "ck.pt", "v2", show_progress=False)
+    assert again.resumed_from is None  # other data version: start fresh
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny, tmp_path):
+    root, p = tiny
+    model_cfg, cfg = _cfg(p, epochs=2, optimizer="sgd", lr=1e12, warmup_epochs=0)
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower train.lr"):
+        train(model_cfg, cfg, root / "prepared", tmp_path / "nan.pt", "v1", show_progress=False)
+
+
+@pytest.mark.slow
+def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
+    """Real photos, folder layout, binary task: every stage by its CLI, then check MLflow."""
+    write_params(
+        tmp_path / "params.yaml",
+        [
+            f"dataset.root={mednode}",
+            "dataset.layout=folder",
+            "dataset.name=mednode",
+            "validate.min_side=128",
+            "prepare.size=32",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.class_weights=inverse",
+        ],
+    )
+    for stage in ("ingest", "validate", "split", "prepare", "train"):
+        run(["dermaflow", stage], tmp_path)
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((tmp_path / "models/run.json").read_text())
+    assert info["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}"
+    client = MlflowClient(tracking_uri=info["tracking_uri"], registry_uri=info["tracking_uri"])
+    r = client.get_run(info["run_id"])
+    assert client.get_experiment(r.info.experiment_id).name == "mednode"
+    assert r.data.params["model.arch"] == "custom_cnn"
+    assert r.data.params["dataset.root"] == str(mednode)
+    for tag in ("git_commit", "data_version", "dataset", "device", "torch_version"):
+        assert r.data.tags[tag]
+    history = client.get_metric_history(r.info.run_id, "val_balanced_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    for key in (
+        "test_balanced_accuracy",
+        "test_accuracy",
+        "test_macro_f1",
+        "test_auroc_macro",
+        "test_recall_melanoma",
+        "class_weight_melanoma",
+    ):
+        assert key in r.data.metrics
+    assert r.data.metrics["class_weight_melanoma"] > r.data.metrics["class_weight_naevus"]
+
+    def listed(path: str) -> set[str]:
+        return {f.path for f in client.list_artifacts(r.info.run_id, path)}
+
+    assert {
+        "train/confusion_matrix.png",
+        "train/confusion_matrix_normalized.png",
+        "train/roc_curves.png",
+        "train/training_curves.png",
+        "train/train.log",
+    } <= listed("train")
+    assert {"data/validation.md", "data/validation.json", "data/contact_sheet.png"} <= listed(
+        "data"
+    )
+    assert "data/split/split.json" in listed("data/split")
+    assert "bundle/model.pt" in listed("bundle")
+
+    version = client.get_model_version("dermaflow-classifier", info["model_version"])
+    assert version.run_id == r.info.run_id
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    model = mlflow.pytorch.load_model(f"models:/dermaflow-classifier/{info['model_version']}")
+    import torch
+
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert hasattr(model, "register_forward_hook")  # hookable for the CAM stage
+    preds = np.load(tmp_path / "data/predictions/test.npz")
+    assert preds["logits"].shape[1] == 2 and len(preds["labels"]) == len(preds["image_ids"])
