@@ -143,6 +143,24 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    methods: list[str]  # names from tasks.cams.METHODS
+    layers: list[str]  # early | middle | deep (CAM methods run at each)
+    per_class: int  # test images sampled per class
+    misclassified_cap: int  # plus every misclassified test image, up to this many
+    batch_size: int  # images per batched CAM call
+    scorecam_budget: int  # images explained with Score-CAM (one forward per channel)
+    lime_budget: int  # images explained with LIME
+    lime_samples: int  # perturbed samples per LIME explanation
+    ig_steps: int  # Integrated Gradients path steps
+    target: str  # predicted | true: the class each explanation is for
+    top_k_percent: float  # share of pixels kept for Jaccard agreement and IoU
+    perturbation_steps: int  # steps of the deletion / insertion curves
+    bootstrap: int  # bootstrap resamples for the confidence intervals
+    seed: int  # sampling and LIME seed
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str | None  # MLflow experiment (null: the dataset name)
     registered_model: str  # registered model name; each training adds a version
@@ -160,6 +178,7 @@ class Params:
     train: TrainConfig
     calibrate: CalibrateConfig
     export: ExportConfig
+    explain: ExplainConfig
     tracking: TrackingConfig
     extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages
 

@@ -258,3 +258,10 @@ def test_bad_config_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="marker.kind"):
         generate(make_cfg(marker=marker), tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_unk_is_a_mixture_that_still_renders(tmp_path):
+    summary = generate(make_cfg(count=12, class_mix={"NV": 0.5, "UNK": 0.5}), tmp_path / "u", False)
+    assert summary["per_class"] == {"NV": 6, "UNK": 6}
+    img, mask = render_lesion_image("UNK", np.random.default_rng(0), 32, 0.5)
+    assert img.shape == (32, 32, 3) and 0 < (mask > 0).mean() < 0.6
