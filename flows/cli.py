@@ -78,7 +78,7 @@ def synth(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
         p = _params(params, set_)
         summary = generate(p.synth, paths.SYNTH_ROOT)
         write_json(paths.METRICS / "synth.json", summary)
-        console.print(f"synth: {summary.get('images', p.synth.count)} images -> {paths.SYNTH_ROOT}")
+        console.print(f"synth: {summary['count']} images -> {paths.SYNTH_ROOT}")
 
 
 @app.command()

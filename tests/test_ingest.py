@@ -41,6 +41,7 @@ def test_ham10000_adapter_maps_codes_and_reads_both_parts(tmp_path):
         {"image_id": f"ISIC_00{i}", "dx": dx, "lesion_id": f"HAM_{i // 2}"}
         for i, dx in enumerate(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc", "xyz"])
     ]
+    rows[0]["sex"] = "unknown"  # HAM10000 writes "unknown" for missing sex and site
     root = make_ham(tmp_path / "ham", rows)
     m = build_manifest(root, progress=False)
     assert list(m["label"]) == ["AK", "BCC", "BKL", "DF", "MEL", "NV", "VASC", "xyz"]
@@ -50,6 +51,7 @@ def test_ham10000_adapter_maps_codes_and_reads_both_parts(tmp_path):
     }
     assert m["file_error"].isna().all()
     assert m["site"].eq("back").all() and m["lesion_id"].nunique() == 4
+    assert pd.isna(m.loc[0, "sex"]) and m.loc[1, "sex"] == "male"
 
 
 def test_folder_adapter_and_file_defects(tmp_path):

@@ -86,7 +86,7 @@ def isic(tmp_path_factory, cfg) -> Built:
         {"image": "ISIC_df", "label": "DF"},
         {"image": "ISIC_badmask", "label": "BCC", "mask": True},
         {"image": "ISIC_nomask", "label": "BCC"},
-        {"image": "ISIC_sex", "label": "NV", "sex": "unknown"},
+        {"image": "ISIC_sex", "label": "NV", "sex": "intersex?"},
         {"image": "ISIC_site", "label": "NV", "site": "moon"},
     ]
     make_isic(root, rows)

@@ -1,0 +1,464 @@
+"""Export: the calibrated classifier as one self-describing ONNX file, proven equal to PyTorch.
+
+The exported graph is the *calibrated* model: :class:`CalibratedClassifier` puts the
+temperature and the softmax inside it, so every consumer of the file (the predict stage, a
+serving runtime, a colleague with nothing but onnxruntime) gets the same calibrated
+probabilities the evaluation reported, without re-implementing the calibration. Everything a
+consumer needs to feed the graph (class order, input size, normalisation, resize mode) travels
+in the file's ``metadata_props``, so the ``.onnx`` alone is enough to predict.
+
+An export is only trusted after :func:`check_parity` has run onnxruntime and PyTorch on the same
+images and found the probabilities equal within a tolerance; otherwise :class:`ParityError`
+stops the stage. :func:`benchmark` measures what the export buys (latency, throughput) against
+PyTorch eager. The functions here are pure: the CLI entry does the MLflow logging and the
+registration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from tasks.io import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "probabilities")
+METADATA_FORMAT = "dermaflow.onnx"
+METADATA_VERSION = 1
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree on the exported model beyond the tolerance."""
+
+
+class CalibratedClassifier(nn.Module):
+    """A classifier plus its calibration, as one module: ``x -> (logits, probabilities)``.
+
+    Putting ``softmax(logits / T)`` inside the module (and therefore inside the exported graph)
+    means the calibration cannot be forgotten or applied twice downstream. ``T`` is a buffer,
+    so it is saved with the module and becomes a graph constant on export.
+
+    Args:
+        model: the trained classifier returning raw logits ``(N, K)``.
+        temperature: a positive scalar (temperature scaling), or ``K`` positive values (one per
+            class, vector scaling without bias), dividing the logits.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float | Sequence[float] = 1.0) -> None:
+        super().__init__()
+        t = torch.as_tensor(temperature, dtype=torch.float32)
+        if t.ndim > 1 or not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"temperature must be a positive scalar or vector, got {temperature}")
+        self.model = model
+        self.register_buffer("temperature", t)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits / self.temperature, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Export and metadata
+# --------------------------------------------------------------------------------------------
+
+
+def _side(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int | np.integer):
+        return int(input_size), int(input_size)
+    h, w = (int(s) for s in input_size)
+    return h, w
+
+
+def export_onnx(
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    opset: int,
+    temperature: float | Sequence[float],
+    run_id: str | None = None,
+    data_version: str | None = None,
+    *,
+    referral_threshold: float | None = None,
+    resize: str = "center_crop",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export ``model`` with its calibration to ONNX, with the facts needed to use it.
+
+    The graph takes ``input`` (N, 3, H, W) float32, already normalised, and returns ``logits``
+    and ``probabilities`` (N, K); the batch axis is dynamic. The file is written to a temp path
+    beside ``path``, checked with ``onnx.checker`` and only then renamed onto ``path``, so a
+    failed export never leaves a file that looks valid.
+
+    Every metadata value is JSON (``read_metadata`` parses them back): ``arch``, ``classes``,
+    ``input_size``, ``normalization`` ({mean, std}), ``resize``, ``temperature``,
+    ``data_version``, ``mlflow_run_id``, ``referral_threshold`` (when given), ``opset``,
+    ``format``/``format_version`` and the ``extra`` keys.
+
+    Args:
+        model: the trained classifier (raw logits); exported in eval mode, its own mode is
+            restored afterwards.
+        meta: the bundle meta from :func:`tasks.models.load_bundle` (arch, classes, input_size,
+            normalization, data_version).
+        path: target ``.onnx`` file.
+        opset: ONNX opset version.
+        temperature: the fitted calibration temperature (scalar, or one per class).
+        run_id: the MLflow run of this lineage, so a file found anywhere leads back to it.
+        data_version: data lineage; defaults to ``meta["data_version"]``.
+        referral_threshold: confidence below which a case should go to a clinician; stored so
+            that predict needs only the model file.
+        resize: how prepare made images square (``center_crop`` | ``squash``); predict must do
+            the same, so it travels with the model.
+        extra: further JSON-serialisable facts to store.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        onnx.checker.ValidationError: the exported graph is not valid ONNX.
+    """
+    classes = [str(c) for c in meta["classes"]]
+    h, w = _side(meta["input_size"])
+    norm = meta["normalization"]
+    wrapped = CalibratedClassifier(model, temperature)
+    device = next(model.parameters()).device
+    wrapped.to(device)
+    dummy = torch.zeros(2, 3, h, w, device=device)
+    props: dict[str, Any] = {
+        "format": METADATA_FORMAT,
+        "format_version": METADATA_VERSION,
+        "arch": meta.get("arch"),
+        "classes": classes,
+        "input_size": meta["input_size"],
+        "normalization": {
+            "mean": [float(m) for m in norm["mean"]],
+            "std": [float(s) for s in norm["std"]],
+        },
+        "resize": resize,
+        "temperature": wrapped.temperature.tolist(),
+        "data_version": data_version if data_version is not None else meta.get("data_version"),
+        "mlflow_run_id": run_id,
+        "opset": int(opset),
+    }
+    if referral_threshold is not None:
+        props["referral_threshold"] = float(referral_threshold)
+    props.update(extra or {})
+
+    target = Path(path)
+    with atomic_path(target) as tmp, _eval_mode(wrapped), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            wrapped,
+            (dummy,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in props.items()})
+        proto.doc_string = f"dermaflow {props['arch']} classifier: {', '.join(classes)}"
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return target
+
+
+def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
+    """``metadata_props`` strings -> Python values (JSON where it parses, else the string)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of an exported file, parsed back into Python types (weights not loaded)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return decode_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_present() -> bool:
+    """Whether asking onnxruntime for CUDA can work here.
+
+    onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU and then
+    logs an error while falling back; asking only when a CUDA device exists keeps ``auto``
+    quiet on CPU machines.
+    """
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def ort_session(
+    path: str | os.PathLike[str], provider: str = "auto", threads: int | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """Open an onnxruntime session on the best provider asked for.
+
+    ``auto`` takes CUDA when a GPU and the CUDA provider are present, else the CPU; ``cuda``
+    insists on CUDA. onnxruntime silently falls back to the CPU when a provider fails to load,
+    so the provider reported is the one the session actually runs on
+    (``session.get_providers()[0]``), never the one requested.
+
+    Args:
+        path: the ``.onnx`` file.
+        provider: ``auto`` | ``cuda`` | ``cpu``.
+        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+
+    Returns:
+        ``(session, provider_used)``, e.g. ``"CPUExecutionProvider"``.
+
+    Raises:
+        ValueError: unknown provider.
+        FileNotFoundError: no such file.
+        RuntimeError: ``cuda`` was asked for but onnxruntime could not use it.
+    """
+    if provider not in {"auto", *PROVIDERS}:
+        raise ValueError(f"export.provider must be auto|cuda|cpu, got {provider!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found")
+    want_cuda = provider == "cuda" or (provider == "auto" and _cuda_present())
+    providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if want_cuda else [PROVIDERS["cpu"]]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    used = session.get_providers()[0]
+    if provider == "cuda" and used != PROVIDERS["cuda"]:
+        raise RuntimeError(
+            f"{path}: export.provider is cuda but onnxruntime runs on {used} "
+            f"(available: {ort.get_available_providers()}; CUDA device: "
+            f"{torch.cuda.is_available()}). Use provider: auto or cpu on this machine."
+        )
+    return session, used
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration (dropout off, BatchNorm running stats), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 NHWC (the prepared cache) -> normalised float32 NCHW, as in training.
+
+    Same operations in the same float32 order as :func:`tasks.train.to_input`, so the arrays are
+    bit-identical to what the model saw during training and evaluation.
+    """
+    x = np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - m) / s)
+
+
+def check_parity(
+    session: ort.InferenceSession,
+    wrapped_model: nn.Module,
+    images: np.ndarray,
+    tolerance: float,
+    batch_size: int = 64,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Run onnxruntime and PyTorch on the same images; fail unless they agree.
+
+    Agreement means max |p_onnx - p_torch| <= ``tolerance`` over all images and classes, and
+    the same predicted class. A predicted class may differ only where PyTorch's top two
+    probabilities are within ``2 * tolerance`` of each other: there the probabilities already
+    agree within the tolerance and the "disagreement" is a numerical tie, not a different
+    graph. Such ties are counted (``argmax_ties``) but do not fail.
+
+    Args:
+        session: onnxruntime session of the exported file.
+        wrapped_model: the :class:`CalibratedClassifier` that was exported (run in eval mode).
+        images: either normalised float32 NCHW, or uint8 NHWC straight from the prepared
+            cache (then ``mean`` and ``std`` are required and batches are normalised lazily,
+            so a memory-mapped test split is never expanded to float at once).
+        tolerance: max allowed absolute probability difference.
+        batch_size: images per forward pass.
+        mean: normalisation mean, for uint8 NHWC images.
+        std: normalisation std, for uint8 NHWC images.
+
+    Returns:
+        ``max_abs_diff``, ``mean_abs_diff``, ``max_abs_diff_logits``, ``argmax_equal``
+        (strict), ``argmax_mismatches``, ``argmax_ties``, ``n``, ``tolerance``.
+
+    Raises:
+        ParityError: beyond the tolerance or a real argmax difference; the message has the
+            numbers and the first differing image indices.
+        ValueError: no images, or uint8 images without mean/std.
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("check_parity needs at least one image")
+    raw = images.dtype == np.uint8
+    if raw and (mean is None or std is None):
+        raise ValueError("uint8 NHWC images need the normalisation mean and std")
+    device = _device(wrapped_model)
+    max_diff = max_logit_diff = total_diff = 0.0
+    mismatches: list[int] = []
+    ties: list[int] = []
+    with _eval_mode(wrapped_model), torch.inference_mode():
+        for start in range(0, n, batch_size):
+            chunk = np.asarray(images[start : start + batch_size])
+            x = normalize(chunk, mean, std) if raw else np.ascontiguousarray(chunk, np.float32)
+            logits_o, probs_o = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            logits_t, probs_t = (
+                t.float().cpu().numpy() for t in wrapped_model(torch.from_numpy(x).to(device))
+            )
+            diff = np.abs(probs_o - probs_t)
+            max_diff = max(max_diff, float(diff.max()))
+            total_diff += float(diff.sum())
+            max_logit_diff = max(max_logit_diff, float(np.abs(logits_o - logits_t).max()))
+            top2 = np.sort(probs_t, axis=1)[:, -2:] if probs_t.shape[1] > 1 else None
+            for i in np.flatnonzero(probs_o.argmax(1) != probs_t.argmax(1)):
+                tie = top2 is not None and top2[i, 1] - top2[i, 0] <= 2 * tolerance
+                (ties if tie else mismatches).append(start + int(i))
+    result = {
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": total_diff / (n * int(probs_t.shape[1])),
+        "max_abs_diff_logits": max_logit_diff,
+        "argmax_equal": not mismatches and not ties,
+        "argmax_mismatches": len(mismatches),
+        "argmax_ties": len(ties),
+        "n": n,
+        "tolerance": float(tolerance),
+    }
+    if max_diff > tolerance or mismatches:
+        raise ParityError(
+            f"ONNX parity failed on {n} images: max |p_onnx - p_torch| = {max_diff:.3g} "
+            f"(tolerance {tolerance:g}), max logit difference {max_logit_diff:.3g}, predicted "
+            f"class differs on {len(mismatches)} image(s)"
+            + (f" (first indices {mismatches[:10]})" if mismatches else "")
+            + ". The exported graph does not compute what the PyTorch model computes; do not "
+            "ship it."
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def _median_ms(run: Any, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def _ort_runner(session: ort.InferenceSession, x: np.ndarray) -> Any:
+    """A no-argument callable running one batch; on CUDA through IOBinding.
+
+    With CUDA, a plain ``session.run`` copies the input host->device and every output back
+    inside the timed call; binding the input once on the device and the outputs to device
+    memory measures the graph, as PyTorch's timing (input already on the GPU) does.
+    """
+    if session.get_providers()[0] != PROVIDERS["cuda"]:
+        feed = {INPUT_NAME: x}
+        return lambda: session.run(list(OUTPUT_NAMES), feed)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    for name in OUTPUT_NAMES:
+        binding.bind_output(name, "cuda", 0)
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
+
+
+def benchmark(
+    session: ort.InferenceSession,
+    model: nn.Module,
+    input_size: int | Sequence[int],
+    batches: Sequence[int],
+    repeats: int,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Latency and throughput of onnxruntime vs PyTorch eager on random inputs.
+
+    Each batch size is warmed up first (allocators, cuDNN autotuning, onnxruntime's first-run
+    graph work), then timed ``repeats`` times one run at a time; the median is reported because
+    a shared machine makes the mean chase outliers. PyTorch runs in eval mode under
+    ``inference_mode`` on ``device`` (a copy of the model is moved there if needed, the caller's
+    model stays put), with a CUDA synchronize inside each timed run.
+
+    Args:
+        session: onnxruntime session of the exported file.
+        model: the PyTorch model to compare with (the :class:`CalibratedClassifier`).
+        input_size: square side, or (height, width).
+        batches: batch sizes, e.g. ``[1, 32]``.
+        repeats: timed runs per batch size and runtime.
+        device: PyTorch device (``cpu`` / ``cuda``).
+        warmup: untimed runs before timing.
+
+    Returns:
+        Flat metrics: ``latency_ms_{ort,torch}_b{B}`` (median ms per batch),
+        ``throughput_{ort,torch}_b{B}`` (images/s) and ``speedup_b{B}`` (torch / ort latency).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    h, w = _side(input_size)
+    torch_model = model if _device(model) == device else copy.deepcopy(model).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    with _eval_mode(torch_model), torch.inference_mode():
+        for b in batches:
+            x = rng.standard_normal((int(b), 3, h, w), dtype=np.float32)
+            xt = torch.from_numpy(x).to(device)
+
+            def torch_run(xt: torch.Tensor = xt) -> None:
+                torch_model(xt)
+                sync()
+
+            ms = {
+                "ort": _median_ms(_ort_runner(session, x), repeats, warmup),
+                "torch": _median_ms(torch_run, repeats, warmup),
+            }
+            for runtime, value in ms.items():
+                out[f"latency_ms_{runtime}_b{b}"] = round(value, 4)
+                out[f"throughput_{runtime}_b{b}"] = round(b / (value / 1000.0), 2)
+            out[f"speedup_b{b}"] = round(ms["torch"] / ms["ort"], 3)
+    return out
