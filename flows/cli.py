@@ -36,6 +36,7 @@ SetOpt = typer.Option(None, "--set", "-S", help="override a param for this call:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from tasks.export import ParityError
     from tasks.ingest import IngestError
     from tasks.models import WeightsUnavailableError
     from tasks.prepare import PrepareError
@@ -51,6 +52,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
         PrepareError,
         TrainingError,
         WeightsUnavailableError,
+        ParityError,
         FileNotFoundError,
     )
 
@@ -237,6 +239,216 @@ def train(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
             f"(accuracy {result.test['accuracy']:.3f}, chance {1 / len(result.classes):.3f}); "
             f"MLflow run {run.info.run_id}, {p.tracking.registered_model} v{model_version}"
         )
+
+
+@app.command()
+def calibrate(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Fit a calibrator on validation logits; report calibration and the referral rule."""
+    from tasks import tracking
+    from tasks.calibrate import calibrate as run_calibrate
+    from tasks.calibrate import write_outputs
+    from tasks.evaluate import load_predictions
+
+    with stage("calibrate"):
+        p = _params(params, set_)
+        val = load_predictions(paths.PREDICTIONS / "val.npz")
+        test = load_predictions(paths.PREDICTIONS / "test.npz")
+        if list(val["classes"]) != list(test["classes"]):
+            raise ConfigError("val and test predictions disagree on the classes; re-run train")
+        c = p.calibrate
+        result = run_calibrate(
+            val["logits"],
+            val["labels"],
+            test["logits"],
+            test["labels"],
+            c.method,
+            c.bins,
+            c.target_accuracy,
+        )
+        metrics = write_outputs(result, paths.CALIBRATION)
+        write_json(paths.METRICS / "calibrate.json", metrics)
+        with tracking.resume_lineage_run():
+            tracking.log_metrics(metrics)
+            tracking.log_artifacts({"calibrate": paths.CALIBRATION})
+        r = result.referral
+        console.print(
+            f"calibrate ({c.method}): test ECE {metrics['test_ece_before']:.3f} -> "
+            f"{metrics['test_ece_after']:.3f}, NLL {metrics['test_nll_before']:.3f} -> "
+            f"{metrics['test_nll_after']:.3f}; refer below confidence {r['threshold']:.3f} "
+            f"({'reaches' if r['reachable'] else 'cannot reach'} {c.target_accuracy:.0%} "
+            f"on validation; keeps {r['coverage']:.0%} of test cases)"
+        )
+
+
+@app.command()
+def export(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Export the calibrated model to ONNX, prove parity, benchmark, register as candidate."""
+    import json as _json
+
+    from tasks import tracking
+    from tasks.calibrate import calibrator_from_dict
+    from tasks.export import (
+        CalibratedClassifier,
+        benchmark,
+        check_parity,
+        export_onnx,
+        ort_session,
+    )
+    from tasks.models import load_bundle
+    from tasks.prepare import open_split
+
+    with stage("export"):
+        p = _params(params, set_)
+        model, meta = load_bundle(paths.BUNDLE)
+        calibrator = calibrator_from_dict(
+            _json.loads((paths.CALIBRATION / "calibrator.json").read_text())
+        )
+        temperature = calibrator.temperature or 1.0
+        if calibrator.method != "temperature":
+            console.print(
+                f"[yellow]export: calibrate.method={calibrator.method} cannot live in the graph; "
+                "the ONNX model applies no calibration (T=1)[/]"
+            )
+        referral = _json.loads((paths.METRICS / "calibrate.json").read_text())
+        run_info = _json.loads(tracking.RUN_FILE.read_text())
+        export_onnx(
+            model,
+            meta,
+            paths.ONNX_MODEL,
+            p.export.opset,
+            temperature,
+            run_id=run_info["run_id"],
+            data_version=meta.get("data_version"),
+            referral_threshold=referral.get("referral_threshold"),
+            resize=p.prepare.resize,
+        )
+        session, provider = ort_session(paths.ONNX_MODEL, p.export.provider)
+        images = open_split(paths.PREPARED, "test").images  # normalised batch by batch
+        wrapped = CalibratedClassifier(model, temperature).eval()
+        parity = check_parity(
+            session,
+            wrapped,
+            images,
+            p.export.parity_tolerance,
+            mean=meta["normalization"]["mean"],
+            std=meta["normalization"]["std"],
+        )
+        device = "cuda" if provider.startswith("CUDA") else "cpu"
+        speed = benchmark(
+            session,
+            wrapped,
+            meta["input_size"],
+            p.export.bench_batches,
+            p.export.bench_repeats,
+            device,
+        )
+        metrics = {
+            "parity_max_abs_diff": float(parity["max_abs_diff"]),
+            "parity_images": float(parity["n"]),
+            **speed,
+        }
+        write_json(paths.METRICS / "export.json", {**metrics, "provider": provider})
+        with tracking.resume_lineage_run():
+            tracking.log_metrics(metrics)
+            tracking.set_tags({"onnx_provider": provider})
+            version = tracking.log_onnx_model(
+                paths.ONNX_MODEL, f"{p.tracking.registered_model}-onnx", p.export.alias
+            )
+            pytorch_version = run_info.get("model_version")
+            if pytorch_version:
+                tracking.set_alias(p.tracking.registered_model, p.export.alias, pytorch_version)
+        tracking.update_run_file(onnx_model_version=version)
+        console.print(
+            f"export: {paths.ONNX_MODEL} on {provider}; parity max |dp| "
+            f"{parity['max_abs_diff']:.2e} over {parity['n']} images; registered "
+            f"{p.tracking.registered_model}-onnx v{version} @{p.export.alias}"
+        )
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders (recursive)"),
+    model: str = typer.Option(
+        str(paths.ONNX_MODEL), "--model", "-m", help="model.onnx, or models:/<name>@<alias>"
+    ),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write"),
+    batch_size: int = typer.Option(32, help="images per onnxruntime call"),
+    provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+) -> None:
+    """Predict new images with the calibrated ONNX model; one CSV row per file."""
+    from tasks import tracking
+    from tasks.predict import collect_images, load_predictor, predict_files, write_csv
+
+    with stage("predict"):
+        files = collect_images(inputs)
+        if not files:
+            raise FileNotFoundError(f"no image files under {', '.join(map(str, inputs))}")
+        uri = None
+        if model.startswith(("models:/", "runs:/")):
+            uri = tracking.configure()  # the registry resolves aliases through the global URI
+        predictor = load_predictor(model, tracking_uri=uri, provider=provider)
+        frame = predict_files(predictor, files, batch_size=batch_size)
+        write_csv(frame, out)
+        bad = int(frame["error"].notna().sum())
+        referred = int(frame["refer"].fillna(False).astype(bool).sum())
+        console.print(
+            f"predict: {len(frame) - bad} images scored, {bad} unreadable, {referred} to refer "
+            f"to a dermatologist -> {out}"
+        )
+
+
+@app.command()
+def explain(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Batch explanations of test images: heatmaps, quality metrics, text, gallery."""
+    import json as _json
+
+    from tasks import tracking
+    from tasks.calibrate import calibrator_from_dict
+    from tasks.evaluate import load_predictions
+    from tasks.explain import run_explain
+    from tasks.io import atomic_dir
+    from tasks.models import load_bundle
+    from tasks.prepare import open_split
+    from tasks.train import pick_device
+
+    with stage("explain"):
+        p = _params(params, set_)
+        model, meta = load_bundle(paths.BUNDLE)
+        calibrator = calibrator_from_dict(
+            _json.loads((paths.CALIBRATION / "calibrator.json").read_text())
+        )
+        test = load_predictions(paths.PREDICTIONS / "test.npz")
+        probabilities = calibrator.probabilities(test["logits"])
+        split = open_split(paths.PREPARED, "test")
+        device = pick_device(p.train.device)
+        with atomic_dir(paths.EXPLAIN) as tmp:
+            summary = run_explain(model, meta["arch"], split, probabilities, p.explain, tmp, device)
+            write_json(tmp / "summary.json", summary)
+        flat = explain_metrics(summary)
+        write_json(paths.METRICS / "explain.json", flat)
+        with tracking.resume_lineage_run():
+            tracking.log_metrics(flat)
+            tracking.log_artifacts({"explain": paths.EXPLAIN})
+        best = summary["ranking"][0] if summary["ranking"] else {}
+        console.print(
+            f"explain: {summary['images']} images in {summary['seconds']} s; best-ranked "
+            f"{best.get('method')}@{best.get('layer')}; gallery {paths.EXPLAIN / 'gallery.html'}"
+        )
+
+
+def explain_metrics(summary: dict) -> dict[str, float]:
+    """Flat per-method means for MLflow and DVC (``<method>_<layer>_<metric>``)."""
+    out: dict[str, float] = {}
+    for row in summary["methods"]:
+        for key, value in row.items():
+            if key.endswith("_mean") and value is not None and value == value:
+                out[f"xai_{row['method']}_{row['layer']}_{key[:-5]}"] = float(value)
+    for label, share in summary["inside_share_by_class"].items():
+        out[f"xai_inside_share_{label}"] = share
+    sanity = summary.get("sanity") or {}
+    if "ssim_final" in sanity:
+        out["xai_sanity_ssim_after_randomisation"] = float(sanity["ssim_final"])
+    return out
 
 
 @app.command()

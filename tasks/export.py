@@ -66,6 +66,7 @@ class CalibratedClassifier(nn.Module):
             raise ValueError(f"temperature must be a positive scalar or vector, got {temperature}")
         self.model = model
         self.register_buffer("temperature", t)
+        self.train(model.training)  # a fresh module is in train mode; keep the model's mode
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
@@ -129,15 +130,18 @@ def export_onnx(
         The path of the written file.
 
     Raises:
+        ValueError: a bad temperature or resize mode.
         onnx.checker.ValidationError: the exported graph is not valid ONNX.
     """
+    if resize not in {"center_crop", "squash"}:
+        raise ValueError(f"resize must be center_crop|squash, got {resize!r}")
     classes = [str(c) for c in meta["classes"]]
     h, w = _side(meta["input_size"])
     norm = meta["normalization"]
     wrapped = CalibratedClassifier(model, temperature)
     device = next(model.parameters()).device
     wrapped.to(device)
-    dummy = torch.zeros(2, 3, h, w, device=device)
+    dummy = torch.zeros(1, 3, h, w, device=device)
     props: dict[str, Any] = {
         "format": METADATA_FORMAT,
         "format_version": METADATA_VERSION,
@@ -149,7 +153,9 @@ def export_onnx(
             "std": [float(s) for s in norm["std"]],
         },
         "resize": resize,
-        "temperature": wrapped.temperature.tolist(),
+        "temperature": float(temperature)
+        if np.ndim(temperature) == 0
+        else [float(t) for t in temperature],
         "data_version": data_version if data_version is not None else meta.get("data_version"),
         "mlflow_run_id": run_id,
         "opset": int(opset),
@@ -291,14 +297,16 @@ def check_parity(
     batch_size: int = 64,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    tie_margin: float = 1e-6,
 ) -> dict[str, Any]:
     """Run onnxruntime and PyTorch on the same images; fail unless they agree.
 
     Agreement means max |p_onnx - p_torch| <= ``tolerance`` over all images and classes, and
-    the same predicted class. A predicted class may differ only where PyTorch's top two
-    probabilities are within ``2 * tolerance`` of each other: there the probabilities already
-    agree within the tolerance and the "disagreement" is a numerical tie, not a different
-    graph. Such ties are counted (``argmax_ties``) but do not fail.
+    the same predicted class for every image. The one exception is a numerical tie: an image
+    whose top two PyTorch probabilities are within ``tie_margin`` of each other may flip
+    between runtimes on float rounding alone, so it is counted (``argmax_ties``) but does not
+    fail. The margin is absolute and tiny by default, so a real class swap always fails even
+    when the probability tolerance is loose.
 
     Args:
         session: onnxruntime session of the exported file.
@@ -310,10 +318,11 @@ def check_parity(
         batch_size: images per forward pass.
         mean: normalisation mean, for uint8 NHWC images.
         std: normalisation std, for uint8 NHWC images.
+        tie_margin: top-2 probability gap below which an argmax flip is a tie.
 
     Returns:
         ``max_abs_diff``, ``mean_abs_diff``, ``max_abs_diff_logits``, ``argmax_equal``
-        (strict), ``argmax_mismatches``, ``argmax_ties``, ``n``, ``tolerance``.
+        (strict), ``argmax_mismatches`` (real ones), ``argmax_ties``, ``n``, ``tolerance``.
 
     Raises:
         ParityError: beyond the tolerance or a real argmax difference; the message has the
@@ -344,7 +353,7 @@ def check_parity(
             max_logit_diff = max(max_logit_diff, float(np.abs(logits_o - logits_t).max()))
             top2 = np.sort(probs_t, axis=1)[:, -2:] if probs_t.shape[1] > 1 else None
             for i in np.flatnonzero(probs_o.argmax(1) != probs_t.argmax(1)):
-                tie = top2 is not None and top2[i, 1] - top2[i, 0] <= 2 * tolerance
+                tie = top2 is not None and top2[i, 1] - top2[i, 0] <= tie_margin
                 (ties if tie else mismatches).append(start + int(i))
     result = {
         "max_abs_diff": max_diff,

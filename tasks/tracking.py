@@ -25,14 +25,16 @@ STORE_DIR = Path("mlruns")
 RUN_FILE = Path("models/run.json")
 
 
-def tracking_uri(repo: str | Path = ".") -> str:
-    """``$MLFLOW_TRACKING_URI`` when set (a tracking server), else the project's sqlite store."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
+def local_store_uri(repo: str | Path = ".") -> str:
+    """The project's own store: sqlite metadata in mlruns/mlflow.db."""
     db = (Path(repo) / STORE_DIR / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def tracking_uri(repo: str | Path = ".") -> str:
+    """``$MLFLOW_TRACKING_URI`` when set (a tracking server), else the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(repo)
 
 
 def configure(repo: str | Path = ".") -> str:
@@ -44,13 +46,13 @@ def configure(repo: str | Path = ".") -> str:
 
 def ensure_experiment(name: str, repo: str | Path = ".") -> str:
     """Create (once) the experiment, with artifacts under mlruns/ beside the sqlite file."""
-    configure(repo)
+    uri = configure(repo)
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if uri == local_store_uri(repo):  # a server chooses its own artifact store
         location = (Path(repo) / STORE_DIR / "artifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
@@ -149,6 +151,24 @@ def log_pytorch_model(
     )
     version = getattr(info, "registered_model_version", None)
     return info.model_uri, None if version is None else str(version)
+
+
+def log_onnx_model(path: str | Path, registered_model: str, alias: str | None) -> str:
+    """Log the ONNX file with mlflow.onnx, register a version and point ``alias`` at it."""
+    import mlflow.onnx
+    import onnx
+
+    info = mlflow.onnx.log_model(
+        onnx.load(str(path)), name="onnx_model", registered_model_name=registered_model
+    )
+    version = str(info.registered_model_version)
+    if alias:
+        set_alias(registered_model, alias, version)
+    return version
+
+
+def set_alias(registered_model: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(registered_model, alias, str(version))
 
 
 def environment_tags() -> dict[str, str]:

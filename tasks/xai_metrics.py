@@ -1,0 +1,828 @@
+"""Explanation quality in numbers: localisation, faithfulness, agreement, sanity, aggregation.
+
+A heatmap that looks plausible is not evidence that the model used that region. This module
+scores explanations in four independent ways so the explain stage can compare methods (Grad-CAM,
+Score-CAM, IG, LIME, ...) and layers on numbers rather than on how pretty the overlays are:
+
+- **Localisation** (needs a lesion mask): does the map point at the lesion? Pointing game
+  (Zhang et al. 2016), energy-based pointing game (Wang et al. 2020, Score-CAM) and the IoU of
+  the top-k % of the map with the mask.
+- **Faithfulness** (needs the model): does removing what the map highlights change the
+  prediction? Deletion / insertion (Petsiuk et al. 2018, RISE), ROAD (Rong et al. 2022, via
+  pytorch-grad-cam) and Average Drop / Increase in Confidence (Chattopadhyay et al. 2018).
+- **Agreement** between two maps (two methods, layers or models): SSIM, Pearson, cosine and the
+  Jaccard index of their top-k % regions.
+- **Sanity** (Adebayo et al. 2018): a method whose map survives re-initialising the model's
+  weights explains the image, not the model.
+
+Everything is a pure function of arrays (and a model it does not modify), so the explain entry,
+notebooks and tests all score explanations the same way; the aggregation helpers turn per-image
+rows into a per-method table with bootstrap confidence intervals and a ranking.
+
+Conventions: heatmaps are float arrays in [0, 1] of shape (H, W) or (N, H, W); masks are
+(H, W) bool / uint8 arrays (non-zero inside the lesion); images are normalised (N, 3, H, W)
+float32 tensors and models return logits. Metrics that are undefined for an input (the Pearson
+correlation of a constant map, the pointing game against an empty mask) return NaN rather than
+an arbitrary number, and the aggregation helpers ignore NaNs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy import ndimage, stats
+from skimage.metrics import structural_similarity
+
+ClassIndex = int | Sequence[int] | np.ndarray | torch.Tensor
+ExplainFn = Callable[[torch.nn.Module, torch.Tensor, ClassIndex], np.ndarray]
+
+BASELINES: tuple[str, ...] = ("blur", "mean")
+ROAD_VARIANTS: tuple[str, ...] = ("combined", "morf", "lerf")
+# Higher pointing game = better localisation; lower deletion AUC = more faithful.
+DEFAULT_RANKING: dict[str, str] = {"pointing_game": "desc", "deletion_auc": "asc"}
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_map(heatmap: Any, what: str = "heatmap") -> np.ndarray:
+    """One (H, W) map as float64, or a ValueError saying what was wrong with it."""
+    arr = np.asarray(heatmap, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (H, W) array, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return arr
+
+
+def _as_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A lesion mask as bool, checked against the heatmap's shape."""
+    arr = np.asarray(mask)
+    if arr.shape != shape:
+        raise ValueError(f"mask shape {arr.shape} does not match heatmap shape {shape}")
+    return arr.astype(bool)
+
+
+def _as_maps(heatmaps: Any, n: int, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) float32 maps at the image size; bilinear resize when a CAM came out smaller."""
+    arr = np.asarray(heatmaps, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[0] != n:
+        raise ValueError(f"heatmaps must be (N={n}, H, W), got shape {np.shape(heatmaps)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("heatmaps contain NaN or infinite values")
+    if arr.shape[1:] != size:
+        resized = F.interpolate(
+            torch.from_numpy(arr)[:, None], size=size, mode="bilinear", align_corners=False
+        )
+        arr = resized[:, 0].numpy()
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _as_images(images: Any) -> torch.Tensor:
+    """(N, C, H, W) float32 tensor; a single (C, H, W) image gains a batch axis."""
+    x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def _class_indices(class_idx: ClassIndex, n: int) -> list[int]:
+    """One target class per image: an int is broadcast, a sequence must have length N."""
+    if isinstance(class_idx, torch.Tensor):
+        class_idx = class_idx.detach().cpu().numpy()
+    arr = np.atleast_1d(np.asarray(class_idx))
+    if arr.size == 1:
+        arr = np.repeat(arr, n)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"class_idx must be an int or N={n} ints, got {class_idx!r}")
+    return [int(c) for c in arr]
+
+
+def _on_model_device(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Move the images to the model's device (a parameter-free model keeps them where they are)."""
+    param = next(model.parameters(), None)
+    return x if param is None else x.to(param.device)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Score in eval mode (BatchNorm/Dropout frozen) and give the model back as it came."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _target_probs(
+    model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """Softmax probability of each row's target class, in chunks of ``batch_size``."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start : start + batch_size])
+            probs = torch.softmax(logits.float(), dim=1)
+            idx = classes[start : start + batch_size, None].to(probs.device)
+            out.append(probs.gather(1, idx)[:, 0].cpu())
+    return torch.cat(out)
+
+
+def _top_region(heatmap: np.ndarray, top_k_percent: float) -> np.ndarray:
+    """The top-k % of a map as a bool mask.
+
+    The cut is the value of the k-th hottest pixel and every pixel tied with it is kept, so the
+    region never depends on pixel order (a raster-order tie-break would favour the top of the
+    image). Pixels with no heat are never part of the region: a map that is zero almost
+    everywhere highlights only its non-zero part, and an all-zero map highlights nothing.
+    """
+    if not 0 < top_k_percent <= 100:
+        raise ValueError(f"top_k_percent must be in (0, 100], got {top_k_percent}")
+    flat = heatmap.ravel()
+    k = max(1, int(round(top_k_percent / 100.0 * flat.size)))
+    cut = np.partition(flat, flat.size - k)[flat.size - k]
+    return (heatmap >= cut) & (heatmap > 0)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks; NaN when both are empty."""
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return float("nan")
+    return float(np.logical_and(a, b).sum() / union)
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+def pointing_game(heatmap: np.ndarray, mask: np.ndarray, tolerance: int = 0) -> float:
+    """Whether the hottest pixel of the map lies on the lesion (Zhang et al. 2016).
+
+    Ties: the *first* maximum in row-major order (``np.argmax``) is the point, so a map with
+    several equal peaks is not rewarded for having one of them inside by luck. A flat map (no
+    peak at all, e.g. all zeros) points nowhere and scores 0.
+
+    Args:
+        heatmap: (H, W) map.
+        mask: (H, W) lesion mask, non-zero inside.
+        tolerance: radius in pixels around the mask that still counts as a hit. The original
+            protocol uses 15 px at 224 px to forgive boundary errors of hand-drawn masks and
+            upsampled CAMs; 0 is the strict game.
+
+    Returns:
+        1.0 for a hit, 0.0 for a miss, NaN when the mask is empty (no lesion to point at).
+    """
+    h = _as_map(heatmap)
+    m = _as_mask(mask, h.shape)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    if not m.any():
+        return float("nan")
+    if h.max() == h.min():
+        return 0.0
+    row, col = np.unravel_index(int(np.argmax(h)), h.shape)
+    if tolerance > 0:
+        distance_to_lesion = ndimage.distance_transform_edt(~m)
+        return float(distance_to_lesion[row, col] <= tolerance)
+    return float(m[row, col])
+
+
+def energy_pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's total heat that falls inside the lesion: sum(h * m) / sum(h).
+
+    Unlike the pointing game it uses the whole map, so a map with a lucky peak on the lesion and
+    most of its mass on a ruler still scores low (Wang et al. 2020). Negative values are clipped
+    to 0 first, since heat cannot be negative mass.
+
+    Returns:
+        A share in [0, 1]; 0 for an all-zero map.
+    """
+    h = np.clip(_as_map(heatmap), 0, None)
+    m = _as_mask(mask, h.shape)
+    total = h.sum()
+    if total <= 0:
+        return 0.0
+    return float(h[m].sum() / total)
+
+
+def heatmap_iou(heatmap: np.ndarray, mask: np.ndarray, top_k_percent: float) -> float:
+    """IoU of the map's top-k % pixels with the lesion mask.
+
+    Choosing k near the typical lesion area share makes a perfect map score 1; ties at the cut
+    are all kept and zero-heat pixels never count (see ``_top_region``).
+
+    Returns:
+        IoU in [0, 1]; NaN when both the region and the mask are empty.
+    """
+    h = _as_map(heatmap)
+    m = _as_mask(mask, h.shape)
+    return _iou(_top_region(h, top_k_percent), m)
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, the RISE insertion canvas."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if radius < 1:
+        return x.clone()
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    out = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def _baseline(x: torch.Tensor, kind: str, blur_sigma: float | None) -> torch.Tensor:
+    """What a removed pixel becomes: a blurred copy of the image or its per-channel mean."""
+    if kind == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+    if kind == "blur":
+        sigma = blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[-2:]) / 32.0)
+        return _gaussian_blur(x, sigma)
+    raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
+
+
+def deletion_insertion(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    heatmaps: np.ndarray,
+    class_idx: ClassIndex,
+    steps: int = 16,
+    baseline: str = "blur",
+    blur_sigma: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Deletion and insertion curves and their AUCs (Petsiuk et al. 2018, RISE).
+
+    Deletion replaces pixels with the baseline in order of decreasing heat; a faithful map
+    removes the evidence first, so the class probability falls fast and the AUC is LOW.
+    Insertion starts from the baseline and reveals pixels in the same order; a faithful map
+    restores the evidence first, so the AUC is HIGH. pytorch-grad-cam has no deletion /
+    insertion metric (its ROAD removes one fixed percentile per call), hence this is written
+    here.
+
+    Pixels are ranked per image by decreasing heat, ties in a random order drawn from
+    ``seed``; step ``s`` of ``steps`` has ``round(s / steps * H * W)`` pixels removed (deletion)
+    or revealed (insertion), all channels at once. The (steps + 1) x N perturbed images are
+    built chunk by chunk with a vectorised ``where`` (no per-pixel Python loops) and scored in
+    ``2 * ceil((steps + 1) * N / batch_size)`` forward passes.
+
+    Args:
+        model: classifier returning logits; put in eval mode for the call and restored after.
+        images: (N, 3, H, W) normalised images.
+        heatmaps: (N, H, W) maps; resized bilinearly when their size differs from the images.
+        class_idx: target class, one int for all images or one per image.
+        steps: number of perturbation steps (the curves have ``steps + 1`` points).
+        baseline: ``"blur"`` (Gaussian-blurred image, RISE's choice: it removes detail without
+            adding the sharp edges a constant fill would) or ``"mean"`` (per-image, per-channel
+            mean colour).
+        blur_sigma: Gaussian sigma in pixels; default ``max(1, min(H, W) / 32)``.
+        batch_size: images per forward pass.
+        seed: seeds the order among pixels of equal heat.
+
+    Returns:
+        ``deletion_auc`` and ``insertion_auc`` (N,), ``deletion_curve`` and ``insertion_curve``
+        (N, steps + 1) of target-class softmax probabilities, and ``fractions`` (steps + 1,),
+        the share of pixels removed / revealed at each point. AUCs are trapezoids over the
+        fraction axis, so they lie in [0, 1].
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    x = _on_model_device(model, _as_images(images))
+    n, _, height, width = x.shape
+    maps = _as_maps(heatmaps, n, (height, width))
+    classes = torch.tensor(_class_indices(class_idx, n))
+    base = _baseline(x, baseline, blur_sigma)
+
+    pixels = height * width
+    # Sort by heat, ties in a seeded random order: CAMs are often exactly 0 over much of the
+    # image, and a row-major tie-break would always remove the top rows first.
+    tie_break = np.random.default_rng(seed).random((n, pixels))
+    order = np.lexsort((tie_break, -maps.reshape(n, pixels)), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(pixels), (n, pixels)), axis=1)
+    rank_t = torch.from_numpy(rank).to(x.device)
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    counts = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(x.device)
+
+    # Row r of the (steps + 1) * N perturbed images is step r // N of image r % N; each chunk
+    # is built with one vectorised `where`, so memory stays at batch_size images.
+    total = (steps + 1) * n
+    probs = {"deletion": [], "insertion": []}
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, total, batch_size):
+            rows = torch.arange(start, min(start + batch_size, total), device=x.device)
+            step, image = rows // n, rows % n
+            chosen = (rank_t[image] < counts[step, None]).view(-1, 1, height, width)
+            target = classes[image.cpu()]
+            deleted = torch.where(chosen, base[image], x[image])
+            inserted = torch.where(chosen, x[image], base[image])
+            probs["deletion"].append(_target_probs(model, deleted, target, batch_size))
+            probs["insertion"].append(_target_probs(model, inserted, target, batch_size))
+    curves = {
+        name: torch.cat(chunks).view(steps + 1, n).T.numpy().astype(np.float64)
+        for name, chunks in probs.items()
+    }
+
+    return {
+        "deletion_auc": np.trapezoid(curves["deletion"], fractions, axis=1),
+        "insertion_auc": np.trapezoid(curves["insertion"], fractions, axis=1),
+        "deletion_curve": curves["deletion"],
+        "insertion_curve": curves["insertion"],
+        "fractions": fractions,
+    }
+
+
+def road_scores(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    heatmaps: np.ndarray,
+    class_idx: ClassIndex,
+    percentiles: Sequence[float] = (20, 40, 60, 80),
+    variant: str = "combined",
+    seed: int = 0,
+) -> np.ndarray:
+    """ROAD scores (Rong et al. 2022) from pytorch-grad-cam, with softmax-probability targets.
+
+    ROAD removes pixels by noisy linear imputation from their neighbours instead of a constant
+    fill, so the score measures lost information rather than the model's reaction to an
+    out-of-distribution grey patch. Each percentile ``p`` removes the pixels above (MoRF) or
+    below (LeRF) the p-th percentile of the map; the library averages over ``percentiles``.
+
+    Sign conventions (all differences of the target-class probability, after - before):
+
+    - ``"morf"``: removing the most relevant pixels; more negative = more faithful.
+    - ``"lerf"``: removing the least relevant pixels; closer to 0 = more faithful.
+    - ``"combined"``: ``(lerf - morf) / 2``; HIGHER = more faithful (the library's score).
+
+    The imputer draws noise from torch's global RNG; it is run under a forked RNG seeded with
+    ``seed`` so scores are reproducible and the caller's RNG state is left alone. Maps with
+    many equal values (e.g. a large all-zero area) make the percentile cuts degenerate, as in
+    the library; CAMs and gradients rarely have exact ties outside their zero region.
+
+    Returns:
+        (N,) float array of scores.
+    """
+    # pytorch-grad-cam imports torchvision's model zoo and scikit-learn (seconds); only the two
+    # functions that use it pay for that, so the text engine and the map metrics stay light.
+    from pytorch_grad_cam.metrics.road import (
+        ROADCombined,
+        ROADLeastRelevantFirstAverage,
+        ROADMostRelevantFirstAverage,
+    )
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    x = _on_model_device(model, _as_images(images))
+    n, _, height, width = x.shape
+    maps = _as_maps(heatmaps, n, (height, width))
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in _class_indices(class_idx, n)]
+    percentiles = list(percentiles)
+    metrics = {
+        "combined": ROADCombined,
+        "morf": ROADMostRelevantFirstAverage,
+        "lerf": ROADLeastRelevantFirstAverage,
+    }
+    if variant not in metrics:
+        raise ValueError(f"variant must be one of {ROAD_VARIANTS}, got {variant!r}")
+    metric = metrics[variant](percentiles=percentiles)
+    # The imputer runs on the CPU, so forking the CPU generator is enough.
+    with _eval_mode(model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        scores = metric(x, maps, targets, model)
+    return np.asarray(scores, dtype=np.float64).reshape(n)
+
+
+def average_drop_increase(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    heatmaps: np.ndarray,
+    class_idx: ClassIndex,
+) -> dict[str, np.ndarray]:
+    """Average Drop and Increase in Confidence (Chattopadhyay et al. 2018, Grad-CAM++).
+
+    The image is multiplied by its map (pytorch-grad-cam's ``CamMultImageConfidenceChange``,
+    i.e. ``multiply_tensor_with_cam``), keeping only what the map highlights. Because images are
+    normalised, a zeroed pixel becomes the dataset's mean colour. ``Y`` is the target-class
+    softmax probability on the image and ``O`` on the masked image; a map that keeps the
+    evidence loses little confidence.
+
+    Returns:
+        ``average_drop``: (N,) per-image ``max(0, Y - O) / Y`` as a fraction (the paper reports
+        the mean x 100; lower is better), and ``increase``: (N,) bool, ``O > Y`` (the paper
+        reports the share of True; higher is better). ``score`` (N,) and ``masked_score`` (N,)
+        carry Y and O.
+    """
+    from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    x = _on_model_device(model, _as_images(images))
+    n, _, height, width = x.shape
+    maps = _as_maps(heatmaps, n, (height, width))
+    indices = _class_indices(class_idx, n)
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in indices]
+    with _eval_mode(model):
+        y = _target_probs(model, x, torch.tensor(indices), batch_size=max(1, n)).numpy()
+        o = CamMultImageConfidenceChange()(x, maps, targets, model, return_diff=False)
+    y = y.astype(np.float64)
+    o = np.asarray(o, dtype=np.float64).reshape(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drop = np.where(y > 0, np.maximum(0.0, y - o) / y, 0.0)
+    return {"average_drop": drop, "increase": o > y, "score": y, "masked_score": o}
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two (H, W) maps of the same shape."""
+    a_arr, b_arr = _as_map(a, "a"), _as_map(b, "b")
+    if a_arr.shape != b_arr.shape:
+        raise ValueError(f"maps differ in shape: {a_arr.shape} vs {b_arr.shape}")
+    return a_arr, b_arr
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity of two maps in [0, 1] (skimage, ``data_range=1``).
+
+    SSIM compares local structure, so two maps that highlight the same blob with a slightly
+    different spread still score high, unlike pixel-wise correlation. The window shrinks to
+    the largest odd size that fits maps smaller than skimage's default 7 px.
+    """
+    a_arr, b_arr = _pair(a, b)
+    win = min(7, *a_arr.shape)
+    win = win if win % 2 == 1 else win - 1
+    if win < 3:
+        raise ValueError(f"maps of shape {a_arr.shape} are too small for SSIM (need >= 3 px)")
+    return float(structural_similarity(a_arr, b_arr, data_range=1.0, win_size=win))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the two maps' pixels; NaN when either map is constant."""
+    a_arr, b_arr = _pair(a, b)
+    return _correlation(a_arr.ravel(), b_arr.ravel())
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two vectors, NaN (not a warning) when either has no variance."""
+    a_c, b_c = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a_c**2).sum() * (b_c**2).sum())
+    if denom == 0:
+        return float("nan")
+    return float(np.clip((a_c * b_c).sum() / denom, -1.0, 1.0))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation: Pearson r of the average ranks (Adebayo et al.'s choice)."""
+    return _correlation(stats.rankdata(a.ravel()), stats.rankdata(b.ravel()))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of the maps as vectors; NaN when either map is all zero."""
+    a_arr, b_arr = _pair(a, b)
+    denom = np.linalg.norm(a_arr) * np.linalg.norm(b_arr)
+    if denom == 0:
+        return float("nan")
+    return float(np.clip((a_arr * b_arr).sum() / denom, -1.0, 1.0))
+
+
+def topk_jaccard(a: np.ndarray, b: np.ndarray, top_k_percent: float) -> float:
+    """Jaccard index of the two maps' top-k % regions: do they point at the same pixels?
+
+    Returns:
+        Jaccard in [0, 1]; NaN when both regions are empty (two all-zero maps).
+    """
+    a_arr, b_arr = _pair(a, b)
+    return _iou(_top_region(a_arr, top_k_percent), _top_region(b_arr, top_k_percent))
+
+
+def agreement(a: np.ndarray, b: np.ndarray, top_k_percent: float = 20.0) -> dict[str, float]:
+    """All four agreement measures of two maps: ``ssim``, ``pearson``, ``cosine``,
+    ``topk_jaccard``."""
+    return {
+        "ssim": ssim(a, b),
+        "pearson": pearson(a, b),
+        "cosine": cosine(a, b),
+        "topk_jaccard": topk_jaccard(a, b, top_k_percent),
+    }
+
+
+# --------------------------------------------------------------------------- sanity
+
+
+def _reset_module(module: torch.nn.Module) -> int:
+    """Call ``reset_parameters()`` on the module and its submodules; return how many had it."""
+    count = 0
+    for sub in module.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            count += 1
+    return count
+
+
+def _cascade(model: torch.nn.Module, layers: Sequence[str]) -> list[str]:
+    """The named layers ordered from the head down (reverse of their definition order)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [layer for layer in layers if layer not in names or layer == ""]
+    if missing:
+        raise ValueError(
+            f"no module named {missing} in the model; available: {[n for n in names if n]}"
+        )
+    return sorted(dict.fromkeys(layers), key=names.index, reverse=True)
+
+
+def _map_similarity(before: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image SSIM and Spearman correlation of two (N, H, W) stacks of maps."""
+    s = np.array([ssim(b, a) for b, a in zip(before, after, strict=True)])
+    r = np.array([_spearman(b, a) for b, a in zip(before, after, strict=True)])
+    return s, r
+
+
+def _explain(explain_fn: ExplainFn, model: torch.nn.Module, x: torch.Tensor, c: Any) -> np.ndarray:
+    """Run the explainer and check it returned one (H, W) map per image."""
+    maps = np.asarray(explain_fn(model, x, c), dtype=np.float64)
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.ndim != 3 or maps.shape[0] != x.shape[0]:
+        raise ValueError(f"explain_fn must return (N={x.shape[0]}, H, W) maps, got {maps.shape}")
+    return maps
+
+
+def randomization_sanity(
+    explain_fn: ExplainFn,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    class_idx: ClassIndex,
+    reinit: Callable[[torch.nn.Module], Any] | Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Model-parameter randomisation test (Adebayo et al. 2018, "Sanity Checks for Saliency
+    Maps").
+
+    If a method's map barely changes when the model's learned weights are replaced by random
+    ones, the map reflects the image (edges, the lesion's contrast) and not what the model
+    learned, so it cannot explain the model. The test re-initialises layers of a *deepcopy* of
+    the model (the caller's model is untouched) and compares the maps before and after by SSIM
+    and Spearman rank correlation. A sane method's similarity drops well below the similarity of
+    two repeated runs on the unchanged model (``self_ssim`` / ``self_spearman``, 1 for a
+    deterministic method).
+
+    Args:
+        explain_fn: ``explain_fn(model, images, class_idx) -> (N, H, W) maps``; it receives the
+            randomised copy, so it must find its target layers on the model it is given (e.g.
+            by name), not capture the original model's modules. Its ``class_idx`` is a list of
+            N ints.
+        model: the trained classifier.
+        images: (N, 3, H, W) normalised images.
+        class_idx: target class, one int or one per image; kept fixed across the cascade.
+        reinit: either a callable that randomises the copy in place (one stage, named
+            ``"custom"``), or module names (as in ``model.named_modules()``). Names are
+            re-initialised cascading from the head: whatever order they are given in, they are
+            sorted from the last-defined module backwards and randomised cumulatively, one stage
+            per name, via ``reset_parameters()`` on the module and its submodules. None (the
+            default) cascades over the model's top-level children that hold parameters (for a
+            ResNet: fc, layer4, ..., conv1), a handful of stages rather than one per layer.
+        seed: seeds the re-initialisation (in a forked RNG) for a reproducible check.
+
+    Returns:
+        ``stages`` (names, head first; each stage includes all earlier ones), ``ssim`` and
+        ``spearman`` (the NaN-ignoring mean over images at each stage), ``ssim_per_image`` and
+        ``spearman_per_image`` (stages x N), ``ssim_final`` / ``spearman_final`` (the last,
+        fully cascaded stage) and ``self_ssim`` / ``self_spearman`` (before vs a repeat run).
+    """
+    x = _as_images(images)
+    classes = _class_indices(class_idx, x.shape[0])
+    before = _explain(explain_fn, model, x, classes)
+    self_s, self_r = _map_similarity(before, _explain(explain_fn, model, x, classes))
+
+    randomised = copy.deepcopy(model)
+    if reinit is None:
+        reinit = [
+            name for name, child in model.named_children() if any(True for _ in child.parameters())
+        ]
+    if callable(reinit):
+        stages: list[tuple[str, Callable[[torch.nn.Module], Any]]] = [("custom", reinit)]
+    else:
+        if isinstance(reinit, str):
+            reinit = [reinit]
+        modules = dict(randomised.named_modules())
+
+        def stage(name: str) -> Callable[[torch.nn.Module], Any]:
+            def run(_: torch.nn.Module) -> None:
+                if _reset_module(modules[name]) == 0:
+                    raise ValueError(f"module {name!r} has no reset_parameters() to re-initialise")
+
+            return run
+
+        stages = [(name, stage(name)) for name in _cascade(model, list(reinit))]
+    if not stages:
+        raise ValueError("reinit names no layers to re-initialise")
+
+    ssim_rows, spearman_rows = [], []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, randomise in stages:
+            with torch.no_grad():
+                randomise(randomised)
+            after = _explain(explain_fn, randomised, x, classes)
+            s, r = _map_similarity(before, after)
+            ssim_rows.append(s)
+            spearman_rows.append(r)
+
+    ssim_per_image = np.stack(ssim_rows)
+    spearman_per_image = np.stack(spearman_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ssim_mean = np.nanmean(ssim_per_image, axis=1)
+        spearman_mean = np.nanmean(spearman_per_image, axis=1)
+        self_ssim, self_spearman = float(np.nanmean(self_s)), float(np.nanmean(self_r))
+    return {
+        "stages": [name for name, _ in stages],
+        "ssim": ssim_mean.tolist(),
+        "spearman": spearman_mean.tolist(),
+        "ssim_per_image": ssim_per_image,
+        "spearman_per_image": spearman_per_image,
+        "ssim_final": float(ssim_mean[-1]),
+        "spearman_final": float(spearman_mean[-1]),
+        "self_ssim": self_ssim,
+        "self_spearman": self_spearman,
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _percentile_ci(
+    values: np.ndarray, n_resamples: int, level: float, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Plain percentile bootstrap of the mean, vectorised over resamples."""
+    idx = rng.integers(0, values.size, size=(n_resamples, values.size))
+    means = values[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Mean and bootstrap confidence interval of the mean, ignoring NaNs.
+
+    Uses ``scipy.stats.bootstrap`` (BCa, which corrects for the skew of bounded scores such as
+    a 0/1 pointing game). BCa is undefined for degenerate samples (every value equal, or too
+    few distinct values); scipy then warns and may return NaN, and this falls back to a numpy
+    percentile bootstrap.
+
+    Returns:
+        ``(mean, low, high)``; all NaN when no finite value is left, ``(v, v, v)`` for a single
+        value or a constant sample (no spread to resample).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(arr.mean())
+    if arr.size == 1 or np.all(arr == arr[0]):
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # DegenerateDataWarning is one
+        try:
+            result = stats.bootstrap(
+                (arr,),
+                np.mean,
+                n_resamples=n_resamples,
+                confidence_level=level,
+                method="BCa",
+                vectorized=True,
+                rng=rng,
+            )
+            low, high = (
+                float(result.confidence_interval.low),
+                float(result.confidence_interval.high),
+            )
+        except (RuntimeWarning, ValueError):
+            low = high = float("nan")
+    if not (np.isfinite(low) and np.isfinite(high)):
+        low, high = _percentile_ci(arr, n_resamples, level, np.random.default_rng(seed))
+    return mean, low, high
+
+
+def summarize(
+    rows: pd.DataFrame,
+    metrics: Sequence[str],
+    by: Sequence[str] = ("method", "layer"),
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per-group mean and bootstrap CI of each metric, one row per group.
+
+    Args:
+        rows: one row per explained image (and method / layer), one column per metric.
+        metrics: metric columns to summarise.
+        by: grouping columns; groups with a missing key (e.g. no layer for IG) are kept.
+        n_resamples, seed, level: passed to :func:`bootstrap_ci` (same seed for every cell, so
+            the table is reproducible).
+
+    Returns:
+        Columns ``*by``, ``n`` (rows in the group), then for each metric ``<m>_mean``,
+        ``<m>_low``, ``<m>_high`` and ``<m>_n`` (finite values used).
+    """
+    by = list(by)
+    missing = [c for c in [*by, *metrics] if c not in rows.columns]
+    if missing:
+        raise ValueError(f"summarize: columns {missing} not in the table {list(rows.columns)}")
+    records = []
+    groups = rows.groupby(by, dropna=False, sort=True) if by else [((), rows)]
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        record: dict[str, Any] = dict(zip(by, key, strict=True))
+        record["n"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").to_numpy(dtype=np.float64)
+            mean, low, high = bootstrap_ci(values, n_resamples, level, seed)
+            record.update(
+                {
+                    f"{m}_mean": mean,
+                    f"{m}_low": low,
+                    f"{m}_high": high,
+                    f"{m}_n": int(np.isfinite(values).sum()),
+                }
+            )
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def rank_methods(
+    summary: pd.DataFrame,
+    by_metrics: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Rank the rows of a :func:`summarize` table on several metrics and combine the ranks.
+
+    Each metric is ranked on its ``<m>_mean`` column (or ``<m>`` itself for a plain table):
+    ``"desc"`` when higher is better (pointing game, insertion AUC, ROAD), ``"asc"`` when lower
+    is better (deletion AUC, average drop). Ties share the best rank and a NaN ranks last. The
+    combined rank orders the mean of the per-metric ranks, so no metric's scale dominates.
+
+    Args:
+        summary: a :func:`summarize` table (or any table with one row per method).
+        by_metrics: metric -> "asc" | "desc". None ranks on :data:`DEFAULT_RANKING` (pointing
+            game, deletion AUC), keeping those the table has; named metrics must exist.
+
+    Returns:
+        The summary sorted best first with ``<m>_rank`` per metric, ``mean_rank`` and ``rank``
+        (1 = best) added.
+    """
+    out = summary.copy()
+    if by_metrics is None:
+        # The default ranks on what the table has: without masks there is no pointing game.
+        by_metrics = {
+            m: d
+            for m, d in DEFAULT_RANKING.items()
+            if f"{m}_mean" in out.columns or m in out.columns
+        }
+    by_metrics = dict(by_metrics)
+    if not by_metrics:
+        raise ValueError("rank_methods needs at least one metric present in the summary")
+    rank_cols = []
+    for metric, direction in by_metrics.items():
+        if direction not in ("asc", "desc"):
+            raise ValueError(f"direction for {metric!r} must be 'asc' or 'desc', got {direction!r}")
+        col = f"{metric}_mean" if f"{metric}_mean" in out.columns else metric
+        if col not in out.columns:
+            raise ValueError(f"rank_methods: no column {metric}_mean or {metric} in the summary")
+        values = pd.to_numeric(out[col], errors="coerce")
+        out[f"{metric}_rank"] = values.rank(
+            method="min", ascending=direction == "asc", na_option="bottom"
+        )
+        rank_cols.append(f"{metric}_rank")
+    out["mean_rank"] = out[rank_cols].mean(axis=1)
+    out["rank"] = out["mean_rank"].rank(method="min").astype(int)
+    return out.sort_values(["rank", "mean_rank"], kind="stable").reset_index(drop=True)

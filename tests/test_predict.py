@@ -1,0 +1,202 @@
+"""Batch prediction on new files: from the ONNX file alone, robust to broken images.
+
+A random-init custom CNN is exported once (32 px) and scores a folder of small real JPEG/PNG
+files with a corrupt one among them; the registry path runs against a real sqlite MLflow store
+in a temp folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tasks.export import export_onnx
+from tasks.models import build_model
+from tasks.predict import (
+    Predictor,
+    collect_images,
+    load_image,
+    load_predictor,
+    predict_files,
+    preprocess,
+    write_csv,
+)
+from tasks.prepare import decode_one
+from tasks.train import MEAN, STD, to_input
+from tests.datasets import not_an_image, truncate, write_image
+
+SIZE = 32
+CLASSES = ["MEL", "NV", "BCC"]
+THRESHOLD = 0.9  # stored in the model: every random-init confidence (about 1/3) is below it
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", len(CLASSES)).eval()
+    meta = {
+        "arch": "custom_cnn",
+        "classes": CLASSES,
+        "input_size": SIZE,
+        "normalization": {"mean": list(MEAN), "std": list(STD)},
+        "data_version": "v1",
+    }
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    return export_onnx(model, meta, path, 17, 1.3, run_id="r", referral_threshold=THRESHOLD)
+
+
+@pytest.fixture(scope="module")
+def predictor(onnx_path: Path) -> Predictor:
+    return load_predictor(onnx_path)
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> dict[str, Path]:
+    """Nine good files (JPEG, PNG, non-square, greyscale, RGBA, nested) and two broken ones."""
+    d = tmp_path / "new"
+    files = {f"good{i}": write_image(d / f"case_{i}.jpg", (40 + 4 * i, 48)) for i in range(5)}
+    files["png"] = write_image(d / "sub" / "lesion.PNG", (64, 40))
+    files["grey"] = write_image(d / "sub" / "grey.png", (48, 48), mode="L")
+    files["rgba"] = write_image(d / "sub" / "deeper" / "alpha.png", (36, 50), mode="RGBA")
+    files["big"] = write_image(d / "big.jpeg", (120, 90))
+    files["html"] = not_an_image(d / "download_error.jpg")
+    files["truncated"] = truncate(write_image(d / "sub" / "cut.jpg", (96, 96)))
+    not_an_image(d / "._case_0.jpg")  # macOS resource fork: skipped
+    (d / "notes.txt").write_text("not an image suffix: skipped\n")
+    return files
+
+
+def test_collect_images(images: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    found = collect_images([folder, images["good0"]])  # a file also inside the folder: once
+    assert found == sorted(images.values())
+    assert collect_images([tmp_path / "new" / "notes.txt"]) == [folder / "notes.txt"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        collect_images([tmp_path / "missing"])
+
+
+def test_predict_files(predictor: Predictor, images: dict[str, Path], tmp_path: Path) -> None:
+    files = collect_images([tmp_path / "new"])
+    df = predict_files(predictor, files, batch_size=4, progress=False)
+    prob_cols = [f"p_{c}" for c in CLASSES]
+    assert list(df.columns) == ["image", "predicted", "confidence", *prob_cols, "refer", "error"]
+    assert df["image"].tolist() == [str(f) for f in files]
+
+    bad = df[df["error"].notna()]
+    assert sorted(bad["image"]) == sorted(str(images[k]) for k in ("html", "truncated"))
+    for _, row in bad.iterrows():
+        assert row["image"] in row["error"] and "cannot decode" in row["error"]
+        assert pd.isna(row["predicted"]) and pd.isna(row["confidence"]) and pd.isna(row["refer"])
+
+    good = df[df["error"].isna()]
+    assert len(good) == 9
+    probs = good[prob_cols].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert good["predicted"].tolist() == [CLASSES[k] for k in probs.argmax(axis=1)]
+    np.testing.assert_allclose(good["confidence"], probs.max(axis=1))
+    # The model's own threshold applies by default.
+    assert predictor.referral_threshold == pytest.approx(THRESHOLD)
+    assert good["refer"].tolist() == (good["confidence"] < THRESHOLD).tolist()
+    # An explicit threshold overrides it; at the median confidence both outcomes occur.
+    median = float(good["confidence"].median())
+    split = predict_files(predictor, files, referral_threshold=median, progress=False)
+    refer = split.loc[good.index, "refer"]
+    assert refer.tolist() == (good["confidence"] < median).tolist()
+    assert refer.any() and not refer.all()
+    assert split.loc[bad.index, "refer"].isna().all()
+
+    # Batching does not change a single number (the batch axis is dynamic).
+    one = predict_files(predictor, files, batch_size=1, progress=False)
+    np.testing.assert_allclose(one[prob_cols].to_numpy(), df[prob_cols].to_numpy(), atol=1e-6)
+
+
+def test_referral_threshold_override(predictor: Predictor, images: dict[str, Path]) -> None:
+    files = [images["good0"], images["png"], images["html"]]
+    off = predict_files(predictor, files, referral_threshold=None, progress=True)
+    assert off["refer"].isna().all()
+    always = predict_files(predictor, files, referral_threshold=1.01, progress=False)
+    assert always["refer"].tolist()[:2] == [True, True] and pd.isna(always["refer"].iloc[2])
+
+
+def test_preprocess_matches_the_cache(predictor: Predictor, images: dict[str, Path]) -> None:
+    """New files go through the prepare decode and the training normalisation."""
+    for key in ("good1", "png", "grey", "rgba", "big"):
+        cached, _, _ = decode_one(images[key], None, SIZE, "center_crop")
+        x = preprocess(images[key], SIZE, MEAN, STD)
+        assert x.shape == (3, SIZE, SIZE) and x.dtype == np.float32
+        mean, std = np.array(MEAN)[:, None, None], np.array(STD)[:, None, None]
+        pixels = (x * std + mean) * 255.0
+        assert np.abs(pixels.transpose(1, 2, 0) - cached).max() <= 1.0
+        np.testing.assert_array_equal(load_image(images[key], SIZE), cached)
+        batch = torch.from_numpy(cached[None].copy())
+        trained = to_input(batch, torch.device("cpu"))[0].numpy()
+        np.testing.assert_allclose(x, trained, atol=1e-6)
+    assert predictor.input_size == SIZE and predictor.classes == CLASSES
+    assert predictor.mean == pytest.approx(MEAN) and predictor.resize == "center_crop"
+
+
+def test_write_csv(predictor: Predictor, images: dict[str, Path], tmp_path: Path) -> None:
+    df = predict_files(predictor, [images["good0"], images["html"]], progress=False)
+    out = write_csv(df, tmp_path / "out" / "predictions.csv")
+    back = pd.read_csv(out)
+    assert back.columns.tolist() == df.columns.tolist() and len(back) == 2
+    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]
+
+
+def test_load_predictor_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.onnx"):
+        load_predictor(tmp_path / "nothing.onnx")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .onnx file"):
+        load_predictor(tmp_path / "empty")
+
+
+def test_plain_onnx_without_metadata_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(
+        torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(path), dynamo=False, input_names=["input"]
+    )
+    with pytest.raises(ValueError, match="not a dermaflow ONNX model"):
+        load_predictor(path)
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real sqlite MLflow store in tmp, made current for this test only."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_load_from_registry_alias(
+    mlflow_uri: str, onnx_path: Path, predictor: Predictor, images: dict[str, Path], tmp_path: Path
+) -> None:
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="onnx_model", registered_model_name="m"
+        )
+    client.set_registered_model_alias("m", "candidate", info.registered_model_version)
+
+    files = sorted(images.values())
+    local = predict_files(predictor, files, progress=False)
+    for ref in ("models:/m@candidate", f"models:/m/{info.registered_model_version}"):
+        remote = load_predictor(ref, tracking_uri=mlflow_uri)
+        assert remote.source == ref and remote.classes == CLASSES
+        assert remote.referral_threshold == pytest.approx(THRESHOLD)
+        pd.testing.assert_frame_equal(predict_files(remote, files, progress=False), local)
