@@ -357,7 +357,15 @@ def export(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
             pytorch_version = run_info.get("model_version")
             if pytorch_version:
                 tracking.set_alias(p.tracking.registered_model, p.export.alias, pytorch_version)
-        tracking.update_run_file(onnx_model_version=version)
+        write_json(
+            paths.ONNX_REGISTRATION,
+            {
+                "registered_model": f"{p.tracking.registered_model}-onnx",
+                "version": version,
+                "alias": p.export.alias,
+                "provider": provider,
+            },
+        )
         console.print(
             f"export: {paths.ONNX_MODEL} on {provider}; parity max |dp| "
             f"{parity['max_abs_diff']:.2e} over {parity['n']} images; registered "

@@ -336,10 +336,7 @@ def to_heatmaps(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.nd
     """
     if isinstance(maps, torch.Tensor):
         maps = maps.detach().float().cpu().numpy()
-    maps = np.asarray(maps, dtype=np.float32)
-    if not np.isfinite(maps).all():
-        warnings.warn("non-finite values in explanation maps were set to 0", stacklevel=2)
-        maps = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+    maps = _finite(np.asarray(maps, dtype=np.float32))
     height, width = size
     scaled = scale_cam_image(np.maximum(maps, 0), (width, height))  # OpenCV takes (W, H)
     return np.clip(scale_cam_image(np.maximum(scaled, 0)), 0.0, 1.0).astype(np.float32)
@@ -370,6 +367,10 @@ def grad_cam(
 
     The input is made to require grad so the hooked activations carry gradients even when
     the caller froze the parameters; otherwise pytorch-grad-cam would record no gradient.
+    Activations are snapshotted (cloned) in the hook: pytorch-grad-cam keeps
+    ``activation.cpu()``, which on the CPU is the live tensor, so an in-place op later in the
+    forward (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) would change what it
+    sees, and the same model would give different maps on the CPU and on a GPU.
 
     Returns:
         ``(N, H, W)`` float32 heatmaps in ``[0, 1]``.
@@ -381,7 +382,10 @@ def grad_cam(
     module = target_layers(model, arch)[_check_layer(layer, method)]
     step = 1 if not spec.batchable else batch_size
     out: list[np.ndarray] = []
-    with _explaining(model), spec.cam_class(model=model, target_layers=[module]) as cam:
+    with (
+        _explaining(model),
+        spec.cam_class(model=model, target_layers=[module], reshape_transform=_snapshot) as cam,
+    ):
         if spec.expensive:
             cam.batch_size = perturbation_batch
         for start in range(0, len(images), step):
@@ -397,7 +401,11 @@ def grad_cam(
                 # BaseCAM.__exit__ swallows IndexError (it prints and returns True): re-raise
                 # as another type so a failure cannot pass silently as a missing result.
                 raise RuntimeError(f"{method} failed at layer {layer}: {exc}") from exc
-    return np.concatenate(out).astype(np.float32)
+    return _finite(np.concatenate(out).astype(np.float32))
+
+
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,6 +684,14 @@ def lime(
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _finite(maps: np.ndarray) -> np.ndarray:
+    """Zero out NaN/inf (a diverged model) with a warning, so the [0, 1] contract holds."""
+    if np.isfinite(maps).all():
+        return maps
+    warnings.warn("non-finite values in explanation maps were set to 0", stacklevel=3)
+    return np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @contextmanager

@@ -153,7 +153,7 @@ class ExplainConfig:
     lime_budget: int  # images explained with LIME
     lime_samples: int  # perturbed samples per LIME explanation
     ig_steps: int  # Integrated Gradients path steps
-    target: str  # predicted | true: the class each explanation is for
+    target: str  # predicted | true | a class name: the class each map explains
     top_k_percent: float  # share of pixels kept for Jaccard agreement and IoU
     perturbation_steps: int  # steps of the deletion / insertion curves
     bootstrap: int  # bootstrap resamples for the confidence intervals

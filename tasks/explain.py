@@ -48,6 +48,19 @@ def sample_indices(
     return np.array(sorted(chosen), dtype=int)
 
 
+def explained_classes(
+    target: str, preds: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> np.ndarray:
+    """The class each map explains: ``predicted``, ``true``, or one named class for all."""
+    if target == "predicted":
+        return preds
+    if target == "true":
+        return labels
+    if target in classes:
+        return np.full_like(preds, classes.index(target))
+    raise ValueError(f"explain.target {target!r}: use predicted, true or one of {classes}")
+
+
 def _budget(method: str, cfg: ExplainConfig, n: int) -> int:
     if method == "scorecam":
         return min(cfg.scorecam_budget, n)
@@ -76,8 +89,15 @@ def compute_heatmaps(
             sl = slice(start, min(start + step, n))
             batches.append(
                 explain_batch(
-                    model, arch, method, images[sl], targets[sl].tolist(), layer,
-                    ig_steps=cfg.ig_steps, lime_samples=cfg.lime_samples, seed=cfg.seed,
+                    model,
+                    arch,
+                    method,
+                    images[sl],
+                    targets[sl].tolist(),
+                    layer,
+                    ig_steps=cfg.ig_steps,
+                    lime_samples=cfg.lime_samples,
+                    seed=cfg.seed,
                     batch_size=cfg.batch_size,
                 )
             )
@@ -104,6 +124,7 @@ def score_maps(
         x, t = images[:n], targets[:n]
         faith = xm.deletion_insertion(model, x, heat, t, steps=cfg.perturbation_steps)
         drop = xm.average_drop_increase(model, x, heat, t)
+        road = xm.road_scores(model, x, heat, t, seed=cfg.seed)
         for i in range(n):
             row = {
                 "index": i,
@@ -113,6 +134,7 @@ def score_maps(
                 "insertion_auc": float(faith["insertion_auc"][i]),
                 "average_drop": float(drop["average_drop"][i]),
                 "increase_in_confidence": float(drop["increase"][i]),
+                "road": float(road[i]),
             }
             if has_mask[i]:
                 m = masks[i]
@@ -168,11 +190,15 @@ def run_explain(
     ids = split.rows["image_id"].to_numpy()[idx]
     x = torch.from_numpy(raw).to(device).permute(0, 3, 1, 2).float().div(255.0)
     x = normalize(x)
-    targets = preds[idx] if cfg.target == "predicted" else labels[idx]
+    targets = explained_classes(cfg.target, preds[idx], labels[idx], split.classes)
     model = model.to(device).eval()
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), disable=not show_progress, transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+        transient=True,
     ) as bar:
         maps = compute_heatmaps(model, arch, x, targets, cfg, bar)
     table = score_maps(model, x, masks, has_mask, targets, maps, cfg)
@@ -224,6 +250,7 @@ METRICS = [
     "insertion_auc",
     "average_drop",
     "increase_in_confidence",
+    "road",
     "agree_ssim",
     "agree_pearson",
 ]
@@ -290,8 +317,9 @@ def write_gallery(
             f"<br>predicted: {html.escape(full_name(first['predicted']))} "
             f"({first['confidence']:.0%})</td>{''.join(cells)}<td class='text'>{text}</td></tr>"
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermaflow explanations</title>
-<style>body{{font-family:sans-serif}} td{{vertical-align:top;text-align:center;padding:4px}}
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>dermaflow explanations</title><style>body{{font-family:sans-serif}}
+td{{vertical-align:top;text-align:center;padding:4px}}
 tr.wrong td:first-child{{background:#fdd}} td.text{{text-align:left;max-width:28em}}
 img{{image-rendering:pixelated}}</style></head><body>
 <h1>Explanations ({len(ids)} test images, deep layer; {", ".join(classes)})</h1>

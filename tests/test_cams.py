@@ -1,0 +1,327 @@
+"""Every explanation method through the one entry, on tiny random-init models.
+
+Parametrized like pytorch-grad-cam's own tests: each method (at each layer, for layer-wise
+ones) on custom_cnn and resnet18, plus the identities that make the methods trustworthy:
+batched CAMs equal per-image CAMs, exact CAM equals Grad-CAM on a GAP + Linear head and
+decomposes the logit, IG and DeepLIFT are complete, LIME is reproducible.
+
+Sizes: custom_cnn downsamples 16x and runs at 32 px (deep map 2x2); torchvision ResNets
+downsample 32x, so at 32 px their deep map would be 1x1 and every CAM there trivially constant;
+they run at 64 px (2x2). Maps are explained for the predicted class, whose logit is the
+largest, so random-init gradient CAMs are not all-negative (hence all-zero after the ReLU).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from tasks.cams import (
+    EXACT_CAM_ARCHS,
+    LAYERS,
+    METHODS,
+    class_activation_maps,
+    deeplift,
+    deeplift_ready,
+    exact_cam,
+    explain_batch,
+    integrated_gradients,
+    lime,
+    method_layers,
+    superpixels,
+)
+from tasks.models import ARCHITECTURES, build_model, head_layer
+
+SIZE = {"custom_cnn": 32, "resnet18": 64}
+FAST = {"ig_steps": 8, "lime_samples": 40, "lime_segments": 16}
+BATCHABLE_CAMS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "eigencam"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core box, OpenMP's spinning barriers made this
+    file ~7x slower with two threads than with one (133 s vs 18 s wall)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {arch: build_model(arch, 3).eval() for arch in SIZE}
+
+
+def _images(arch: str, n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, SIZE[arch], SIZE[arch], generator=generator)
+
+
+def _smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Blocky images with real colour regions, so SLIC finds superpixels (noise has none)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, 4, 4, generator=generator)
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+
+
+def _predicted(model: nn.Module, images: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return model(images).argmax(1).tolist()
+
+
+CONTRACT_CASES = [
+    pytest.param(arch, method, layer, id=f"{arch}-{method}-{layer or 'input'}")
+    for arch in SIZE
+    for method, layer in method_layers(list(METHODS), list(LAYERS), arch=arch)
+]
+
+
+@pytest.mark.parametrize(("arch", "method", "layer"), CONTRACT_CASES)
+def test_heatmap_contract(models: dict[str, nn.Module], arch: str, method: str, layer: str) -> None:
+    model = models[arch]
+    images = _images(arch, 1 if METHODS[method].expensive else 2)
+    maps = explain_batch(model, arch, method, images, _predicted(model, images), layer, **FAST)
+
+    assert maps.shape == (len(images), SIZE[arch], SIZE[arch])
+    assert maps.dtype == np.float32
+    assert np.isfinite(maps).all()
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    for heatmap in maps:
+        assert heatmap.max() == pytest.approx(1.0, abs=1e-5)  # normalised per image
+        assert heatmap.std() > 1e-3, f"{method} at {layer}: constant map"
+
+
+# oneDNN picks different convolution kernels for batch 1 and batch 4, and min-max on a 2x2 map
+# amplifies their float32 noise to ~2e-5; the reference kernels are batch-invariant, so this
+# test sees our batching (targets, chunks, per-image normalisation) and nothing else.
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("method", BATCHABLE_CAMS)
+@pytest.mark.parametrize("arch", list(SIZE))
+def test_batched_cams_equal_per_image(models: dict[str, nn.Module], arch: str, method: str) -> None:
+    model = models[arch]
+    images, classes = _images(arch, 4, seed=1), [0, 1, 2, 1]
+    with torch.backends.mkldnn.flags(enabled=False):
+        for layer in LAYERS:
+            # batch_size=3 also makes the batch two chunks (3 + 1)
+            batched = explain_batch(model, arch, method, images, classes, layer, batch_size=3)
+            single = np.concatenate(
+                [
+                    explain_batch(model, arch, method, images[i : i + 1], [c], layer)
+                    for i, c in enumerate(classes)
+                ]
+            )
+            assert np.abs(batched - single).max() < 1e-5, layer
+            assert sum(m.std() > 1e-3 for m in batched) >= 2, "mostly blank maps: vacuous"
+
+
+def test_exact_cam_equals_gradcam_on_gap_linear_head() -> None:
+    """Grad-CAM's weights on a GAP + Linear head are w[c, k] / (h * w): same normalised map."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3).eval()
+    images = torch.randn(3, 3, 128, 128)  # a 4x4 deep map: a real spatial pattern to compare
+    classes = [0, 1, 2]
+    cam = exact_cam(model, "resnet18", images, classes)
+    gradcam = explain_batch(model, "resnet18", "gradcam", images, classes, "deep")
+    assert all(m.std() > 0.05 for m in cam), "degenerate maps would make the test vacuous"
+    assert np.abs(cam - gradcam).max() < 1e-5
+    assert np.array_equal(cam, explain_batch(model, "resnet18", "cam", images, classes, "deep"))
+
+
+def test_cam_decomposes_the_logit(models: dict[str, nn.Module]) -> None:
+    """Exactness itself: mean over locations of the raw CAM plus the bias is the logit."""
+    model = models["resnet18"]
+    images, classes = _images("resnet18", 3, seed=2), [2, 0, 1]
+    raw = class_activation_maps(model, "resnet18", images, classes)
+    with torch.no_grad():
+        logits = model(images)[torch.arange(3), classes]
+    bias = head_layer(model, "resnet18").bias.detach()[classes]
+    torch.testing.assert_close(raw.mean(dim=(1, 2)) + bias, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_cam_archs() -> None:
+    assert set(EXACT_CAM_ARCHS) == {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "efficientnet_b0",
+        "densenet121",
+        "densenet201",
+    }
+    assert set(METHODS["cam"].archs or ()) == set(EXACT_CAM_ARCHS)
+    assert set(ARCHITECTURES) - set(EXACT_CAM_ARCHS) == {
+        "custom_cnn",
+        "mobilenet_v3_large",
+        "convnext_tiny",
+    }
+
+
+def test_exact_cam_refuses_an_inexact_head(models: dict[str, nn.Module]) -> None:
+    images = _images("custom_cnn", 1)
+    with pytest.raises(ValueError, match=r"custom_cnn has a hidden FC 512->128.*resnet18"):
+        exact_cam(models["custom_cnn"], "custom_cnn", images, [0])
+    with pytest.raises(ValueError, match="custom_cnn"):
+        explain_batch(models["custom_cnn"], "custom_cnn", "cam", images, [0], "deep")
+
+
+@pytest.mark.parametrize("arch", list(SIZE))
+def test_integrated_gradients_is_complete(models: dict[str, nn.Module], arch: str) -> None:
+    model = models[arch]
+    images = _images(arch, 2, seed=3)
+    classes = _predicted(model, images)
+    attributions, delta = integrated_gradients(model, images, classes, steps=32)
+    with torch.no_grad():
+        gap = (model(images) - model(torch.zeros_like(images)))[torch.arange(2), classes]
+    # completeness: the attributions share out f(x) - f(mean image), up to the path integral
+    torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), gap, atol=2e-3, rtol=0.02)
+    assert (delta.abs() <= 0.02 * gap.abs() + 2e-3).all(), (delta, gap)
+
+
+@pytest.mark.parametrize("arch", list(SIZE))
+def test_deeplift_sums_to_delta(models: dict[str, nn.Module], arch: str) -> None:
+    """Exact only if every ReLU call is its own non-inplace module: ResNet reuses its ReLUs."""
+    model = models[arch]
+    images = _images(arch, 2, seed=4)
+    attributions, delta = deeplift(model, images, [0, 2])
+    with torch.no_grad():
+        gap = (model(images) - model(torch.zeros_like(images)))[torch.arange(2), [0, 2]]
+    torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), gap, atol=1e-4, rtol=1e-4)
+    assert delta.abs().max() < 1e-4
+
+
+def test_deeplift_ready_leaves_the_model_alone(models: dict[str, nn.Module]) -> None:
+    model = models["resnet18"]
+    safe = deeplift_ready(model)
+    relus = [m for m in safe.modules() if isinstance(m, nn.ReLU)]
+    assert relus and not any(m.inplace for m in relus)
+    assert len({id(m) for m in relus}) == 17  # stem + 2 per BasicBlock, each its own module
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    images = _images("resnet18", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(safe(images), model(images))
+
+
+def test_cams_see_the_layer_output_not_a_later_inplace_op() -> None:
+    """DenseNet's forward ReLUs ``norm5`` in place; on the CPU pytorch-grad-cam's stored
+    activation is that live tensor. Ours must match a model whose ReLU is out-of-place (what
+    a GPU run sees), else CPU and GPU maps differ."""
+    torch.manual_seed(0)
+    model = build_model("densenet121", 3).eval()
+    images, classes = torch.randn(2, 3, 64, 64), [0, 2]
+    ours = explain_batch(model, "densenet121", "gradcam", images, classes, "deep")
+    reference_model = deeplift_ready(model)  # same weights, every ReLU out-of-place
+    layer = reference_model.get_submodule("features.norm5")
+    with GradCAM(model=reference_model, target_layers=[layer]) as cam:
+        reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+    assert reference.std() > 0.05
+    assert np.abs(ours - reference).max() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", list(SIZE))
+def test_methods_run_on_the_gpu(models: dict[str, nn.Module], arch: str) -> None:
+    """Same maps on the GPU as on the CPU (TF32 off), for every method at the deep layer."""
+    cpu_model = models[arch]
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    images = _images(arch, 2)
+    classes = _predicted(cpu_model, images)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for method, layer in method_layers(list(METHODS), ["deep"], arch=arch):
+            n = 1 if METHODS[method].expensive else 2
+            args = (method, images[:n], classes[:n], layer)
+            gpu = explain_batch(gpu_model, arch, args[0], args[1].cuda(), *args[2:], **FAST)
+            cpu = explain_batch(cpu_model, arch, *args, **FAST)
+            assert gpu.shape == cpu.shape and np.isfinite(gpu).all(), method
+            assert gpu.min() >= 0 and gpu.max() <= 1, method
+            assert np.abs(gpu - cpu).mean() < 0.05, method
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_lime_is_deterministic_for_a_seed(models: dict[str, nn.Module]) -> None:
+    model = models["custom_cnn"]
+    images = _smooth_images(2, 32)
+    rng_before = torch.get_rng_state()
+    first = lime(model, images, [0, 1], samples=40, seed=7, segments=16)
+    again = lime(model, images, [0, 1], samples=40, seed=7, segments=16)
+    other = lime(model, images, [0, 1], samples=40, seed=8, segments=16)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), rng_before), "LIME must not consume the global RNG"
+    # one weight per superpixel, the same over the three channels
+    assert torch.equal(first[:, 0], first[:, 2])
+
+
+def test_superpixels_follow_colour_regions_else_a_grid() -> None:
+    labels = superpixels(_smooth_images(1, 64)[0], segments=16)
+    assert labels.shape == (64, 64)
+    assert 4 <= labels.max() + 1 <= 40
+    assert set(np.unique(labels)) == set(range(labels.max() + 1))
+    # pixel noise has no regions: SLIC merges it into one segment, so a 4x4 grid is used
+    noise = superpixels(
+        torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)), segments=16
+    )
+    assert noise.max() + 1 == 16 and np.array_equal(noise[:8, :8], np.zeros((8, 8)))
+
+
+def test_method_layers() -> None:
+    methods = ["gradcam", "cam", "ig", "scorecam", "lime"]
+    assert method_layers(methods, ["early", "deep"]) == [
+        ("gradcam", "early"),
+        ("gradcam", "deep"),
+        ("cam", "deep"),
+        ("ig", None),
+        ("scorecam", "early"),
+        ("scorecam", "deep"),
+        ("lime", None),
+    ]
+    assert ("cam", "deep") in method_layers(["cam"], ["early"])  # CAM lives at the deep layer
+    assert method_layers(methods, ["deep"], arch="custom_cnn") == [
+        ("gradcam", "deep"),
+        ("ig", None),
+        ("scorecam", "deep"),
+        ("lime", None),
+    ]
+    with pytest.raises(ValueError, match="unknown explanation method 'gradcam\\+\\+'"):
+        method_layers(["gradcam++"], ["deep"])
+    with pytest.raises(ValueError, match="unknown layer 'last'"):
+        method_layers(["gradcam"], ["last"])
+
+
+def test_explaining_restores_the_model() -> None:
+    """Works under no_grad and with frozen weights; leaves mode, grads and flags as found."""
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", 3).train()
+    model.requires_grad_(False)
+    images = _images("custom_cnn", 2)
+    classes = _predicted(model.eval(), images)
+    model.train()
+    with torch.no_grad():
+        maps = explain_batch(model, "custom_cnn", "gradcam", images, classes, "deep")
+    assert all(m.std() > 1e-3 for m in maps)
+    assert model.training
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_bad_inputs_name_the_culprit(models: dict[str, nn.Module]) -> None:
+    model, images = models["custom_cnn"], _images("custom_cnn", 2)
+    with pytest.raises(ValueError, match=r"out of range \[0, 3\).*\(1, 3\)"):
+        explain_batch(model, "custom_cnn", "gradcam", images, [0, 3], "deep")
+    with pytest.raises(ValueError, match="1 class indices for 2 images"):
+        explain_batch(model, "custom_cnn", "ig", images, [0])
+    with pytest.raises(ValueError, match="needs layer in"):
+        explain_batch(model, "custom_cnn", "gradcam", images, [0, 1], None)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        explain_batch(model, "custom_cnn", "gradcam", images[0], [0], "deep")
+    with pytest.raises(ValueError, match="unknown explanation method"):
+        explain_batch(model, "custom_cnn", "gradcam++", images, [0, 1], "deep")
