@@ -283,6 +283,8 @@ def explain_batch(
     if batch_size < 1 or perturbation_batch < 1:
         raise ValueError("batch_size and perturbation_batch must be >= 1")
     size = (images.shape[-2], images.shape[-1])
+    if len(images) == 0:
+        return np.zeros((0, *size), dtype=np.float32)
     if spec.kind == "cam":
         return grad_cam(
             model,

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import Progress
 from skimage.segmentation import find_boundaries
 
 from tasks import xai_metrics as xm
@@ -29,6 +29,7 @@ from tasks.config import ExplainConfig
 from tasks.explain_text import describe_heatmap, explain_text
 from tasks.labels import full_name
 from tasks.prepare import PreparedSplit
+from tasks.progress import progress_bar
 from tasks.train import normalize
 
 REFERENCE = ("gradcam", "deep")  # the map every other one is compared with
@@ -83,6 +84,8 @@ def compute_heatmaps(
     task = progress.add_task("explaining", total=len(pairs)) if progress else None
     for method, layer in pairs:
         n = _budget(method, cfg, len(images))
+        if n == 0:  # a budget of 0 switches an expensive method off
+            continue
         batches = []
         step = cfg.batch_size if METHODS[method].batchable else 1
         for start in range(0, n, step):
@@ -192,14 +195,7 @@ def run_explain(
     x = normalize(x)
     targets = explained_classes(cfg.target, preds[idx], labels[idx], split.classes)
     model = model.to(device).eval()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=True,
-    ) as bar:
+    with progress_bar(show_progress) as bar:
         maps = compute_heatmaps(model, arch, x, targets, cfg, bar)
     table = score_maps(model, x, masks, has_mask, targets, maps, cfg)
     classes = split.classes

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from tasks.labels import HAM_TO_ISIC, ISIC_CLASSES
+from tasks.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 MASK_SUFFIX = "_segmentation"
@@ -222,14 +222,7 @@ def inspect_files(
 ) -> list[FileFacts]:
     """Inspect (image, mask) pairs in ``workers`` processes, with a progress bar."""
     chunk = max(1, min(64, len(pairs) // (4 * max(workers, 1)) or 1))
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    ) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("hashing + decoding images", total=len(pairs))
         results: list[FileFacts] = []
         if workers <= 1:

@@ -23,12 +23,12 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from tasks.export import INPUT_NAME, OUTPUT_NAMES, decode_metadata, normalize, ort_session
 from tasks.ingest import IMAGE_SUFFIXES
 from tasks.io import atomic_path
 from tasks.prepare import PrepareError, decode_one
+from tasks.progress import progress_bar
 
 _URI_SCHEMES = ("models:/", "runs:/")
 _REQUIRED = ("classes", "input_size", "normalization")
@@ -218,14 +218,7 @@ def predict_files(
     prob_cols = _confidence_columns(predictor.classes)
     rows: list[dict[str, Any]] = []
     size, mean, std = predictor.input_size, predictor.mean, predictor.std
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    ) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("predicting", total=len(files))
         for start in range(0, len(files), batch_size):
             chunk = [Path(f) for f in files[start : start + batch_size]]

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import Progress
 
 from tasks.io import atomic_dir
 from tasks.labels import ISIC_CLASSES
+from tasks.progress import progress_bar
 from tasks.split import SPLITS, read_split
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -170,14 +171,7 @@ def prepare(
     start = time.perf_counter()
     with (
         atomic_dir(out_dir) as tmp,
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            disable=not show_progress,
-            transient=True,
-        ) as bar,
+        progress_bar(show_progress) as bar,
     ):
         counts = {
             s: prepare_split(frame, root, tmp, s, classes, size, resize, workers, bar)

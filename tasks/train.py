@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
@@ -33,6 +33,7 @@ from tasks.io import atomic_path
 from tasks.losses import class_weights, make_loss, sampler_weights
 from tasks.models import build_model, set_backbone_frozen
 from tasks.prepare import PreparedSplit, open_split
+from tasks.progress import progress_bar
 
 # ImageNet statistics: the torchvision backbones expect them, and one fixed normalisation
 # keeps the bundle, the ONNX graph and the explanation stage in agreement.
@@ -341,14 +342,7 @@ def train(
     augment = build_augment(train_cfg, size)
     val_loader = _loader(splits["val"], train_cfg, device, shuffle=False)
     stale = 0
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=True,
-    ) as bar:
+    with progress_bar(show_progress) as bar:
         for epoch in range(first_epoch, train_cfg.epochs):
             if train_cfg.patience and history:
                 stale = epoch - 1 - best["epoch"]

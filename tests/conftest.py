@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Two pytest workers share two cores: one thread each beats oversubscribed small kernels.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 MEDNODE = REPO.parent / "shared" / "data" / "mednode"

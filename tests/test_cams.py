@@ -46,8 +46,9 @@ BATCHABLE_CAMS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "e
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core box, OpenMP's spinning barriers made this
-    file ~7x slower with two threads than with one (133 s vs 18 s wall)."""
+    """One intra-op thread: for these tiny tensors on the shared 2-core box, two threads only
+    add OpenMP barrier spinning (this file: 34-133 s with two threads, by load; 18-21 s with
+    one). Restored afterwards, so other test modules keep their setting."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -325,3 +326,5 @@ def test_bad_inputs_name_the_culprit(models: dict[str, nn.Module]) -> None:
         explain_batch(model, "custom_cnn", "gradcam", images[0], [0], "deep")
     with pytest.raises(ValueError, match="unknown explanation method"):
         explain_batch(model, "custom_cnn", "gradcam++", images, [0, 1], "deep")
+    empty = explain_batch(model, "custom_cnn", "scorecam", images[:0], [], "deep")
+    assert empty.shape == (0, 32, 32) and empty.dtype == np.float32
