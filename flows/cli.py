@@ -474,17 +474,25 @@ def preset(
 
 @app.command()
 def run(
-    stage_name: str = typer.Argument(None, metavar="[STAGE]", help="run up to this stage only"),
+    set_: list[str] = SetOpt,
+    no_refresh: bool = typer.Option(False, "--no-refresh", help="skip dvc update / dvc pull"),
 ) -> None:
-    """Run the pipeline on the current params (dvc repro) and say where to look."""
-    cmd = ["dvc", "repro"] + ([stage_name] if stage_name else [])
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    code = subprocess.call(cmd, env=env)
-    if code:
-        raise typer.Exit(code)
-    console.print("\n[bold green]done.[/] Where to look:")
+    """Run the pipeline flow (every stage through DVC, then the promotion gate)."""
+    from flows.pipeline import StageFailed, pipeline
+
+    try:
+        result = pipeline(overrides=set_ or None, refresh=not no_refresh)
+    except StageFailed as err:
+        console.print(f"[bold red]pipeline stopped at {err.stage}[/]\n{err.output}")
+        raise typer.Exit(1) from None
+    gate = result["gate"]
+    ran = [s["stage"] for s in result["stages"] if s["ran"]]
+    console.print(f"\n[bold green]done.[/] Stages run: {', '.join(ran) or 'none (all unchanged)'}")
+    console.print(
+        f"  promotion gate   {'promoted' if gate['promote'] else 'refused'}: {gate['reason']}"
+    )
+    console.print("Where to look:")
     console.print(f"  data report      {paths.VALIDATION_MD}, {paths.CONTACT_SHEET}")
-    console.print(f"  split report     {paths.METRICS / 'split.json'}")
     train_json = paths.METRICS / "train.json"
     if train_json.exists():
         test = json.loads(train_json.read_text())["test"]
@@ -492,8 +500,26 @@ def run(
             f"  test metrics     balanced accuracy {test['balanced_accuracy']:.3f}, "
             f"accuracy {test['accuracy']:.3f}, macro F1 {test['macro_f1']:.3f} ({train_json})"
         )
-        console.print(f"  pictures         {paths.TRAIN_REPORTS}/*.png")
+    console.print(f"  pictures         {paths.TRAIN_REPORTS}/*.png, {paths.CALIBRATION}/*.png")
+    console.print(f"  gallery          {paths.EXPLAIN / 'gallery.html'}")
     console.print("  MLflow UI        make ui   (or: dermaflow ui) -> http://127.0.0.1:5000")
+
+
+@app.command()
+def schedule(
+    cron: str = typer.Option("0 3 * * 1", help="cron schedule (default: Mondays 03:00)"),
+    name: str = typer.Option("scheduled-retraining", help="deployment name"),
+) -> None:
+    """Serve the pipeline on a cron schedule (needs `prefect server start` and PREFECT_API_URL)."""
+    from flows.pipeline import pipeline
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print(
+            "[bold red]dermaflow schedule needs a Prefect server[/]: run `prefect server start`, "
+            "then export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+        raise typer.Exit(1)
+    pipeline.serve(name=name, cron=cron)
 
 
 @app.command()

@@ -161,6 +161,21 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True)
+class OrchestrationConfig:
+    retries: int  # Prefect retries of a stage task after a transient failure
+    retry_delay_s: float  # seconds between retries
+    chunk_size: int  # images per explain-batch chunk (one Prefect task each)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    metric: str  # test metric the candidate must not lose on (higher is better)
+    min_gain: float  # candidate - champion on that metric must be >= this
+    max_ece_increase: float  # candidate ECE (after calibration) may exceed champion's by this
+    champion_alias: str  # alias the gate moves on promotion
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str | None  # MLflow experiment (null: the dataset name)
     registered_model: str  # registered model name; each training adds a version
@@ -179,6 +194,8 @@ class Params:
     calibrate: CalibrateConfig
     export: ExportConfig
     explain: ExplainConfig
+    orchestration: OrchestrationConfig
+    gate: GateConfig
     tracking: TrackingConfig
     extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages
 
@@ -324,11 +341,32 @@ def apply_preset(params_path: str | Path, preset_path: str | Path) -> list[str]:
     """Merge a partial preset into params.yaml in place, keeping its comments.
 
     DVC tracks params.yaml itself, so a preset has to land there (not in a side file) for
-    ``dvc repro`` to see the change. ruamel's round-trip mode keeps the one-line comments.
-    The merged file is validated before it replaces the original.
+    ``dvc repro`` to see the change.
 
     Returns:
         The dotted keys that changed.
+    """
+    patch = yaml.safe_load(Path(preset_path).read_text()) or {}
+    return update_params(params_path, patch, where=str(preset_path))
+
+
+def apply_overrides(params_path: str | Path, overrides: list[str]) -> list[str]:
+    """Write ``key=value`` overrides into params.yaml, as ``dvc exp run -S`` records them."""
+    patch: dict[str, Any] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = patch
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return update_params(params_path, patch, where="override")
+
+
+def update_params(params_path: str | Path, patch: dict[str, Any], where: str) -> list[str]:
+    """Apply a partial params tree to params.yaml in place; comments are kept.
+
+    ruamel's round-trip mode keeps the one-line comments. The merged file is validated
+    before it replaces the original, so a bad key or value never lands.
     """
     from ruamel.yaml import YAML
 
@@ -337,16 +375,15 @@ def apply_preset(params_path: str | Path, preset_path: str | Path) -> list[str]:
     yaml_rt.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
-    params_path, preset_path = Path(params_path), Path(preset_path)
+    params_path = Path(params_path)
     tree = yaml_rt.load(params_path.read_text())
-    patch = yaml.safe_load(Path(preset_path).read_text()) or {}
     changed: list[str] = []
 
     def merge(node: Any, update: dict[str, Any], prefix: str) -> None:
         for key, value in update.items():
             name = f"{prefix}{key}"
             if key not in node:
-                raise ConfigError(f"{preset_path}: unknown key {name}")
+                raise ConfigError(f"{where}: unknown key {name}")
             if isinstance(value, dict) and isinstance(node[key], dict) and value:
                 merge(node[key], value, name + ".")
             elif node[key] != value:
@@ -354,7 +391,7 @@ def apply_preset(params_path: str | Path, preset_path: str | Path) -> list[str]:
                 changed.append(name)
 
     merge(tree, patch, "")
-    params_from_dict(yaml.safe_load(_dump(yaml_rt, tree)), where=str(preset_path))
+    params_from_dict(yaml.safe_load(_dump(yaml_rt, tree)), where=where)
     from tasks.io import write_text
 
     write_text(params_path, _dump(yaml_rt, tree))

@@ -171,6 +171,23 @@ def set_alias(registered_model: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(registered_model, alias, str(version))
 
 
+def version_metrics(registered_model: str, version: str) -> dict[str, float]:
+    """The metrics of the run that produced a registered model version."""
+    client = MlflowClient()
+    run_id = client.get_model_version(registered_model, str(version)).run_id
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def alias_version(registered_model: str, alias: str) -> str | None:
+    """The version an alias points at, or None (no such model or alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(registered_model, alias).version)
+    except MlflowException:
+        return None
+
+
 def environment_tags() -> dict[str, str]:
     import torch
 

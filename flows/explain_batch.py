@@ -1,0 +1,552 @@
+"""Explain-batch: predict and explain NEW images with a trained classifier, as a Prefect flow.
+
+The explain stage studies a sample of the test split; this flow is its counterpart for images
+the model has never seen (a clinic's folder, a new archive). It cuts the files into chunks and
+runs one Prefect task per chunk (decode, calibrated prediction, explanations), so the work fans
+out over the task runner: threads locally, a Dask cluster with ``dask_address``. The chunks
+write the explain stage's per-image outputs into a staging folder that replaces ``out_dir``
+atomically, and the flow logs them to an MLflow run of its own, tagged with the model version.
+
+``out_dir`` holds ``heatmaps.npz`` (float16, keys ``<image_id>__<method>__<layer>``),
+``overlays/*.png``, ``explanations.{parquet,csv}`` (a row per image x method x layer with the
+sentence, plus an error row per unreadable file), ``predictions.csv`` (a row per file, as
+``dermaflow predict`` writes it), ``summary.json``, ``config.json`` and ``gallery.html``.
+
+Choices:
+
+- No masks, so no localisation metrics. Of the faithfulness metrics only Average Drop and
+  Increase in Confidence are kept (one extra forward pass per map); deletion/insertion AUC and
+  ROAD cost tens of passes per map and stay in the explain stage.
+- Every method explains every image: the Score-CAM/LIME budgets of ``explain`` are for its
+  test sample, not for a batch job, so choose ``methods`` for the volume at hand.
+- The explained class is the predicted one (new images have no truth), unless
+  ``explain.target`` names a class.
+- Calibration, first found: the ``temperature`` argument; the calibrator of the model's own
+  lineage (``calibrate/calibrator.json`` in the registered version's MLflow run, or
+  ``reports/calibrate/calibrator.json`` for the pipeline's ``models/model.pt``); else the
+  bundle's temperature (1.0 as train writes it). The referral threshold comes with the
+  lineage calibrator only.
+- Images decode as the prepare stage did, with ``prepare.resize`` from params.yaml (the bundle
+  does not record it).
+- Tasks receive the model's reference (a path or ``runs:/`` URI), never the nn.Module: a Dask
+  worker cannot share the flow's memory. A registry bundle is downloaded once per process and
+  every chunk builds its own model, since CAM hooks on a module shared by concurrent threads
+  would mix. A multi-machine cluster needs the inputs and ``out_dir`` on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import html
+import json
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import typer
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks import paths, tracking
+from tasks import xai_metrics as xm
+from tasks.calibrate import calibrator_from_dict
+from tasks.cams import explain_batch, method_layers
+from tasks.config import ConfigError, ExplainConfig, flatten, load_params
+from tasks.explain import _png, overlay
+from tasks.explain_text import describe_heatmap, explain_text
+from tasks.export import normalize
+from tasks.io import atomic_dir, write_json
+from tasks.labels import full_name
+from tasks.models import load_bundle
+from tasks.predict import _DECODE_ERRORS, collect_images, load_image
+from tasks.prepare import PrepareError
+
+BUNDLE_ARTIFACT = "bundle/model.pt"  # where the train stage logs the bundle in its run
+CALIBRATOR_ARTIFACT = "calibrate/calibrator.json"
+TABLE = ["image_id", "image", "method", "layer", "predicted", "confidence", "target"]
+TABLE += ["average_drop", "increase_in_confidence", "location", "area_percent", "text", "error"]
+
+
+class ExplainBatchError(RuntimeError):
+    """No images, or a model that cannot be found or loaded: the job cannot start."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A model as the user named it and where its bundle is (a path or a ``runs:/`` URI)."""
+
+    source: str
+    bundle: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """What the flow returns: the written folder, its two tables, the summary, the MLflow run."""
+
+    out_dir: Path
+    table: pd.DataFrame
+    predictions: pd.DataFrame
+    summary: dict[str, Any]
+    mlflow_run_id: str
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """The image files under ``inputs``; an empty result names the inputs."""
+    files = collect_images(inputs)
+    if not files:
+        raise ExplainBatchError(f"no image files under {', '.join(map(str, inputs))}")
+    return files
+
+
+def resolve_model(model: str, tracking_uri: str) -> ModelRef:
+    """Pin ``models:/<name>@<alias>`` (or ``/<version>``) to one version's run, once per job.
+
+    Resolving the alias in the flow, not in each task, means every chunk explains with the
+    same version even if the alias moves while the job runs.
+    """
+    if not model.startswith("models:/"):
+        path = Path(model).resolve()
+        if not path.is_file():
+            raise ExplainBatchError(f"{model}: model bundle not found")
+        return ModelRef(model, str(path))
+    name, at, alias = model.removeprefix("models:/").partition("@")
+    version = None
+    if not at:
+        name, _, version = name.rpartition("/")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if at
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as err:
+        raise ExplainBatchError(
+            f"{model}: cannot resolve it in the registry ({err.message})"
+        ) from None
+    if not any(a.path == BUNDLE_ARTIFACT for a in client.list_artifacts(mv.run_id, "bundle")):
+        raise ExplainBatchError(
+            f"{model}: run {mv.run_id} of version {mv.version} has no {BUNDLE_ARTIFACT} "
+            "artifact (the train stage logs it beside the model)"
+        )
+    uri = f"runs:/{mv.run_id}/{BUNDLE_ARTIFACT}"
+    return ModelRef(model, uri, name, str(mv.version), alias or None, mv.run_id)
+
+
+_DOWNLOADS: dict[tuple[str, str | None], Path] = {}
+_DOWNLOAD_LOCK = threading.Lock()
+
+
+def bundle_file(bundle: str, tracking_uri: str | None) -> Path:
+    """The bundle as a local file; a ``runs:/`` artifact is downloaded once per process."""
+    if not bundle.startswith("runs:/"):
+        return Path(bundle)
+    with _DOWNLOAD_LOCK:
+        if (bundle, tracking_uri) not in _DOWNLOADS:
+            dst = tempfile.mkdtemp(prefix="dermaflow-bundle-")
+            atexit.register(shutil.rmtree, dst, True)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=bundle, dst_path=dst, tracking_uri=tracking_uri
+            )
+            _DOWNLOADS[(bundle, tracking_uri)] = Path(local)
+        return _DOWNLOADS[(bundle, tracking_uri)]
+
+
+def open_model(model: str, tracking_uri: str) -> tuple[ModelRef, dict[str, Any]]:
+    """Resolve and load the model once, so a bad reference fails before any chunk starts."""
+    ref = resolve_model(model, tracking_uri)
+    try:
+        _, meta = load_bundle(bundle_file(ref.bundle, tracking_uri))
+    except (OSError, ValueError, MlflowException) as err:
+        raise ExplainBatchError(f"{model}: cannot load the model bundle ({err})") from None
+    return ref, meta
+
+
+def resolve_calibration(
+    ref: ModelRef, meta: dict[str, Any], temperature: float | None, tracking_uri: str
+) -> dict[str, Any]:
+    """The calibrator (as ``calibrator.json`` holds it), its source and referral threshold."""
+    if temperature is not None:
+        found = {"method": "temperature", "temperature": float(temperature)}
+        return {"calibrator": found, "source": "temperature argument", "referral_threshold": None}
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if ref.run_id and any(
+        a.path == CALIBRATOR_ARTIFACT for a in client.list_artifacts(ref.run_id, "calibrate")
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                f"runs:/{ref.run_id}/{CALIBRATOR_ARTIFACT}", dst_path=tmp, tracking_uri=tracking_uri
+            )
+            found = json.loads(Path(local).read_text())
+        threshold = client.get_run(ref.run_id).data.metrics.get("referral_threshold")
+        source = f"runs:/{ref.run_id}/{CALIBRATOR_ARTIFACT}"
+        return {"calibrator": found, "source": source, "referral_threshold": threshold}
+    local = paths.CALIBRATION / "calibrator.json"
+    if not ref.run_id and Path(ref.bundle) == paths.BUNDLE.resolve() and local.is_file():
+        metrics = paths.METRICS / "calibrate.json"
+        threshold = (
+            json.loads(metrics.read_text()).get("referral_threshold") if metrics.is_file() else None
+        )
+        found = json.loads(local.read_text())
+        return {"calibrator": found, "source": str(local), "referral_threshold": threshold}
+    found = {"method": "temperature", "temperature": float(meta.get("temperature", 1.0))}
+    return {"calibrator": found, "source": "bundle temperature", "referral_threshold": None}
+
+
+def image_ids(files: list[Path]) -> list[str]:
+    """File stems, made unique across folders with a short hash of the path where they clash."""
+    counts = Counter(f.stem for f in files)
+    digest = lambda f: hashlib.sha1(str(f).encode()).hexdigest()[:8]  # noqa: E731
+    return [f.stem if counts[f.stem] == 1 else f"{f.stem}-{digest(f)}" for f in files]
+
+
+def explain_images(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    raw: np.ndarray,
+    calibrator: dict[str, Any],
+    cfg: ExplainConfig,
+) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], tuple[np.ndarray, dict]]]:
+    """Calibrated probabilities, explained classes and per (method, layer) maps + Average Drop.
+
+    A pure function of decoded uint8 images, so it can move to ``tasks/`` unchanged.
+    """
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    x = torch.from_numpy(normalize(raw, mean, std)).to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(x).float().cpu().numpy()
+    probs = calibrator_from_dict(calibrator).probabilities(logits)
+    classes = list(meta["classes"])
+    targets = probs.argmax(axis=1)
+    if cfg.target in classes:
+        targets = np.full(len(raw), classes.index(cfg.target))
+    maps = {}
+    for method, layer in method_layers(cfg.methods, cfg.layers, meta["arch"]):
+        heat = explain_batch(
+            model, meta["arch"], method, x, targets.tolist(), layer, ig_steps=cfg.ig_steps,
+            lime_samples=cfg.lime_samples, seed=cfg.seed, batch_size=cfg.batch_size,
+            mean=mean, std=std,
+        )  # fmt: skip
+        maps[(method, layer)] = (heat, xm.average_drop_increase(model, x, heat, targets))
+    return probs, targets, maps
+
+
+@task(name="explain-chunk", cache_policy=NO_CACHE)  # it writes files: never skip it from cache
+def explain_chunk(
+    items: list[tuple[str, str]],
+    index: int,
+    bundle: str,
+    tracking_uri: str | None,
+    calibration: dict[str, Any],
+    cfg: ExplainConfig,
+    resize: str,
+    staging: str,
+) -> dict[str, list[dict[str, Any]]]:
+    """Decode, predict and explain one chunk of ``(path, image_id)``; write its files.
+
+    Overlays go to ``staging/overlays``, the heatmaps to a shard ``staging/_shards/<index>.npz``
+    that the flow merges. An unreadable file becomes an error row; the rest still run.
+
+    Returns:
+        ``rows`` (the explanations table) and ``predictions`` (one per file), in file order.
+    """
+    model, meta = load_bundle(bundle_file(bundle, tracking_uri))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # the worker's hardware decides
+    size = meta["input_size"] if isinstance(meta["input_size"], int) else meta["input_size"][0]
+    images, errors = {}, {}
+    for path, image_id in items:
+        try:
+            images[image_id] = load_image(path, size, resize)
+        except _DECODE_ERRORS as err:
+            errors[image_id] = str(err) if isinstance(err, PrepareError) else f"{path}: {err}"
+    probs, targets, maps = (
+        explain_images(model, meta, np.stack(list(images.values())), calibration["calibrator"], cfg)
+        if images
+        else (None, None, {})
+    )
+    out, classes, threshold = Path(staging), meta["classes"], calibration["referral_threshold"]
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "_shards").mkdir(exist_ok=True)
+    rows, predictions, arrays, scale = [], [], {}, max(1, 256 // size)
+    position = {image_id: i for i, image_id in enumerate(images)}
+    for path, image_id in items:
+        if image_id in errors:
+            rows.append({"image_id": image_id, "image": path, "error": errors[image_id]})
+            predictions.append(rows[-1].copy())
+            continue
+        i, raw = position[image_id], images[image_id]
+        k = int(probs[i].argmax())
+        head = {"image_id": image_id, "image": path, "predicted": classes[k]}
+        head["confidence"] = float(probs[i, k])
+        refer = None if threshold is None else bool(probs[i, k] < threshold)
+        probabilities = {f"p_{c}": float(p) for c, p in zip(classes, probs[i], strict=True)}
+        predictions.append({**head, **probabilities, "refer": refer, "error": None})
+        _png(raw, out / "overlays" / f"{image_id}.png", scale)
+        for (method, layer), (heat, drop) in maps.items():
+            name = f"{image_id}__{method}__{layer or 'input'}"
+            arrays[name] = heat[i].astype(np.float16)
+            _png(overlay(raw, heat[i]), out / "overlays" / f"{name}.png", scale)
+            facts = describe_heatmap(heat[i])
+            rows.append(
+                {**head, "method": method, "layer": layer or "input"}
+                | {"target": classes[targets[i]], "average_drop": float(drop["average_drop"][i])}
+                | {"increase_in_confidence": float(drop["increase"][i])}
+                | {"location": facts["location"], "area_percent": facts["area_percent"]}
+                | {"text": explain_text(classes[k], head["confidence"], facts), "error": None}
+            )
+    np.savez_compressed(out / "_shards" / f"{index:06d}.npz", **arrays)
+    return {"rows": rows, "predictions": predictions}
+
+
+def merge_shards(shards: list[Path], target: Path) -> None:
+    """Join the chunks' ``.npz`` shards into one, an array at a time (memory stays flat)."""
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as merged:
+        for shard in shards:
+            with zipfile.ZipFile(shard) as part:
+                for name in part.namelist():
+                    merged.writestr(name, part.read(name))
+
+
+def write_gallery(path: Path, table: pd.DataFrame, layer: str) -> None:
+    """An HTML page: per image, the input, every method's overlay at ``layer`` and the text."""
+    ok = table[table["error"].isna() & table["layer"].isin([layer, "input"])]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in dict.fromkeys(ok["method"]))
+    body = []
+    for image_id, rows in ok.groupby("image_id", sort=False):
+        r, esc = rows.iloc[0], html.escape(str(image_id))
+        cells = "".join(
+            f'<td><img src="overlays/{html.escape(f"{esc}__{m}__{lay}")}.png" '
+            f'title="{html.escape(t)}"></td>'
+            for m, lay, t in zip(rows["method"], rows["layer"], rows["text"], strict=True)
+        )
+        body.append(
+            f'<tr><td><img src="overlays/{esc}.png"><br>{esc}<br>'
+            f"{html.escape(full_name(r['predicted']))} ({r['confidence']:.0%})</td>{cells}"
+            f"<td class='text'>{html.escape(r['text'])}</td></tr>"
+        )
+    errors = "".join(f"<li>{html.escape(str(e))}</li>" for e in table["error"].dropna())
+    path.write_text(
+        '<!doctype html><html><head><meta charset="utf-8"><title>dermaflow explain-batch'
+        "</title><style>body{font-family:sans-serif}td{vertical-align:top;text-align:center}"
+        "td.text{text-align:left;max-width:28em}img{image-rendering:pixelated}</style></head>"
+        f"<body><h1>Explanations of new images ({layer} layer)</h1><table><tr><th>image</th>"
+        f"{head}<th>explanation</th></tr>{''.join(body)}</table>"
+        f"{f'<h2>Unreadable files</h2><ul>{errors}</ul>' if errors else ''}</body></html>"
+    )
+
+
+@flow(name="explain-batch")
+def explain_batch_flow(
+    inputs: list[str],
+    model: str = str(paths.BUNDLE),
+    methods: list[str] | None = None,
+    layers: list[str] | None = None,
+    out_dir: str = "reports/explain_batch",
+    chunk_size: int | None = None,
+    params_path: str = "params.yaml",
+    temperature: float | None = None,
+) -> BatchResult:
+    """Predict and explain every image under ``inputs``; write ``out_dir``; log an MLflow run.
+
+    Args:
+        inputs: image files and/or folders (searched recursively).
+        model: a bundle path, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
+        methods: explanation methods (default ``explain.methods``).
+        layers: CAM layers (default ``explain.layers``).
+        out_dir: the output folder, replaced as a whole when the job succeeds.
+        chunk_size: images per task (default ``orchestration.chunk_size``).
+        params_path: params.yaml to read the explain, orchestration and tracking sections from.
+        temperature: calibration temperature overriding the model's own calibrator.
+    """
+    start, log, p = time.perf_counter(), get_run_logger(), load_params(params_path)
+    cfg = dataclasses.replace(
+        p.explain,
+        methods=list(methods or p.explain.methods),
+        layers=list(layers or p.explain.layers),
+    )
+    size = chunk_size or p.orchestration.chunk_size
+    if size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {size}")
+    files, uri = find_images(inputs), tracking.configure()
+    ref, meta = open_model(model, uri)
+    pairs = method_layers(cfg.methods, cfg.layers, meta["arch"])
+    calibration = resolve_calibration(ref, meta, temperature, uri)
+    calibrator_from_dict(calibration["calibrator"])  # a broken calibrator fails here, not per chunk
+    items = list(zip(map(str, files), image_ids(files), strict=True))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    log.info("%d files, %d chunks, %d maps per image", len(files), len(chunks), len(pairs))
+    out = Path(out_dir).resolve()
+    run_chunk = explain_chunk.with_options(
+        retries=p.orchestration.retries, retry_delay_seconds=p.orchestration.retry_delay_s
+    )
+    with atomic_dir(out) as tmp:
+        futures = [
+            run_chunk.submit(
+                chunk, k, ref.bundle, uri, calibration, cfg, p.prepare.resize, str(tmp)
+            )
+            for k, chunk in enumerate(chunks)
+        ]
+        results = [future.result() for future in futures]
+        merge_shards(sorted((tmp / "_shards").glob("*.npz")), tmp / "heatmaps.npz")
+        shutil.rmtree(tmp / "_shards")
+        table = pd.DataFrame([r for res in results for r in res["rows"]], columns=TABLE)
+        prob_cols = [f"p_{c}" for c in meta["classes"]]
+        columns = ["image_id", "image", "predicted", "confidence", *prob_cols, "refer", "error"]
+        preds = pd.DataFrame([r for res in results for r in res["predictions"]], columns=columns)
+        table.to_parquet(tmp / "explanations.parquet", index=False)
+        table.to_csv(tmp / "explanations.csv", index=False)
+        preds.to_csv(tmp / "predictions.csv", index=False)
+        ok = table.dropna(subset=["method"])
+        faith = ok.groupby(["method", "layer"], sort=False)
+        faith = faith[["average_drop", "increase_in_confidence"]].mean().reset_index()
+        referred = preds["refer"].dropna()
+        summary = {
+            "files": len(files),
+            "images": int(preds["error"].isna().sum()),
+            "errors": int(preds["error"].notna().sum()),
+            "chunks": len(chunks),
+            "predicted": {k: int(v) for k, v in preds["predicted"].value_counts().items()},
+            "referred": int(referred.sum()) if len(referred) else None,
+            "faithfulness": faith.to_dict(orient="records"),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        config = {
+            "inputs": inputs, "model": dataclasses.asdict(ref), "arch": meta["arch"],
+            "classes": meta["classes"], "calibration": calibration, "chunk_size": size,
+            "resize": p.prepare.resize, "explain": dataclasses.asdict(cfg),
+            "prefect_flow_run_id": str(flow_run.id),
+        }  # fmt: skip
+        write_json(tmp / "summary.json", summary)
+        write_json(tmp / "config.json", config)
+        write_gallery(
+            tmp / "gallery.html", table, "deep" if "deep" in cfg.layers else cfg.layers[-1]
+        )
+    run_id = log_run(p.tracking.experiment or p.dataset.name, ref, inputs, out, summary, config)
+    log.info("explain-batch: %s -> %s (MLflow run %s)", summary, out, run_id)
+    return BatchResult(out, table, preds, summary, run_id)
+
+
+def log_run(
+    experiment: str, ref: ModelRef, inputs: list[str], out: Path, summary: dict, config: dict
+) -> str:
+    """The job's own MLflow run, tagged with the model version (and lineage run) it explains."""
+    tags = {
+        "job": "explain-batch", "model_uri": ref.source, "model_name": ref.name,
+        "model_version": ref.version, "model_alias": ref.alias, "model_run_id": ref.run_id,
+        "source": ", ".join(inputs), "prefect_flow_run_id": str(flow_run.id),
+    }  # fmt: skip
+    metrics = {k: summary[k] for k in ("files", "images", "errors", "seconds")}
+    for row in summary["faithfulness"]:
+        for key in ("average_drop", "increase_in_confidence"):
+            metrics[f"xai_{row['method']}_{row['layer']}_{key}"] = row[key]
+    experiment_id = tracking.ensure_experiment(experiment)
+    run_name = f"explain-batch-{Path(inputs[0]).name}"
+    clean = {k: str(v) for k, v in tags.items() if v is not None}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=clean) as run:
+        tracking.log_params(flatten({k: v for k, v in config.items() if k != "inputs"}))
+        tracking.log_metrics(metrics)
+        tracking.log_artifacts({"explain_batch": out})
+    return run.info.run_id
+
+
+def run_explain_batch(
+    inputs: list[str | Path],
+    model: str = str(paths.BUNDLE),
+    methods: list[str] | None = None,
+    layers: list[str] | None = None,
+    out_dir: str | Path = "reports/explain_batch",
+    chunk_size: int | None = None,
+    params_path: str | Path = "params.yaml",
+    temperature: float | None = None,
+    dask_address: str | None = None,
+    local_dask: bool = False,
+) -> BatchResult:
+    """Check inputs and model first (no flow run for a typo), pick the task runner, run.
+
+    ``dask_address`` sends the chunks to a running Dask scheduler; ``local_dask`` starts a
+    temporary LocalCluster (a worker process per core); neither keeps Prefect's thread pool.
+    """
+    inputs = [str(i) for i in inputs]
+    find_images(inputs)
+    _, meta = open_model(model, tracking.configure())
+    p = load_params(params_path)
+    method_layers(methods or p.explain.methods, layers or p.explain.layers, meta["arch"])
+    job = explain_batch_flow
+    if dask_address or local_dask:
+        from prefect_dask import DaskTaskRunner  # imports distributed: only when asked for
+
+        runner = (
+            DaskTaskRunner(address=dask_address)
+            if dask_address
+            else DaskTaskRunner(cluster_kwargs={"threads_per_worker": 1})
+        )
+        job = explain_batch_flow.with_options(task_runner=runner)
+    return job(
+        inputs, model, methods, layers, str(out_dir), chunk_size, str(params_path), temperature
+    )
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def explain_batch_command(
+    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="bundle path, or models:/<name>@<alias>")
+    ] = str(paths.BUNDLE),
+    methods: Annotated[
+        str | None, typer.Option(help="comma-separated methods (default: explain.methods)")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="comma-separated layers (default: explain.layers)")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path(
+        "reports/explain_batch"
+    ),
+    chunk_size: Annotated[
+        int | None, typer.Option(help="images per task (default: orchestration.chunk_size)")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="override the model's calibration temperature")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")
+    ] = None,
+    local_dask: Annotated[bool, typer.Option(help="run chunks on a local Dask cluster")] = False,
+    params: Annotated[Path, typer.Option("--params", "-p", help="params file")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run."""
+    try:
+        result = run_explain_batch(
+            list(inputs), model, _split(methods), _split(layers), out, chunk_size, params,
+            temperature, dask_address, local_dask,
+        )  # fmt: skip
+    except (ExplainBatchError, ConfigError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"dermaflow explain-batch failed\n{err}", err=True)
+        raise typer.Exit(code=1) from None
+    s = result.summary
+    typer.echo(
+        f"explain-batch: {s['images']} images explained, {s['errors']} unreadable, in "
+        f"{s['seconds']} s -> {result.out_dir} (gallery.html); MLflow run {result.mlflow_run_id}"
+    )

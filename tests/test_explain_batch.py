@@ -1,0 +1,220 @@
+"""explain-batch: the Prefect flow over new images, on threads, on Dask, and from the registry.
+
+Real Prefect (its test harness starts a temporary server once per session), a real sqlite
+MLflow store in a temp folder, real JPEG/PNG files with a corrupt one among them, and a
+random-init custom CNN at 32 px: the numbers mean nothing, the plumbing is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import typer
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.explain_batch import explain_batch_command, run_explain_batch
+from tasks import tracking
+from tasks.evaluate import softmax
+from tasks.export import normalize
+from tasks.models import build_model, load_bundle, save_bundle
+from tasks.predict import load_image
+from tasks.train import MEAN, STD
+from tests.datasets import not_an_image, write_image
+from tests.helpers import write_params
+
+SIZE = 32
+CLASSES = ["MEL", "NV", "BCC"]
+EXPERIMENT = "explain-batch-test"
+REGISTERED = "explain-batch-test-model"
+PAIRS = {("gradcam", "deep"), ("ig", "input")}
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """A bundle, a folder of five good images and a corrupt one, params, an MLflow store."""
+    root = tmp_path_factory.mktemp("explain_batch")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    tracking.configure()
+    MlflowClient().create_experiment(EXPERIMENT, (root / "artifacts").as_uri())
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", len(CLASSES))
+    bundle = save_bundle(
+        root / "model" / "model.pt", model, "custom_cnn", CLASSES, SIZE, MEAN, STD, temperature=1.5
+    )
+    folder = root / "new"
+    for i, (name, size) in enumerate(
+        [("a.jpg", (48, 48)), ("b.png", (40, 56)), ("c.jpg", (64, 40))]
+        + [("sub/d.jpg", (48, 48)), ("sub/e.png", (33, 33))]
+    ):
+        write_image(folder / name, size, seed=i)
+    not_an_image(folder / "broken.jpg")
+    params = write_params(
+        root / "params.yaml",
+        [
+            f"tracking.experiment={EXPERIMENT}",
+            "explain.methods=[gradcam, ig]",
+            "explain.layers=[deep]",
+            "explain.ig_steps=4",
+            "explain.batch_size=4",
+            "orchestration.retries=0",
+            "orchestration.chunk_size=2",
+        ],
+    )
+    yield SimpleNamespace(root=root, bundle=bundle, folder=folder, params=params)
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def local(ws: SimpleNamespace, prefect_server: None):
+    """One run on Prefect's default (thread pool) runner, shared by the assertions below."""
+    return run_explain_batch(
+        [ws.folder], str(ws.bundle), out_dir=ws.root / "out_local", params_path=ws.params
+    )
+
+
+def _calibrated(bundle: Path, files: list[str], temperature: float) -> np.ndarray:
+    """Probabilities computed by hand: the prepare decode, the model, softmax(logits / T)."""
+    model, meta = load_bundle(bundle)
+    raw = np.stack([load_image(f, SIZE, "center_crop") for f in files])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(normalize(raw, MEAN, STD))).numpy()
+    return softmax(logits / temperature)
+
+
+def test_local_run_writes_every_output_and_an_error_row(ws: SimpleNamespace, local) -> None:
+    out = local.out_dir
+    errors = local.table[local.table["error"].notna()]
+    assert len(errors) == 1 and errors.iloc[0]["image"].endswith("broken.jpg")
+    assert "broken.jpg" in errors.iloc[0]["error"]
+
+    good = local.table[local.table["error"].isna()]
+    ids = {"a", "b", "c", "d", "e"}
+    assert set(good["image_id"]) == ids and len(good) == len(ids) * len(PAIRS)
+    assert set(zip(good["method"], good["layer"], strict=True)) == PAIRS
+    assert good["text"].str.startswith("Predicted").all()
+    assert good["average_drop"].between(0, 1).all()
+
+    with np.load(out / "heatmaps.npz") as npz:
+        keys = {f"{i}__{m}__{lay}" for i in ids for m, lay in PAIRS}
+        assert set(npz.files) == keys
+        for key in keys:
+            assert npz[key].dtype == np.float16 and npz[key].shape == (SIZE, SIZE)
+            assert Image.open(out / "overlays" / f"{key}.png").mode == "RGB"
+    assert not (out / "_shards").exists()
+    assert len(pd.read_parquet(out / "explanations.parquet")) == len(local.table) == 11
+
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 6 and preds["error"].notna().sum() == 1
+    ok = preds[preds["error"].isna()]
+    probs = ok[[f"p_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs, _calibrated(ws.bundle, list(ok["image"]), 1.5), atol=1e-5)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["errors"], summary["chunks"]) == (5, 1, 3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["calibration"]["source"] == "bundle temperature"
+    assert "broken.jpg" in (out / "gallery.html").read_text()
+
+    run = MlflowClient().get_run(local.mlflow_run_id)
+    assert run.data.tags["model_uri"] == str(ws.bundle)
+    assert run.data.tags["source"] == str(ws.folder)
+    assert run.data.metrics["images"] == 5 and run.data.metrics["errors"] == 1
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "explain_batch")}
+    assert {"explain_batch/heatmaps.npz", "explain_batch/predictions.csv"} <= logged
+
+
+def test_dask_cluster_gives_the_same_table(ws: SimpleNamespace, local) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        result = run_explain_batch(
+            [ws.folder],
+            str(ws.bundle),
+            out_dir=ws.root / "out_dask",
+            params_path=ws.params,
+            dask_address=cluster.scheduler_address,
+        )
+    pd.testing.assert_frame_equal(result.table, local.table, rtol=1e-4)
+    pd.testing.assert_frame_equal(result.predictions, local.predictions, rtol=1e-5)
+    with (
+        np.load(result.out_dir / "heatmaps.npz") as a,
+        np.load(local.out_dir / "heatmaps.npz") as b,
+    ):
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_allclose(a[key], b[key], atol=2e-3)
+
+
+def test_registry_alias_with_the_runs_calibrator(ws: SimpleNamespace, prefect_server) -> None:
+    model, _ = load_bundle(ws.bundle)
+    experiment_id = MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id
+    calibration = ws.root / "calibrate" / "calibrator.json"
+    calibration.parent.mkdir()
+    calibration.write_text(json.dumps({"method": "temperature", "temperature": 2.0}))
+    with mlflow.start_run(experiment_id=experiment_id) as lineage:  # the train stage's layout
+        tracking.log_artifacts({"bundle": ws.bundle, "calibrate": calibration.parent})
+        tracking.log_metrics({"referral_threshold": 0.5})
+        example = np.zeros((1, 3, SIZE, SIZE), dtype=np.float32)
+        _, version = tracking.log_pytorch_model(model, example, REGISTERED)
+    tracking.set_alias(REGISTERED, "champion", version)
+
+    result = run_explain_batch(
+        [ws.folder],
+        f"models:/{REGISTERED}@champion",
+        methods=["gradcam"],
+        out_dir=ws.root / "out_registry",
+        chunk_size=8,
+        params_path=ws.params,
+    )
+    tags = MlflowClient().get_run(result.mlflow_run_id).data.tags
+    assert tags["model_name"] == REGISTERED and tags["model_version"] == version
+    assert tags["model_alias"] == "champion" and tags["model_run_id"] == lineage.info.run_id
+    ok = result.predictions[result.predictions["error"].isna()]
+    probs = ok[[f"p_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs, _calibrated(ws.bundle, list(ok["image"]), 2.0), atol=1e-5)
+    assert ok["refer"].tolist() == (ok["confidence"] < 0.5).tolist()
+    assert set(result.table["method"].dropna()) == {"gradcam"}
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("explain-batch")(explain_batch_command)
+    app.callback()(lambda: None)  # keep "explain-batch" a subcommand, as in flows/cli.py
+    return app
+
+
+def test_cli_exits_non_zero_naming_the_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images")
+    result = CliRunner().invoke(_cli(), ["explain-batch", str(empty)])
+    assert result.exit_code == 1 and str(empty) in result.output.replace("\n", "")
+
+    write_image(empty / "x.jpg")
+    missing = tmp_path / "no_model.pt"
+    result = CliRunner().invoke(_cli(), ["explain-batch", str(empty), "--model", str(missing)])
+    assert result.exit_code == 1 and str(missing) in result.output.replace("\n", "")
