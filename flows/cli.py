@@ -525,6 +525,7 @@ def schedule(
 @app.command()
 def ui(
     port: int = typer.Option(5000, help="port on 127.0.0.1"),
+    workers: int = typer.Option(1, help="server worker processes"),
 ) -> None:
     """Serve the MLflow UI over the project's store (mlruns/mlflow.db) on 127.0.0.1."""
     from tasks.tracking import tracking_uri
@@ -540,8 +541,12 @@ def ui(
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        str(workers),
     ]
-    raise typer.Exit(subprocess.call(cmd))
+    # One person browsing a local store needs no job runner or task-queue consumers.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 if __name__ == "__main__":

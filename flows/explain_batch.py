@@ -48,35 +48,29 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import mlflow
 import numpy as np
 import pandas as pd
-import torch
 import typer
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import paths, tracking
-from tasks import xai_metrics as xm
-from tasks.calibrate import calibrator_from_dict
-from tasks.cams import explain_batch, method_layers
+from tasks import paths
 from tasks.config import ConfigError, ExplainConfig, flatten, load_params
-from tasks.explain import _png, overlay
-from tasks.explain_text import describe_heatmap, explain_text
-from tasks.export import normalize
 from tasks.io import atomic_dir, write_json
 from tasks.labels import full_name
-from tasks.models import load_bundle
-from tasks.predict import _DECODE_ERRORS, collect_images, load_image
-from tasks.prepare import PrepareError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, MLflow, Captum and onnxruntime are imported where they are used: flows/cli.py imports
+# this module for its command, and `dermaflow --help` must not pay seconds for them.
 
 BUNDLE_ARTIFACT = "bundle/model.pt"  # where the train stage logs the bundle in its run
 CALIBRATOR_ARTIFACT = "calibrate/calibrator.json"
+BUNDLE, OUT_DIR, PARAMS = str(paths.BUNDLE), Path("reports/explain_batch"), Path("params.yaml")
 TABLE = ["image_id", "image", "method", "layer", "predicted", "confidence", "target"]
 TABLE += ["average_drop", "increase_in_confidence", "location", "area_percent", "text", "error"]
 
@@ -109,11 +103,13 @@ class BatchResult:
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """The image files under ``inputs``; an empty result names the inputs."""
+    """The image files under ``inputs`` as absolute paths (a Dask worker has another cwd)."""
+    from tasks.predict import collect_images
+
     files = collect_images(inputs)
     if not files:
         raise ExplainBatchError(f"no image files under {', '.join(map(str, inputs))}")
-    return files
+    return [f.resolve() for f in files]
 
 
 def resolve_model(model: str, tracking_uri: str) -> ModelRef:
@@ -122,6 +118,9 @@ def resolve_model(model: str, tracking_uri: str) -> ModelRef:
     Resolving the alias in the flow, not in each task, means every chunk explains with the
     same version even if the alias moves while the job runs.
     """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     if not model.startswith("models:/"):
         path = Path(model).resolve()
         if not path.is_file():
@@ -131,6 +130,8 @@ def resolve_model(model: str, tracking_uri: str) -> ModelRef:
     version = None
     if not at:
         name, _, version = name.rpartition("/")
+    if not name or not (alias or version):
+        raise ExplainBatchError(f"{model}: use models:/<name>@<alias> or models:/<name>/<version>")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         mv = (
@@ -139,9 +140,7 @@ def resolve_model(model: str, tracking_uri: str) -> ModelRef:
             else client.get_model_version(name, version)
         )
     except MlflowException as err:
-        raise ExplainBatchError(
-            f"{model}: cannot resolve it in the registry ({err.message})"
-        ) from None
+        raise ExplainBatchError(f"{model}: not found in the registry ({err.message})") from None
     if not any(a.path == BUNDLE_ARTIFACT for a in client.list_artifacts(mv.run_id, "bundle")):
         raise ExplainBatchError(
             f"{model}: run {mv.run_id} of version {mv.version} has no {BUNDLE_ARTIFACT} "
@@ -159,6 +158,8 @@ def bundle_file(bundle: str, tracking_uri: str | None) -> Path:
     """The bundle as a local file; a ``runs:/`` artifact is downloaded once per process."""
     if not bundle.startswith("runs:/"):
         return Path(bundle)
+    import mlflow.artifacts
+
     with _DOWNLOAD_LOCK:
         if (bundle, tracking_uri) not in _DOWNLOADS:
             dst = tempfile.mkdtemp(prefix="dermaflow-bundle-")
@@ -172,6 +173,10 @@ def bundle_file(bundle: str, tracking_uri: str | None) -> Path:
 
 def open_model(model: str, tracking_uri: str) -> tuple[ModelRef, dict[str, Any]]:
     """Resolve and load the model once, so a bad reference fails before any chunk starts."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.models import load_bundle
+
     ref = resolve_model(model, tracking_uri)
     try:
         _, meta = load_bundle(bundle_file(ref.bundle, tracking_uri))
@@ -184,31 +189,33 @@ def resolve_calibration(
     ref: ModelRef, meta: dict[str, Any], temperature: float | None, tracking_uri: str
 ) -> dict[str, Any]:
     """The calibrator (as ``calibrator.json`` holds it), its source and referral threshold."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    def found(calibrator: dict, source: str, threshold: float | None = None) -> dict[str, Any]:
+        return {"calibrator": calibrator, "source": source, "referral_threshold": threshold}
+
     if temperature is not None:
-        found = {"method": "temperature", "temperature": float(temperature)}
-        return {"calibrator": found, "source": "temperature argument", "referral_threshold": None}
+        return found({"method": "temperature", "temperature": temperature}, "temperature arg")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if ref.run_id and any(
         a.path == CALIBRATOR_ARTIFACT for a in client.list_artifacts(ref.run_id, "calibrate")
     ):
+        uri = f"runs:/{ref.run_id}/{CALIBRATOR_ARTIFACT}"
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
-                f"runs:/{ref.run_id}/{CALIBRATOR_ARTIFACT}", dst_path=tmp, tracking_uri=tracking_uri
+                uri, dst_path=tmp, tracking_uri=tracking_uri
             )
-            found = json.loads(Path(local).read_text())
-        threshold = client.get_run(ref.run_id).data.metrics.get("referral_threshold")
-        source = f"runs:/{ref.run_id}/{CALIBRATOR_ARTIFACT}"
-        return {"calibrator": found, "source": source, "referral_threshold": threshold}
-    local = paths.CALIBRATION / "calibrator.json"
-    if not ref.run_id and Path(ref.bundle) == paths.BUNDLE.resolve() and local.is_file():
-        metrics = paths.METRICS / "calibrate.json"
-        threshold = (
-            json.loads(metrics.read_text()).get("referral_threshold") if metrics.is_file() else None
+            calibrator = json.loads(Path(local).read_text())
+        return found(
+            calibrator, uri, client.get_run(ref.run_id).data.metrics.get("referral_threshold")
         )
-        found = json.loads(local.read_text())
-        return {"calibrator": found, "source": str(local), "referral_threshold": threshold}
-    found = {"method": "temperature", "temperature": float(meta.get("temperature", 1.0))}
-    return {"calibrator": found, "source": "bundle temperature", "referral_threshold": None}
+    local, metrics = paths.CALIBRATION / "calibrator.json", paths.METRICS / "calibrate.json"
+    if not ref.run_id and Path(ref.bundle) == paths.BUNDLE.resolve() and local.is_file():
+        threshold = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        return found(json.loads(local.read_text()), str(local), threshold.get("referral_threshold"))
+    bundled = float(meta.get("temperature", 1.0))
+    return found({"method": "temperature", "temperature": bundled}, "bundle temperature")
 
 
 def image_ids(files: list[Path]) -> list[str]:
@@ -227,8 +234,15 @@ def explain_images(
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], tuple[np.ndarray, dict]]]:
     """Calibrated probabilities, explained classes and per (method, layer) maps + Average Drop.
 
-    A pure function of decoded uint8 images, so it can move to ``tasks/`` unchanged.
+    A pure function of decoded uint8 images (N, H, W, 3): it could move to ``tasks/`` as is.
     """
+    import torch
+
+    from tasks import xai_metrics as xm
+    from tasks.calibrate import calibrator_from_dict
+    from tasks.cams import explain_batch, method_layers
+    from tasks.export import normalize
+
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     x = torch.from_numpy(normalize(raw, mean, std)).to(next(model.parameters()).device)
     with torch.no_grad():
@@ -268,6 +282,14 @@ def explain_chunk(
     Returns:
         ``rows`` (the explanations table) and ``predictions`` (one per file), in file order.
     """
+    import torch
+
+    from tasks.explain import _png, overlay
+    from tasks.explain_text import describe_heatmap, explain_text
+    from tasks.models import load_bundle
+    from tasks.predict import _DECODE_ERRORS, load_image
+    from tasks.prepare import PrepareError
+
     model, meta = load_bundle(bundle_file(bundle, tracking_uri))
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # the worker's hardware decides
     size = meta["input_size"] if isinstance(meta["input_size"], int) else meta["input_size"][0]
@@ -333,7 +355,7 @@ def write_gallery(path: Path, table: pd.DataFrame, layer: str) -> None:
     for image_id, rows in ok.groupby("image_id", sort=False):
         r, esc = rows.iloc[0], html.escape(str(image_id))
         cells = "".join(
-            f'<td><img src="overlays/{html.escape(f"{esc}__{m}__{lay}")}.png" '
+            f'<td><img src="overlays/{esc}__{html.escape(m)}__{lay}.png" '
             f'title="{html.escape(t)}"></td>'
             for m, lay, t in zip(rows["method"], rows["layer"], rows["text"], strict=True)
         )
@@ -351,6 +373,35 @@ def write_gallery(path: Path, table: pd.DataFrame, layer: str) -> None:
         f"{head}<th>explanation</th></tr>{''.join(body)}</table>"
         f"{f'<h2>Unreadable files</h2><ul>{errors}</ul>' if errors else ''}</body></html>"
     )
+
+
+def write_outputs(
+    tmp: Path, results: list[dict], classes: list[str], cfg: ExplainConfig
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Gather the chunks into the job's tables, ``heatmaps.npz`` and gallery; summarise."""
+    merge_shards(sorted((tmp / "_shards").glob("*.npz")), tmp / "heatmaps.npz")
+    shutil.rmtree(tmp / "_shards")
+    table = pd.DataFrame([r for res in results for r in res["rows"]], columns=TABLE)
+    columns = ["image_id", "image", "predicted", "confidence", *[f"p_{c}" for c in classes]]
+    columns += ["refer", "error"]
+    preds = pd.DataFrame([r for res in results for r in res["predictions"]], columns=columns)
+    table.to_parquet(tmp / "explanations.parquet", index=False)
+    table.to_csv(tmp / "explanations.csv", index=False)
+    preds.to_csv(tmp / "predictions.csv", index=False)
+    write_gallery(tmp / "gallery.html", table, "deep" if "deep" in cfg.layers else cfg.layers[-1])
+    faith = table.dropna(subset=["method"]).groupby(["method", "layer"], sort=False)
+    faith = faith[["average_drop", "increase_in_confidence"]].mean().reset_index()
+    referred = preds["refer"].dropna()
+    summary = {
+        "files": len(preds),
+        "images": int(preds["error"].isna().sum()),
+        "errors": int(preds["error"].notna().sum()),
+        "chunks": len(results),
+        "predicted": {k: int(v) for k, v in preds["predicted"].value_counts().items()},
+        "referred": int(referred.sum()) if len(referred) else None,
+        "faithfulness": faith.to_dict(orient="records"),
+    }
+    return table, preds, summary
 
 
 @flow(name="explain-batch")
@@ -376,6 +427,10 @@ def explain_batch_flow(
         params_path: params.yaml to read the explain, orchestration and tracking sections from.
         temperature: calibration temperature overriding the model's own calibrator.
     """
+    from tasks import tracking
+    from tasks.calibrate import calibrator_from_dict
+    from tasks.cams import method_layers
+
     start, log, p = time.perf_counter(), get_run_logger(), load_params(params_path)
     cfg = dataclasses.replace(
         p.explain,
@@ -393,10 +448,16 @@ def explain_batch_flow(
     items = list(zip(map(str, files), image_ids(files), strict=True))
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     log.info("%d files, %d chunks, %d maps per image", len(files), len(chunks), len(pairs))
-    out = Path(out_dir).resolve()
     run_chunk = explain_chunk.with_options(
         retries=p.orchestration.retries, retry_delay_seconds=p.orchestration.retry_delay_s
     )
+    config = {
+        "inputs": inputs, "model": dataclasses.asdict(ref), "arch": meta["arch"],
+        "classes": meta["classes"], "calibration": calibration, "chunk_size": size,
+        "resize": p.prepare.resize, "explain": dataclasses.asdict(cfg),
+        "prefect_flow_run_id": str(flow_run.id),
+    }  # fmt: skip
+    out = Path(out_dir).resolve()
     with atomic_dir(out) as tmp:
         futures = [
             run_chunk.submit(
@@ -404,43 +465,20 @@ def explain_batch_flow(
             )
             for k, chunk in enumerate(chunks)
         ]
-        results = [future.result() for future in futures]
-        merge_shards(sorted((tmp / "_shards").glob("*.npz")), tmp / "heatmaps.npz")
-        shutil.rmtree(tmp / "_shards")
-        table = pd.DataFrame([r for res in results for r in res["rows"]], columns=TABLE)
-        prob_cols = [f"p_{c}" for c in meta["classes"]]
-        columns = ["image_id", "image", "predicted", "confidence", *prob_cols, "refer", "error"]
-        preds = pd.DataFrame([r for res in results for r in res["predictions"]], columns=columns)
-        table.to_parquet(tmp / "explanations.parquet", index=False)
-        table.to_csv(tmp / "explanations.csv", index=False)
-        preds.to_csv(tmp / "predictions.csv", index=False)
-        ok = table.dropna(subset=["method"])
-        faith = ok.groupby(["method", "layer"], sort=False)
-        faith = faith[["average_drop", "increase_in_confidence"]].mean().reset_index()
-        referred = preds["refer"].dropna()
-        summary = {
-            "files": len(files),
-            "images": int(preds["error"].isna().sum()),
-            "errors": int(preds["error"].notna().sum()),
-            "chunks": len(chunks),
-            "predicted": {k: int(v) for k, v in preds["predicted"].value_counts().items()},
-            "referred": int(referred.sum()) if len(referred) else None,
-            "faithfulness": faith.to_dict(orient="records"),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        config = {
-            "inputs": inputs, "model": dataclasses.asdict(ref), "arch": meta["arch"],
-            "classes": meta["classes"], "calibration": calibration, "chunk_size": size,
-            "resize": p.prepare.resize, "explain": dataclasses.asdict(cfg),
-            "prefect_flow_run_id": str(flow_run.id),
-        }  # fmt: skip
+        table, preds, summary = write_outputs(
+            tmp, [f.result() for f in futures], meta["classes"], cfg
+        )
+        summary["seconds"] = round(time.perf_counter() - start, 1)
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "config.json", config)
-        write_gallery(
-            tmp / "gallery.html", table, "deep" if "deep" in cfg.layers else cfg.layers[-1]
-        )
     run_id = log_run(p.tracking.experiment or p.dataset.name, ref, inputs, out, summary, config)
-    log.info("explain-batch: %s -> %s (MLflow run %s)", summary, out, run_id)
+    log.info(
+        "%d images, %d unreadable -> %s (MLflow run %s)",
+        summary["images"],
+        summary["errors"],
+        out,
+        run_id,
+    )
     return BatchResult(out, table, preds, summary, run_id)
 
 
@@ -448,10 +486,14 @@ def log_run(
     experiment: str, ref: ModelRef, inputs: list[str], out: Path, summary: dict, config: dict
 ) -> str:
     """The job's own MLflow run, tagged with the model version (and lineage run) it explains."""
+    import mlflow
+
+    from tasks import tracking
+
     tags = {
         "job": "explain-batch", "model_uri": ref.source, "model_name": ref.name,
         "model_version": ref.version, "model_alias": ref.alias, "model_run_id": ref.run_id,
-        "source": ", ".join(inputs), "prefect_flow_run_id": str(flow_run.id),
+        "source": ", ".join(inputs)[:5000], "prefect_flow_run_id": str(flow_run.id),
     }  # fmt: skip
     metrics = {k: summary[k] for k in ("files", "images", "errors", "seconds")}
     for row in summary["faithfulness"]:
@@ -479,11 +521,14 @@ def run_explain_batch(
     dask_address: str | None = None,
     local_dask: bool = False,
 ) -> BatchResult:
-    """Check inputs and model first (no flow run for a typo), pick the task runner, run.
+    """Check inputs, model and methods first (a typo starts no flow run), pick the runner, run.
 
-    ``dask_address`` sends the chunks to a running Dask scheduler; ``local_dask`` starts a
-    temporary LocalCluster (a worker process per core); neither keeps Prefect's thread pool.
+    Default: Prefect's thread pool. ``dask_address`` sends the chunks to a running Dask
+    scheduler; ``local_dask`` starts a temporary LocalCluster (one worker process per core).
     """
+    from tasks import tracking
+    from tasks.cams import method_layers
+
     inputs = [str(i) for i in inputs]
     find_images(inputs)
     _, meta = open_model(model, tracking.configure())
@@ -491,7 +536,7 @@ def run_explain_batch(
     method_layers(methods or p.explain.methods, layers or p.explain.layers, meta["arch"])
     job = explain_batch_flow
     if dask_address or local_dask:
-        from prefect_dask import DaskTaskRunner  # imports distributed: only when asked for
+        from prefect_dask import DaskTaskRunner
 
         runner = (
             DaskTaskRunner(address=dask_address)
@@ -509,34 +554,23 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def explain_batch_command(
-    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders (recursive)")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="bundle path, or models:/<name>@<alias>")
-    ] = str(paths.BUNDLE),
-    methods: Annotated[
-        str | None, typer.Option(help="comma-separated methods (default: explain.methods)")
-    ] = None,
-    layers: Annotated[
-        str | None, typer.Option(help="comma-separated layers (default: explain.layers)")
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path(
-        "reports/explain_batch"
-    ),
-    chunk_size: Annotated[
-        int | None, typer.Option(help="images per task (default: orchestration.chunk_size)")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="override the model's calibration temperature")
-    ] = None,
-    dask_address: Annotated[
-        str | None, typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")
-    ] = None,
-    local_dask: Annotated[bool, typer.Option(help="run chunks on a local Dask cluster")] = False,
-    params: Annotated[Path, typer.Option("--params", "-p", help="params file")] = Path(
-        "params.yaml"
-    ),
+    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
+    model: Annotated[str, typer.Option("--model", "-m", help="bundle or models:/...")] = BUNDLE,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods")] = None,
+    layers: Annotated[str | None, typer.Option(help="comma-separated layers")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = OUT_DIR,
+    chunk_size: Annotated[int | None, typer.Option(help="images per task")] = None,
+    temperature: Annotated[float | None, typer.Option(help="calibration override")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="tcp://scheduler:8786")] = None,
+    local_dask: Annotated[bool, typer.Option(help="use a local Dask cluster")] = False,
+    params: Annotated[Path, typer.Option("--params", "-p", help="params file")] = PARAMS,
 ) -> None:
-    """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run."""
+    """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run.
+
+    Methods, layers and chunk size default to explain.methods, explain.layers and
+    orchestration.chunk_size in the params file. Exits 1 naming the folder or model when
+    there are no images or the model cannot be loaded.
+    """
     try:
         result = run_explain_batch(
             list(inputs), model, _split(methods), _split(layers), out, chunk_size, params,

@@ -43,8 +43,11 @@ PAIRS = {("gradcam", "deep"), ("ig", "input")}
 def prefect_server() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network: no telemetry
     with prefect_test_harness():
         yield
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,7 @@ def _get(url: str, timeout: float = 10.0) -> bytes:
 
 
 def _get_json(url: str) -> dict[str, Any]:
+    """The JSON body of a GET on the UI server."""
     return json.loads(_get(url))
 
 
@@ -130,7 +131,6 @@ def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
         proc.poll()
         time.sleep(0.2)
     else:
-        print("LEFT", subprocess.run(["ps","-g",str(pgid),"-o","pid=,ppid=,stat=,etimes=,cmd="],capture_output=True,text=True).stdout)
         with contextlib.suppress(ProcessLookupError):  # the group may be gone
             os.killpg(pgid, signal.SIGKILL)
     try:
@@ -234,6 +234,7 @@ def _dom_with(url: str, needles: list[str]) -> str:
 
 
 def _visible_text(dom: str) -> str:
+    """The text a user reads in ``dom``: tags, scripts and styles removed, spaces collapsed."""
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
