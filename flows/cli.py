@@ -444,6 +444,45 @@ def explain(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
         )
 
 
+@app.command("explain-batch")
+def explain_batch(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders"),
+    model: str = typer.Option(str(paths.BUNDLE), "--model", "-m", help="bundle or models:/..."),
+    methods: str | None = typer.Option(None, help="comma-separated methods"),
+    layers: str | None = typer.Option(None, help="comma-separated layers: early,middle,deep"),
+    out: Path = typer.Option(Path("reports/explain_batch"), "--out", "-o", help="output folder"),
+    chunk_size: int | None = typer.Option(None, help="images per Prefect task"),
+    temperature: float | None = typer.Option(None, help="calibration temperature override"),
+    dask_address: str | None = typer.Option(None, help="Dask scheduler, tcp://host:8786"),
+    local_dask: bool = typer.Option(False, help="run the chunks on a local Dask cluster"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run.
+
+    Methods, layers and chunk size default to explain.methods, explain.layers and
+    orchestration.chunk_size in the params file. Exits 1 naming the folder or model when
+    there are no images or the model cannot be loaded.
+    """
+    from flows.explain_batch import ExplainBatchError, run_explain_batch  # Prefect: ~1 s
+
+    def split(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    try:
+        result = run_explain_batch(
+            list(inputs), model, split(methods), split(layers), out, chunk_size, params,
+            temperature, dask_address, local_dask,
+        )  # fmt: skip
+    except (ExplainBatchError, ConfigError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]dermaflow explain-batch failed[/]\n{err}", highlight=False)
+        raise typer.Exit(code=1) from None
+    s = result.summary
+    console.print(
+        f"explain-batch: {s['images']} images explained, {s['errors']} unreadable, in "
+        f"{s['seconds']} s -> {result.out_dir} (gallery.html); MLflow run {result.mlflow_run_id}"
+    )
+
+
 def explain_metrics(summary: dict) -> dict[str, float]:
     """Flat per-method means for MLflow and DVC (``<method>_<layer>_<metric>``)."""
     out: dict[str, float] = {}

@@ -48,11 +48,10 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -70,7 +69,7 @@ if TYPE_CHECKING:
 
 BUNDLE_ARTIFACT = "bundle/model.pt"  # where the train stage logs the bundle in its run
 CALIBRATOR_ARTIFACT = "calibrate/calibrator.json"
-BUNDLE, OUT_DIR, PARAMS = str(paths.BUNDLE), Path("reports/explain_batch"), Path("params.yaml")
+BUNDLE, OUT_DIR = str(paths.BUNDLE), Path("reports/explain_batch")
 TABLE = ["image_id", "image", "method", "layer", "predicted", "confidence", "target"]
 TABLE += ["average_drop", "increase_in_confidence", "location", "area_percent", "text", "error"]
 
@@ -407,10 +406,10 @@ def write_outputs(
 @flow(name="explain-batch")
 def explain_batch_flow(
     inputs: list[str],
-    model: str = str(paths.BUNDLE),
+    model: str = BUNDLE,
     methods: list[str] | None = None,
     layers: list[str] | None = None,
-    out_dir: str = "reports/explain_batch",
+    out_dir: str = str(OUT_DIR),
     chunk_size: int | None = None,
     params_path: str = "params.yaml",
     temperature: float | None = None,
@@ -472,13 +471,8 @@ def explain_batch_flow(
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "config.json", config)
     run_id = log_run(p.tracking.experiment or p.dataset.name, ref, inputs, out, summary, config)
-    log.info(
-        "%d images, %d unreadable -> %s (MLflow run %s)",
-        summary["images"],
-        summary["errors"],
-        out,
-        run_id,
-    )
+    n, bad = summary["images"], summary["errors"]
+    log.info("%d images, %d unreadable -> %s (MLflow run %s)", n, bad, out, run_id)
     return BatchResult(out, table, preds, summary, run_id)
 
 
@@ -511,10 +505,10 @@ def log_run(
 
 def run_explain_batch(
     inputs: list[str | Path],
-    model: str = str(paths.BUNDLE),
+    model: str = BUNDLE,
     methods: list[str] | None = None,
     layers: list[str] | None = None,
-    out_dir: str | Path = "reports/explain_batch",
+    out_dir: str | Path = OUT_DIR,
     chunk_size: int | None = None,
     params_path: str | Path = "params.yaml",
     temperature: float | None = None,
@@ -546,41 +540,4 @@ def run_explain_batch(
         job = explain_batch_flow.with_options(task_runner=runner)
     return job(
         inputs, model, methods, layers, str(out_dir), chunk_size, str(params_path), temperature
-    )
-
-
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def explain_batch_command(
-    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
-    model: Annotated[str, typer.Option("--model", "-m", help="bundle or models:/...")] = BUNDLE,
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods")] = None,
-    layers: Annotated[str | None, typer.Option(help="comma-separated layers")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = OUT_DIR,
-    chunk_size: Annotated[int | None, typer.Option(help="images per task")] = None,
-    temperature: Annotated[float | None, typer.Option(help="calibration override")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="tcp://scheduler:8786")] = None,
-    local_dask: Annotated[bool, typer.Option(help="use a local Dask cluster")] = False,
-    params: Annotated[Path, typer.Option("--params", "-p", help="params file")] = PARAMS,
-) -> None:
-    """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run.
-
-    Methods, layers and chunk size default to explain.methods, explain.layers and
-    orchestration.chunk_size in the params file. Exits 1 naming the folder or model when
-    there are no images or the model cannot be loaded.
-    """
-    try:
-        result = run_explain_batch(
-            list(inputs), model, _split(methods), _split(layers), out, chunk_size, params,
-            temperature, dask_address, local_dask,
-        )  # fmt: skip
-    except (ExplainBatchError, ConfigError, FileNotFoundError, ValueError) as err:
-        typer.echo(f"dermaflow explain-batch failed\n{err}", err=True)
-        raise typer.Exit(code=1) from None
-    s = result.summary
-    typer.echo(
-        f"explain-batch: {s['images']} images explained, {s['errors']} unreadable, in "
-        f"{s['seconds']} s -> {result.out_dir} (gallery.html); MLflow run {result.mlflow_run_id}"
     )

@@ -23,3 +23,29 @@ def mednode() -> Path:
     if not MEDNODE.is_dir():
         pytest.skip(f"real data not present at {MEDNODE}")
     return MEDNODE
+
+
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uris():
+    """Each test starts with no MLflow tracking or registry URI, and leaves none behind.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` (called in-process by
+    ``tasks.tracking.configure``) also export ``MLFLOW_*_URI`` into ``os.environ`` so that
+    subprocesses inherit them. Without this reset, a later test on the same xdist worker would
+    read or register into an earlier test's store, and its CLI subprocesses would too.
+    """
+    for name in _MLFLOW_URI_VARS:
+        os.environ.pop(name, None)
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name in _MLFLOW_URI_VARS:
+        os.environ.pop(name, None)

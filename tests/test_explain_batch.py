@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import typer
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.explain_batch import explain_batch_command, run_explain_batch
+from flows.cli import app
+from flows.explain_batch import run_explain_batch
 from tasks import tracking
 from tasks.evaluate import softmax
 from tasks.export import normalize
@@ -54,8 +54,9 @@ def prefect_server() -> Iterator[None]:
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """A bundle, a folder of five good images and a corrupt one, params, an MLflow store."""
     root = tmp_path_factory.mktemp("explain_batch")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
     tracking.configure()
     MlflowClient().create_experiment(EXPERIMENT, (root / "artifacts").as_uri())
     torch.manual_seed(0)
@@ -82,16 +83,25 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
             "orchestration.chunk_size=2",
         ],
     )
-    yield SimpleNamespace(root=root, bundle=bundle, folder=folder, params=params)
+    yield SimpleNamespace(root=root, bundle=bundle, folder=folder, params=params, uri=uri)
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def store(ws: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every test at the module's store (conftest clears MLflow URIs between tests)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ws.uri)
+    tracking.configure()
 
 
 @pytest.fixture(scope="module")
 def local(ws: SimpleNamespace, prefect_server: None):
     """One run on Prefect's default (thread pool) runner, shared by the assertions below."""
-    return run_explain_batch(
-        [ws.folder], str(ws.bundle), out_dir=ws.root / "out_local", params_path=ws.params
-    )
+    with pytest.MonkeyPatch.context() as patch:  # module scope: set up before ``store`` runs
+        patch.setenv("MLFLOW_TRACKING_URI", ws.uri)
+        return run_explain_batch(
+            [ws.folder], str(ws.bundle), out_dir=ws.root / "out_local", params_path=ws.params
+        )
 
 
 def _calibrated(bundle: Path, files: list[str], temperature: float) -> np.ndarray:
@@ -200,13 +210,6 @@ def test_registry_alias_with_the_runs_calibrator(ws: SimpleNamespace, prefect_se
     assert set(result.table["method"].dropna()) == {"gradcam"}
 
 
-def _cli() -> typer.Typer:
-    app = typer.Typer()
-    app.command("explain-batch")(explain_batch_command)
-    app.callback()(lambda: None)  # keep "explain-batch" a subcommand, as in flows/cli.py
-    return app
-
-
 def test_cli_exits_non_zero_naming_the_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,10 +217,10 @@ def test_cli_exits_non_zero_naming_the_problem(
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images")
-    result = CliRunner().invoke(_cli(), ["explain-batch", str(empty)])
+    result = CliRunner().invoke(app, ["explain-batch", str(empty)])
     assert result.exit_code == 1 and str(empty) in result.output.replace("\n", "")
 
     write_image(empty / "x.jpg")
     missing = tmp_path / "no_model.pt"
-    result = CliRunner().invoke(_cli(), ["explain-batch", str(empty), "--model", str(missing)])
+    result = CliRunner().invoke(app, ["explain-batch", str(empty), "--model", str(missing)])
     assert result.exit_code == 1 and str(missing) in result.output.replace("\n", "")

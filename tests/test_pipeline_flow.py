@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -65,7 +64,6 @@ def _register(repo, bacc: float, ece: float) -> str:
 def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tmp_path, prefect_harness):
     from flows.pipeline import promotion_gate
 
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     v1 = _register(tmp_path, 0.70, 0.05)
     first = promotion_gate.fn(str(tmp_path), GATE, "flow-1")
     assert first["promote"] and tracking.alias_version("gate-model", "champion") == v1
@@ -87,7 +85,6 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tmp_path, prefect_
 def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     from flows.pipeline import STAGES, pipeline
 
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     overrides = TINY + [
         "explain.methods=[gradcam, ig]",
         "explain.layers=[deep]",
