@@ -30,6 +30,7 @@ class DatasetConfig:
     layout: str  # auto | isic2019 | ham10000 | folder
     root: str  # dataset root folder (relative to the repo or absolute)
     masks: str | None = None  # optional folder of <image_id>_segmentation.png masks
+    label_map: dict[str, str | None] = field(default_factory=dict)  # old -> new label; None drops
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class ModelConfig:
     pretrained: str  # none | imagenet (torchvision weights: local cache, else network)
     weights_path: str | None  # local state_dict file (loaded with weights_only=True)
     dropout: float  # dropout before the classification head
+    metadata: bool = False  # fuse age, sex and anatomical site with the image features
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,33 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    variants: dict[str, list[str]]  # name -> key=value overrides of one model on the same split
+    explain_images: int  # test images explained per model (quality and agreement)
+    agreement_methods: list[str]  # methods compared pairwise (SSIM, Pearson, cosine, Jaccard)
+    agreement_layer: str  # layer of the CAM methods in the agreement: early | middle | deep
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int  # Optuna trials
+    timeout_s: float  # stop starting new trials after this many seconds (0 = no limit)
+    epochs: int  # epochs per trial (a pruned trial stops earlier)
+    sampler: str  # tpe | random
+    pruner: str  # median | none (prunes on validation balanced accuracy per epoch)
+    seed: int  # sampler seed
+    space: dict[str, dict[str, Any]]  # key -> {low, high[, log]} or {choices: [...]}
+    preset: str  # where the best trial's params are written as a preset
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    name: str | None  # the recipe's id (set by a recipe preset; null: none applied)
+    steps: list[str]  # what `dermaflow recipe` runs, in order: pipeline | compare | tune
+    small: list[str] = field(default_factory=list)  # key=value pinned when on the embedded default
+
+
+@dataclass(frozen=True)
 class Params:
     dataset: DatasetConfig
     synth: SynthConfig
@@ -197,6 +226,9 @@ class Params:
     orchestration: OrchestrationConfig
     gate: GateConfig
     tracking: TrackingConfig
+    compare: CompareConfig
+    tune: TuneConfig
+    recipe: RecipeConfig
     extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages
 
     def as_flat_dict(self) -> dict[str, Any]:
@@ -273,12 +305,18 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
     node[keys[-1]] = value
 
 
-def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """A preset is a partial params tree; its leaves replace the base's."""
+# Maps that are one value, not a config section: a preset replaces them whole (a recipe's
+# three variants must not be merged with the default's two).
+WHOLE_VALUES = frozenset({"synth.class_mix", "dataset.label_map", "compare.variants", "tune.space"})
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A preset is a partial params tree; its leaves (and ``WHOLE_VALUES``) replace the base's."""
     out = copy.deepcopy(base)
     for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and name not in WHOLE_VALUES:
+            out[key] = deep_merge(out[key], value, name + ".")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -332,6 +370,14 @@ def _check(p: Params, where: str) -> None:
         raise ConfigError(f"{where}: model.pretrained must be none|imagenet")
     if p.prepare.resize not in {"squash", "center_crop"}:
         raise ConfigError(f"{where}: prepare.resize must be squash|center_crop")
+    if p.tune.sampler not in {"tpe", "random"} or p.tune.pruner not in {"median", "none"}:
+        raise ConfigError(f"{where}: tune.sampler must be tpe|random, tune.pruner median|none")
+    for key, spec in p.tune.space.items():
+        if not ({"low", "high"} <= set(spec) or "choices" in spec):
+            raise ConfigError(f"{where}: tune.space.{key} needs low/high or choices")
+    bad = set(p.recipe.steps) - {"pipeline", "compare", "tune"}
+    if bad:
+        raise ConfigError(f"{where}: recipe.steps has unknown steps {sorted(bad)}")
     for rule, sev in p.validate.severity.items():
         if sev not in {"error", "warning", "off"}:
             raise ConfigError(f"{where}: validate.severity.{rule} must be error|warning|off")
@@ -384,7 +430,8 @@ def update_params(params_path: str | Path, patch: dict[str, Any], where: str) ->
             name = f"{prefix}{key}"
             if key not in node:
                 raise ConfigError(f"{where}: unknown key {name}")
-            if isinstance(value, dict) and isinstance(node[key], dict) and value:
+            whole = name in WHOLE_VALUES
+            if isinstance(value, dict) and isinstance(node[key], dict) and value and not whole:
                 merge(node[key], value, name + ".")
             elif node[key] != value:
                 node[key] = value

@@ -38,6 +38,7 @@ MANIFEST_COLUMNS = [
     "width",  # pixels (None if the image did not decode)
     "height",
     "source",  # adapter: isic2019 | ham10000 | folder
+    "source_label",  # the adapter's label before dataset.label_map (equal to label without one)
     "onehot_sum",  # ISIC ground truth: number of classes marked 1 on the row (None elsewhere)
     "file_error",  # None | missing | empty | not_an_image | truncated
     "mask_error",  # None | missing | not_an_image | truncated
@@ -244,6 +245,7 @@ def build_manifest(
     masks: str | Path | None = None,
     workers: int = 1,
     progress: bool = True,
+    label_map: dict[str, str | None] | None = None,
 ) -> pd.DataFrame:
     """Build the manifest of a dataset root (see ``MANIFEST_COLUMNS``).
 
@@ -254,6 +256,8 @@ def build_manifest(
             up anywhere under ``root``.
         workers: processes for hashing and decoding.
         progress: show a progress bar.
+        label_map: ``dataset.label_map``: old label -> new label, ``None`` drops the images
+            (applied before any file is read, so dropped images cost nothing).
     """
     root = Path(root)
     if not root.is_dir():
@@ -261,7 +265,7 @@ def build_manifest(
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in ADAPTERS:
         raise IngestError(f"unknown layout {layout!r}; choose one of {sorted(ADAPTERS)}")
-    frame = ADAPTERS[layout](root)
+    frame = apply_label_map(ADAPTERS[layout](root), label_map or {})
     images, mask_index = index_images(root)
     if masks is not None:
         mask_index.update(index_images(Path(masks))[1])
@@ -295,6 +299,41 @@ def build_manifest(
     frame["height"] = frame["height"].astype("Int64")
     frame["onehot_sum"] = frame["onehot_sum"].astype("Int64")
     return frame[MANIFEST_COLUMNS].reset_index(drop=True)
+
+
+def apply_label_map(frame: pd.DataFrame, label_map: dict[str, str | None]) -> pd.DataFrame:
+    """Relabel for a coarser task (e.g. benign vs malignant); a ``None`` target drops the rows.
+
+    Rows whose label is already missing (a broken one-hot row) are kept for validation to
+    report. The adapter's label stays in ``source_label``.
+
+    Raises:
+        IngestError: a label present in the data that the map does not mention, naming it,
+            its count and its first row (a silent fall-through would invent a class).
+    """
+    frame = frame.copy()
+    frame["source_label"] = frame["label"]
+    if not label_map:
+        return frame
+    labelled = frame["label"].notna()
+    unmapped = labelled & ~frame["label"].isin(list(label_map))
+    if unmapped.any():
+        counts = frame.loc[unmapped, "label"].value_counts()
+        first = frame.index[unmapped][0]
+        missing = ", ".join(f"{label} ({n} images)" for label, n in counts.items())
+        raise IngestError(
+            f"dataset.label_map does not map {missing}"
+            f"; first at manifest row {first} (image_id {frame.at[first, 'image_id']}). "
+            "Map every class, or map it to null to drop its images"
+        )
+    frame.loc[labelled, "label"] = frame.loc[labelled, "label"].map(label_map)
+    dropped = labelled & frame["label"].isna()
+    return frame[~dropped].reset_index(drop=True)
+
+
+def label_vocabulary(label_map: dict[str, str | None]) -> list[str] | None:
+    """The classes a label map produces (sorted), or None without a map."""
+    return sorted({v for v in label_map.values() if v is not None}) if label_map else None
 
 
 def manifest_summary(frame: pd.DataFrame) -> dict:

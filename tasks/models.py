@@ -430,20 +430,35 @@ def _load_backbone(
 # --------------------------------------------------------------------------------------------
 
 
+def image_part(model: nn.Module) -> nn.Module:
+    """The architecture's own module: itself, or the image backbone of a metadata-fusion model."""
+    return getattr(model, "image_backbone", model)
+
+
 def target_layers(model: nn.Module, arch: str) -> dict[str, nn.Module]:
     """The "early", "middle" and "deep" layers explanations hook (all give B x C x H x W)."""
-    return {name: _resolve(model, path) for name, path in arch_spec(arch).targets.items()}
+    image = image_part(model)
+    return {name: _resolve(image, path) for name, path in arch_spec(arch).targets.items()}
 
 
 def head_layer(model: nn.Module, arch: str) -> nn.Linear:
     """The final linear layer (weights ``num_classes x features``), e.g. for exact CAM."""
-    head = _resolve(model, arch_spec(arch).head)
+    fused = getattr(model, "fusion_head", None)
+    head = fused if fused is not None else _resolve(model, arch_spec(arch).head)
     return head[-1] if isinstance(head, nn.Sequential) else head
 
 
 def head_parameters(model: nn.Module, arch: str) -> Iterator[nn.Parameter]:
-    """Parameters of the fresh head: what trains while the backbone is frozen."""
-    return _resolve(model, arch_spec(arch).head).parameters()
+    """Parameters of the fresh head: what trains while the backbone is frozen.
+
+    For a metadata-fusion model: the image feature layer, the metadata branch and the fused
+    classifier (everything but the pretrained image backbone).
+    """
+    own = _resolve(image_part(model), arch_spec(arch).head).parameters()
+    if not hasattr(model, "fusion_head"):
+        return own
+    extra = [*model.meta_branch.parameters(), *model.fusion_head.parameters()]
+    return iter([*own, *extra])
 
 
 def backbone_parameters(model: nn.Module, arch: str) -> Iterator[nn.Parameter]:
@@ -527,7 +542,15 @@ def save_bundle(
     head = head_layer(model, arch)
     if head.out_features != len(classes):
         raise ValueError(f"model has {head.out_features} outputs but {len(classes)} classes")
-    dropout = _resolve(model, spec.dropout if spec.dropout else spec.head + ".0")
+    image = image_part(model)
+    dropout = _resolve(image, spec.dropout if spec.dropout else spec.head + ".0")
+    fusion = None
+    if image is not model:  # metadata fusion: what rebuilding needs besides the arch
+        fusion = {
+            "meta_dim": int(model.meta_branch[0].in_features),
+            "dropout": float(model.fusion_head[1].p),
+            "features": list((extra or {}).get("metadata_features", [])),
+        }
     bundle: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
@@ -540,6 +563,7 @@ def save_bundle(
         "temperature": float(temperature),
         "data_version": data_version,
         "dropout": float(dropout.p),
+        "fusion": fusion,
         "extra": dict(extra or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -567,7 +591,14 @@ def load_bundle(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
     if missing:
         raise ValueError(f"{path}: not a model bundle (missing {missing})")
     meta = {k: v for k, v in bundle.items() if k != "state_dict"}
-    model = build_model(meta["arch"], len(meta["classes"]), dropout=meta.get("dropout", 0.0))
+    fusion = meta.get("fusion")
+    if fusion:
+        from tasks.fusion import EMBED, FusionNet
+
+        image = build_model(meta["arch"], EMBED, dropout=meta.get("dropout", 0.0))
+        model = FusionNet(image, fusion["meta_dim"], len(meta["classes"]), fusion["dropout"])
+    else:
+        model = build_model(meta["arch"], len(meta["classes"]), dropout=meta.get("dropout", 0.0))
     try:
         model.load_state_dict(bundle["state_dict"])
     except RuntimeError as exc:

@@ -138,13 +138,18 @@ def log_pytorch_model(
     import torch
     from mlflow.models import infer_signature
 
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
+    signature = None
+    if hasattr(model, "fusion_head"):  # image + metadata inputs: no single-tensor signature
+        input_example = None
+    else:
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        signature = infer_signature(input_example, output)
     info = mlflow.pytorch.log_model(
         model,
         name="model",
         serialization_format="pickle",
-        signature=infer_signature(input_example, output),
+        signature=signature,
         input_example=input_example,
         registered_model_name=registered_model,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.evaluate import classification_metrics
+from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
 from tasks.losses import class_weights, make_loss, sampler_weights
 from tasks.models import build_model, set_backbone_frozen
@@ -46,17 +47,26 @@ class TrainingError(RuntimeError):
 
 
 class CachedImages(Dataset):
-    """Items of a prepared split: (uint8 HWC tensor, label index). Decoding happened once."""
+    """Items of a prepared split: (uint8 HWC tensor, label index). Decoding happened once.
 
-    def __init__(self, split: PreparedSplit) -> None:
+    With ``metadata`` (an ``(N, D)`` matrix from :func:`tasks.fusion.metadata_features`) the
+    items are ``(image, metadata, label)``: the loops pass everything between the image and
+    the label to the model as further inputs.
+    """
+
+    def __init__(self, split: PreparedSplit, metadata: np.ndarray | None = None) -> None:
         self.images = split.images
         self.labels = split.labels
+        self.metadata = None if metadata is None else torch.from_numpy(metadata)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple:
+        image = torch.from_numpy(np.array(self.images[i]))
+        if self.metadata is None:
+            return image, int(self.labels[i])
+        return image, self.metadata[i], int(self.labels[i])
 
 
 def pick_device(name: str) -> torch.device:
@@ -167,13 +177,14 @@ def train_one_epoch(
     channels_last = cfg.channels_last and device.type == "cuda"
     total, count = 0.0, 0
     task = progress.add_task(f"epoch {epoch + 1} train", total=len(loader)) if progress else None
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, *extra, labels) in enumerate(loader):
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         x = torch.stack([augment(img) for img in x])
         x = normalize(x, channels_last)
         y = labels.to(device, non_blocking=True)
+        extra = [e.to(device, non_blocking=True) for e in extra]  # metadata of fusion models
         with autocast(device, cfg.amp):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(model(x, *extra).float(), y)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -204,9 +215,9 @@ def predict_logits(
     """Logits (float32) and labels over a loader, in loader order."""
     model.eval()
     logits, labels = [], []
-    for images, y in loader:
+    for images, *extra, y in loader:
         with autocast(device, amp):
-            out = model(to_input(images, device))
+            out = model(to_input(images, device), *[e.to(device) for e in extra])
         logits.append(out.float().cpu())
         labels.append(y)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -260,9 +271,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _loader(split: PreparedSplit, cfg: TrainConfig, device: torch.device, **kw) -> DataLoader:
+def _loader(
+    split: PreparedSplit,
+    cfg: TrainConfig,
+    device: torch.device,
+    metadata: np.ndarray | None = None,
+    **kw,
+) -> DataLoader:
     return DataLoader(
-        CachedImages(split),
+        CachedImages(split, metadata),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
@@ -305,17 +322,22 @@ def train(
     ).to(device)
     eval_loss = make_loss(train_cfg.loss, weights, train_cfg.focal_gamma, 0.0)
 
+    metadata, extra = build_metadata(splits) if model_cfg.metadata else ({}, {})
     model = build_model(
         model_cfg.arch,
-        len(classes),
+        EMBED if model_cfg.metadata else len(classes),
         model_cfg.pretrained,
         model_cfg.weights_path,
         model_cfg.dropout,
-    ).to(device)
+    )
+    if model_cfg.metadata:
+        dim = metadata["train"].shape[1]
+        model = FusionNet(model, dim, len(classes), model_cfg.dropout)
+    model = model.to(device)
     if train_cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    probe = _loader(splits["train"], train_cfg, device, shuffle=False)
+    probe = _loader(splits["train"], train_cfg, device, metadata.get("train"), shuffle=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg, len(probe)))
     scaler = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and train_cfg.amp == "fp16" else None
@@ -340,7 +362,7 @@ def train(
     if train_cfg.compile:
         runner = torch.compile(model)
     augment = build_augment(train_cfg, size)
-    val_loader = _loader(splits["val"], train_cfg, device, shuffle=False)
+    val_loader = _loader(splits["val"], train_cfg, device, metadata.get("val"), shuffle=False)
     stale = 0
     with progress_bar(show_progress) as bar:
         for epoch in range(first_epoch, train_cfg.epochs):
@@ -353,9 +375,18 @@ def train(
             if train_cfg.weighted_sampler:
                 sw = sampler_weights(torch.as_tensor(splits["train"].labels), counts)
                 sampler = WeightedRandomSampler(sw, len(sw), replacement=True, generator=gen)
-                loader = _loader(splits["train"], train_cfg, device, sampler=sampler)
+                loader = _loader(
+                    splits["train"], train_cfg, device, metadata.get("train"), sampler=sampler
+                )
             else:
-                loader = _loader(splits["train"], train_cfg, device, shuffle=True, generator=gen)
+                loader = _loader(
+                    splits["train"],
+                    train_cfg,
+                    device,
+                    metadata.get("train"),
+                    shuffle=True,
+                    generator=gen,
+                )
             set_backbone_frozen(model, model_cfg.arch, epoch < train_cfg.freeze_backbone_epochs)
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
@@ -409,7 +440,7 @@ def train(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     set_backbone_frozen(model, model_cfg.arch, False)
-    test_loader = _loader(splits["test"], train_cfg, device, shuffle=False)
+    test_loader = _loader(splits["test"], train_cfg, device, metadata.get("test"), shuffle=False)
     val, val_logits, val_labels = evaluate(model, val_loader, eval_loss, device, classes)
     test, test_logits, test_labels = evaluate(model, test_loader, eval_loss, device, classes)
     return TrainResult(
@@ -428,7 +459,19 @@ def train(
         resumed_from=resumed_from,
         seconds=time.perf_counter() - start,
         image_size=size,
+        extra=extra,
     )
+
+
+def build_metadata(splits: dict[str, PreparedSplit]) -> tuple[dict[str, np.ndarray], dict]:
+    """Metadata matrices per split, one-hot over the training split's sites.
+
+    Returns:
+        ``{split: (N, D) float32}`` and the facts the bundle keeps (feature names, sites).
+    """
+    sites = site_vocabulary(splits["train"].rows)
+    features = {name: metadata_features(s.rows, sites) for name, s in splits.items()}
+    return features, {"metadata_features": feature_names(sites), "metadata_sites": sites}
 
 
 def save_outputs(
@@ -461,6 +504,7 @@ def save_outputs(
         STD,
         temperature=1.0,
         data_version=data_version,
+        extra=result.extra,
     )
     for split, logits, labels in (
         ("val", result.val_logits, result.val_labels),

@@ -87,3 +87,40 @@ def test_mednode_real_data(mednode):
     assert m["label"].value_counts().to_dict() == {"naevus": 100, "melanoma": 70}
     assert m["file_error"].isna().all() and m["sha256"].str.len().eq(64).all()
     assert (m[["width", "height"]].min() >= 200).all()
+
+
+BINARY = {"MEL": "malignant", "BCC": "malignant", "SCC": "malignant", "AK": "malignant"}
+BINARY |= {"NV": "benign", "BKL": "benign", "DF": "benign", "VASC": "benign", "UNK": None}
+
+
+def _isic_for_mapping(tmp_path):
+    labels = ["MEL", "NV", "BCC", "UNK", "AK", ["MEL", "NV"]]
+    return make_isic(
+        tmp_path / "isic", [{"image": f"ISIC_{i}", "label": lab} for i, lab in enumerate(labels)]
+    )
+
+
+def test_label_map_makes_a_binary_task_and_keeps_the_source_label(tmp_path):
+    from tasks.config import load_params
+    from tasks.ingest import label_vocabulary
+    from tasks.validate import validate_manifest
+    from tests.helpers import REPO
+
+    root = _isic_for_mapping(tmp_path)
+    m = build_manifest(root, progress=False, label_map=BINARY).set_index("image_id")
+    assert "ISIC_3" not in m.index  # UNK -> null: dropped before any file is read
+    assert m.loc["ISIC_0", "label"] == "malignant" and m.loc["ISIC_0", "source_label"] == "MEL"
+    assert m.loc["ISIC_1", "label"] == "benign" and m.loc["ISIC_4", "label"] == "malignant"
+    assert pd.isna(m.loc["ISIC_5", "label"])  # broken one-hot row: kept for validation to report
+    assert label_vocabulary(BINARY) == ["benign", "malignant"]
+    cfg = load_params(REPO / "params.yaml").validate
+    report = validate_manifest(m.reset_index(), root, cfg, label_vocabulary(BINARY))
+    failed = {r.rule for r in report.results if not r.success}
+    assert "label_known" not in failed and "onehot_single" in failed
+
+
+def test_label_map_missing_a_class_names_it_and_its_first_row(tmp_path):
+    root = _isic_for_mapping(tmp_path)
+    partial = {k: v for k, v in BINARY.items() if k != "AK"}
+    with pytest.raises(IngestError, match=r"does not map AK \(1 images\).*ISIC_4.*map it to null"):
+        build_manifest(root, progress=False, label_map=partial)
