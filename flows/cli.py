@@ -35,26 +35,34 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 SetOpt = typer.Option(None, "--set", "-S", help="override a param for this call: key=value")
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from tasks.export import ParityError
-    from tasks.ingest import IngestError
-    from tasks.models import WeightsUnavailableError
-    from tasks.prepare import PrepareError
-    from tasks.split import SplitError
-    from tasks.train import TrainingError
-    from tasks.validate import ValidationError
+# Errors that mean bad input or config: a message and exit 1, no traceback. Named, not
+# imported: a raised error's module is already loaded, and importing every stage (GX, ONNX,
+# torch) just to check would add seconds to each failing command.
+KNOWN_ERRORS = (
+    ("tasks.export", "ParityError"),
+    ("tasks.ingest", "IngestError"),
+    ("tasks.models", "WeightsUnavailableError"),
+    ("tasks.prepare", "PrepareError"),
+    ("tasks.split", "SplitError"),
+    ("tasks.train", "TrainingError"),
+    ("tasks.tune", "TuneError"),
+    ("tasks.validate", "ValidationError"),
+)
 
-    return (
-        ConfigError,
-        IngestError,
-        ValidationError,
-        SplitError,
-        PrepareError,
-        TrainingError,
-        WeightsUnavailableError,
-        ParityError,
-        FileNotFoundError,
-    )
+
+def is_known_error(err: BaseException) -> bool:
+    """True for bad input or config (see ``KNOWN_ERRORS``), False for a bug."""
+    return isinstance(err, _known_errors())
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The ``KNOWN_ERRORS`` classes whose modules are loaded, for an ``except`` clause."""
+    found: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
 
 
 @contextlib.contextmanager
@@ -62,13 +70,25 @@ def stage(name: str) -> Iterator[None]:
     """Run a stage body; a known error becomes a readable message and exit code 1."""
     try:
         yield
-    except _known_errors() as err:
+    except Exception as err:
+        if not is_known_error(err):
+            raise
         console.print(f"[bold red]dermaflow {name} failed[/]\n{err}", highlight=False)
         raise typer.Exit(code=1) from None
 
 
 def _params(path: Path, overrides: list[str] | None) -> Params:
     return load_params(path, overrides)
+
+
+def _image_only(meta: dict, stage_name: str) -> None:
+    """The ONNX graph and the explain stage take one image tensor; a fusion model needs more."""
+    if meta.get("fusion"):
+        raise ConfigError(
+            f"{stage_name}: {paths.BUNDLE} fuses image and metadata (model.metadata: true); "
+            f"the {stage_name} stage takes image-only models. Train it with model.metadata: "
+            "false, or study the fusion model with `dermaflow compare` (the metadata ablation)"
+        )
 
 
 @app.command()
@@ -91,7 +111,11 @@ def ingest(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     with stage("ingest"):
         p = _params(params, set_)
         manifest = build_manifest(
-            p.dataset.root, p.dataset.layout, p.dataset.masks, workers=p.ingest.workers
+            p.dataset.root,
+            p.dataset.layout,
+            p.dataset.masks,
+            workers=p.ingest.workers,
+            label_map=p.dataset.label_map,
         )
         write_parquet(paths.MANIFEST, manifest)
         summary = manifest_summary(manifest)
@@ -102,13 +126,15 @@ def ingest(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
 @app.command()
 def validate(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     """Check the manifest with great-expectations; exit 1 naming every offending row."""
+    from tasks.ingest import label_vocabulary
     from tasks.report import contact_sheet, write_reports
     from tasks.validate import raise_for_errors, validate_manifest
 
     with stage("validate"):
         p = _params(params, set_)
         manifest = pd.read_parquet(paths.MANIFEST)
-        report = validate_manifest(manifest, Path(p.dataset.root), p.validate)
+        classes = label_vocabulary(p.dataset.label_map)  # None: the source's own vocabulary
+        report = validate_manifest(manifest, Path(p.dataset.root), p.validate, classes)
         write_reports(report, paths.VALIDATION_JSON, paths.VALIDATION_MD)
         contact_sheet(manifest, Path(p.dataset.root), paths.CONTACT_SHEET)
         for warning in report.warnings():
@@ -300,6 +326,7 @@ def export(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     with stage("export"):
         p = _params(params, set_)
         model, meta = load_bundle(paths.BUNDLE)
+        _image_only(meta, "export")
         calibrator = calibrator_from_dict(
             _json.loads((paths.CALIBRATION / "calibrator.json").read_text())
         )
@@ -422,6 +449,7 @@ def explain(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     with stage("explain"):
         p = _params(params, set_)
         model, meta = load_bundle(paths.BUNDLE)
+        _image_only(meta, "explain")
         calibrator = calibrator_from_dict(
             _json.loads((paths.CALIBRATION / "calibrator.json").read_text())
         )
@@ -499,6 +527,92 @@ def explain_metrics(summary: dict) -> dict[str, float]:
 
 
 @app.command()
+def tune(
+    params: Path = ParamsOpt,
+    set_: list[str] = SetOpt,
+    no_repro: bool = typer.Option(
+        False, "--no-repro", help="skip `dvc repro prepare`; tune on data/prepared as it is"
+    ),
+) -> None:
+    """Optuna search over tune.space: an MLflow child run per trial, the best as a preset.
+
+    Running it again continues the study (mlruns/optuna.db). `dvc repro prepare` runs first.
+    """
+    from tasks import tune as tuning
+
+    with stage("tune"):
+        p = _params(params, set_)
+        tuning.check_space(p.tune.space, params, set_)  # a bad key fails before DVC runs
+        try:
+            if not no_repro:
+                console.print("tune: dvc repro prepare (the data stages)")
+                tuning.repro_data(".")
+            version = ""
+            if paths.MANIFEST.exists():
+                version = data_version([paths.MANIFEST, *sorted(paths.SPLITS.glob("*.parquet"))])
+            result = tuning.run_tune(params, set_, paths.PREPARED, data_version=version)
+        except tuning.TuneError as err:
+            console.print(f"[bold red]dermaflow tune failed[/]\n{err}", highlight=False)
+            raise typer.Exit(code=1) from None
+        console.print(tuning.trials_table(result.trials, result.best_number))
+        c = result.counts
+        console.print(
+            f"tune: best validation balanced accuracy {result.best_value:.4f} (trial "
+            f"{result.best_number} of study {result.study_name}; this call: {c['COMPLETE']} "
+            f"complete, {c['PRUNED']} pruned, {c['FAIL']} failed); report {result.report_dir}; "
+            f"MLflow run {result.parent_run_id}\n"
+            f"tune: best params -> {result.preset}; apply with `dermaflow preset {result.preset}`",
+            highlight=False,
+        )
+
+
+@app.command()
+def compare(
+    models: str | None = typer.Option(
+        None,
+        "--models",
+        "-m",
+        help="comma-separated: compare.variants names, architectures, bundle files or "
+        "models:/ URIs (default: every compare.variants entry)",
+    ),
+    set_: list[str] = SetOpt,
+    no_repro: bool = typer.Option(False, "--no-repro", help="skip `dvc repro prepare`"),
+    out: Path = typer.Option(Path("reports/compare"), "--out", "-o", help="report folder"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Train or load several models on one split; compare metrics, calibration, explanations."""
+    from flows.compare import CompareError, results_table, run_compare  # Prefect: ~1 s
+
+    entries = [m for m in models.split(",") if m.strip()] if models else None
+    try:
+        summary = run_compare(
+            entries, set_ or None, params_path=str(params), out_dir=str(out), repro=not no_repro
+        )
+    except (CompareError, *_known_errors()) as err:
+        console.print(f"[bold red]dermaflow compare failed[/]\n{err}", highlight=False)
+        raise typer.Exit(code=1) from None
+    console.print(results_table(summary))
+    console.print(
+        f"compare: report {out / 'report.html'}; MLflow parent run {summary['run_id']} "
+        f"(experiment {summary['experiment']})"
+    )
+
+
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks (training, data path, explanations, inference, pipeline): python -m bench."""
+    from bench.__main__ import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+@app.command()
 def preset(
     preset_file: Path = typer.Argument(..., exists=True, help="a partial params file"),
     params: Path = ParamsOpt,
@@ -509,6 +623,41 @@ def preset(
     with stage("preset"):
         changed = apply_preset(params, preset_file)
         console.print(f"{params}: {len(changed)} key(s) changed: {', '.join(changed) or '-'}")
+
+
+@app.command()
+def recipe(
+    recipe_file: Path = typer.Argument(..., help="a recipe from configs/recipes/"),
+    set_: list[str] = SetOpt,
+    no_refresh: bool = typer.Option(False, "--no-refresh", help="skip dvc update / dvc pull"),
+) -> None:
+    """Run a reference study: write its preset into params.yaml, then its steps in order.
+
+    Without the recipe's dataset on this machine it runs on the embedded synthetic default at
+    the recipe's small size. --set overrides apply to every model the recipe trains.
+    """
+    from flows.pipeline import StageFailed
+    from flows.recipe import RecipeError
+    from flows.recipe import recipe as recipe_flow
+
+    try:
+        result = recipe_flow(str(recipe_file), overrides=set_ or None, refresh=not no_refresh)
+    except (ConfigError, RecipeError) as err:
+        console.print(f"[bold red]dermaflow recipe failed[/]\n{err}", highlight=False)
+        raise typer.Exit(1) from None
+    except StageFailed as err:
+        console.print(f"[bold red]recipe stopped at stage {err.stage}[/]\n{err.output}")
+        raise typer.Exit(1) from None
+    plan = result["plan"]
+    data = "embedded synthetic default (small)" if plan["embedded"] else "its dataset"
+    console.print(
+        f"\n[bold green]recipe {plan['name']} done[/] on {data}: {' -> '.join(plan['steps'])}"
+    )
+    if "compare" in plan["steps"]:
+        console.print("  comparison       reports/compare/report.html")
+    if "pipeline" in plan["steps"]:
+        console.print(f"  gallery          {paths.EXPLAIN / 'gallery.html'}")
+    console.print("  MLflow UI        make ui   (or: dermaflow ui) -> http://127.0.0.1:5000")
 
 
 @app.command()

@@ -430,6 +430,12 @@ def class_activation_maps(
         ValueError: ``arch`` has no exact CAM (see :data:`EXACT_CAM_ARCHS`).
     """
     spec = arch_spec(arch)
+    if hasattr(model, "fusion_head"):
+        raise ValueError(
+            "exact CAM ('cam') needs the logit to be a linear function of the deep layer's "
+            "pooled maps; a metadata-fusion model adds a feature layer and the metadata branch "
+            "in between. Use gradcam/hirescam for it"
+        )
     if not spec.cam_exact:
         raise ValueError(
             f"exact CAM ('cam') needs a head that is global average pooling + one Linear; "

@@ -421,6 +421,7 @@ def update_params(params_path: str | Path, patch: dict[str, Any], where: str) ->
     yaml_rt.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    yaml_rt.representer.add_representer(float, _represent_float)
     params_path = Path(params_path)
     tree = yaml_rt.load(params_path.read_text())
     changed: list[str] = []
@@ -443,6 +444,17 @@ def update_params(params_path: str | Path, patch: dict[str, Any], where: str) ->
 
     write_text(params_path, _dump(yaml_rt, tree))
     return changed
+
+
+def _represent_float(representer: Any, value: float) -> Any:
+    """Floats PyYAML reads back as floats: ``1e-05`` (no dot) would load as a string."""
+    text = repr(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        text = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[text]
+    elif "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 def _dump(yaml_rt: Any, tree: Any) -> str:

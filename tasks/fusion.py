@@ -85,19 +85,28 @@ class ImageOnly(nn.Module):
 
     The metadata row is broadcast over the batch, so perturbation methods (Score-CAM, LIME,
     deletion curves) that batch many copies of one image see the same patient every time.
-    ``image_backbone`` and ``fusion_head`` are exposed so the layer lookups of
-    :mod:`tasks.models` find the CAM target layers and the classifier.
+    ``image_backbone`` and ``fusion_head`` are properties, not submodules: registering them a
+    second time would make Captum's DeepLIFT hook each layer twice. The row lives in
+    ``meta_row`` (``meta`` would clash with ``torch.fx.GraphModule.meta``) and is broadcast
+    with a traceable ``repeat``, so :func:`tasks.cams.deeplift_ready` can rewrite the model.
     """
 
     def __init__(self, model: FusionNet, meta: torch.Tensor | np.ndarray) -> None:
         super().__init__()
         self.model = model
-        self.image_backbone = model.image_backbone
-        self.fusion_head = model.fusion_head
-        self.register_buffer("meta", torch.as_tensor(meta, dtype=torch.float32).reshape(1, -1))
+        row = torch.as_tensor(meta, dtype=torch.float32).reshape(1, -1)
+        self.register_buffer("meta_row", row.to(next(model.parameters()).device))
+
+    @property
+    def image_backbone(self) -> nn.Module:
+        return self.model.image_backbone
+
+    @property
+    def fusion_head(self) -> nn.Module:
+        return self.model.fusion_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.meta.expand(len(x), -1))
+        return self.model(x, self.meta_row.repeat(x.shape[0], 1))
 
 
 def is_fusion(model: nn.Module) -> bool:

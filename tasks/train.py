@@ -59,6 +59,21 @@ class CachedImages(Dataset):
         self.labels = split.labels
         self.metadata = None if metadata is None else torch.from_numpy(metadata)
 
+    def __getstate__(self) -> dict:
+        """Loader workers start by forkserver: send the cache's file name, not its pixels."""
+        state = self.__dict__.copy()
+        images = self.images
+        if isinstance(images, np.memmap) and images.filename:
+            whole = np.load(images.filename, mmap_mode="r")
+            if whole.shape == images.shape:
+                state["images"] = ("npy", str(images.filename))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["images"], tuple):
+            state["images"] = np.load(state["images"][1], mmap_mode="r")
+        self.__dict__.update(state)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -278,10 +293,14 @@ def _loader(
     metadata: np.ndarray | None = None,
     **kw,
 ) -> DataLoader:
+    # forkserver, not fork: a forked worker inherits the parent's threads and handlers (a
+    # Prefect task's, for one) and can die on start; the cache re-opens by file name.
+    context = "forkserver" if cfg.workers > 0 else None
     return DataLoader(
         CachedImages(split, metadata),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
+        multiprocessing_context=context,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         **kw,

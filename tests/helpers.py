@@ -72,3 +72,23 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
         tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{tail}")
     return proc
+
+
+def prepare_tiny(root: Path, overrides: list[str] | None = None):
+    """In-process synth -> ingest -> split -> prepare (32 px) under ``root``; returns params.
+
+    For tests of one stage function on a real prepared cache without DVC or a subprocess.
+    """
+    from tasks.config import load_params
+    from tasks.ingest import build_manifest
+    from tasks.prepare import prepare
+    from tasks.split import split_manifest, write_splits
+    from tasks.synth import generate
+
+    p = load_params(write_params(root / "params.yaml", TINY if overrides is None else overrides))
+    generate(p.synth, root / "raw", progress=False)
+    manifest = build_manifest(root / "raw", progress=False)
+    frame, _ = split_manifest(manifest, p.split.fractions, p.split.seed)
+    write_splits(frame, root / "splits")
+    prepare(root / "splits", root / "raw", root / "prepared", size=32, show_progress=False)
+    return p

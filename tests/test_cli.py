@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.datasets import make_folder, not_an_image, truncate
 from tests.helpers import REPO, run, write_params
 
@@ -54,3 +56,32 @@ def test_preset_merges_and_keeps_comments(tmp_path):
 
     p = load_params(params)
     assert p.prepare.size == 224 and p.train.lr == 0.0001 and p.synth.count == 1500
+
+
+@pytest.mark.parametrize("value", [1e-05, 1e-12, 2.5e-07, 0.001, 3.0, 1e20])
+def test_preset_floats_load_back_as_floats(tmp_path, value):
+    """ruamel writes 1e-05 without a dot; PyYAML would read that back as a string."""
+    from tasks.config import load_params, update_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    update_params(params, {"train": {"weight_decay": value}}, where="test")
+    assert load_params(params).train.weight_decay == value
+
+
+def test_preset_replaces_whole_values_instead_of_merging(tmp_path):
+    """A recipe's compare variants and class mix replace the defaults; sections still merge."""
+    from tasks.config import apply_preset, load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(
+        "compare: {variants: {a: [model.arch=resnet18]}}\n"
+        "synth: {class_mix: {NV: 0.6, MEL: 0.4}}\ntrain: {epochs: 3}\n"
+    )
+    apply_preset(params, preset)
+    p = load_params(params)
+    assert p.compare.variants == {"a": ["model.arch=resnet18"]}
+    assert p.synth.class_mix == {"NV": 0.6, "MEL": 0.4}
+    assert p.train.epochs == 3 and p.train.batch_size == 64  # the rest of train is kept

@@ -13,15 +13,11 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.cams import explain_batch
-from tasks.config import load_params
 from tasks.fusion import EMBED, FusionNet, ImageOnly, feature_names, metadata_features
-from tasks.ingest import build_manifest
 from tasks.models import build_model, load_bundle, save_bundle, target_layers
-from tasks.prepare import open_split, prepare
-from tasks.split import split_manifest, write_splits
-from tasks.synth import generate
+from tasks.prepare import open_split
 from tasks.train import MEAN, STD, train
-from tests.helpers import TINY, write_params
+from tests.helpers import TINY, prepare_tiny, write_params
 
 SITES = ["back", "face"]
 
@@ -97,15 +93,10 @@ def test_image_only_view_explains_like_any_image_model(method: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    root = tmp_path_factory.mktemp("fusion")
-    p = load_params(write_params(root / "params.yaml", TINY))
-    generate(p.synth, root / "raw", progress=False)
-    manifest = build_manifest(root / "raw", progress=False)
-    frame, _ = split_manifest(manifest, p.split.fractions, p.split.seed)
-    write_splits(frame, root / "splits")
-    prepare(root / "splits", root / "raw", root / "prepared", size=32, show_progress=False)
-    return root, p
+def prepared(tmp_path_factory) -> tuple[Path, object]:
+    """A prepared 32-px synthetic set (3 classes, 150 images) and the matching params."""
+    root = tmp_path_factory.mktemp("prepared")
+    return root, prepare_tiny(root)
 
 
 def test_training_a_fusion_model_end_to_end(prepared, tmp_path: Path) -> None:
@@ -139,3 +130,14 @@ def test_export_refuses_a_fusion_bundle_naming_the_way_out(
     assert result.exit_code == 1
     text = result.output.replace("\n", " ")
     assert "model.metadata" in text and "dermaflow compare" in text
+
+
+def test_exact_cam_refuses_a_fusion_model_and_deeplift_runs() -> None:
+    model = FusionNet(build_model("resnet18", EMBED), len(feature_names(SITES)), 3).eval()
+    meta = metadata_features(_rows(age=[40.0], sex=["female"], site=["face"]), SITES)
+    view = ImageOnly(model, meta[0])
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="metadata-fusion"):
+        explain_batch(view, "resnet18", "cam", x, [0, 1], "deep")
+    maps = explain_batch(view, "resnet18", "deeplift", x, [0, 1])
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all()

@@ -34,6 +34,7 @@ TINY_DATA = [
     "train.epochs=1",
     "train.batch_size=32",
     "train.warmup_epochs=0",
+    "train.workers=0",
     "explain.per_class=1",
     "explain.misclassified_cap=1",
     "explain.bootstrap=50",
@@ -147,3 +148,76 @@ def test_recipe_binary_malignancy(tmp_path: Path) -> None:
     assert {m["method"] for m in summary["methods"]} == {"cam", "gradcam"}
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert 0.0 <= train["test"]["balanced_accuracy"] <= 1.0
+
+
+def _compare_runs(project: Path, experiment: str) -> tuple[object, list]:
+    client = _client(project)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "compare")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+@pytest.mark.slow
+def test_recipe_backbones_side_by_side(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj", [])
+    _recipe(project, "backbones_side_by_side", ["compare.agreement_layer=middle"])
+    summary = json.loads((project / "reports" / "explain" / "summary.json").read_text())
+    assert {(m["method"], m["layer"]) for m in summary["methods"]} >= {
+        ("gradcam", "middle"),
+        ("gradcam", "deep"),
+        ("lime", "input"),
+    }
+    table = pd.read_csv(project / "reports" / "compare" / "comparison.csv")
+    assert list(table["model"]) == ["resnet50", "efficientnet_b0", "densenet201"]
+    across = pd.read_csv(project / "reports" / "compare" / "agreement_across.csv")
+    assert set(across["method"]) == {"gradcam", "lime"} and len(across) == 2 * 3
+    _, children = _compare_runs(project, "backbones-side-by-side-embedded")
+    assert len(children) == 3
+
+
+@pytest.mark.slow
+def test_recipe_ham10000_balance_and_tune(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "proj", [])
+    _recipe(project, "ham10000_balance_and_tune", ["compare.agreement_layer=middle"])
+    tuned = yaml.safe_load((project / "configs" / "tuned.yaml").read_text())
+    assert set(tuned) <= {"train", "model"} and tuned
+    table = pd.read_csv(project / "reports" / "compare" / "comparison.csv").set_index("model")
+    archs = ("custom_cnn", "resnet50", "densenet121")
+    expected = {f"{a}_{b}" for a in archs for b in ("balanced", "imbalanced")}
+    assert set(table.index) == expected | {"custom_cnn_tuned"}
+    weights = {
+        r.info.run_name: r.data.params["train.class_weights"]
+        for r in _compare_runs(project, "ham10000-balance-and-tune-embedded")[1]
+    }
+    assert weights["resnet50_balanced"] == "inverse" and weights["resnet50_imbalanced"] == "none"
+    client = _client(project)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ham10000-balance-and-tune-embedded").experiment_id]
+    )
+    tune_parent = next(r for r in runs if r.info.run_name == "tune-custom_cnn")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_parent.info.run_id]
+    assert len(trials) == 2
+
+
+@pytest.mark.slow
+def test_recipe_mednode_agreement_on_real_photos(tmp_path: Path, mednode: Path) -> None:
+    project = make_project(tmp_path / "proj", [])
+    real = [f"dataset.root={mednode}", "validate.min_side=128", "prepare.size=48"]
+    real += ["model.pretrained=none", "compare.agreement_layer=middle"]
+    _recipe(project, "mednode_agreement", real)
+    meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
+    assert meta["classes"] == ["melanoma", "naevus"]
+    calibration = json.loads((project / "metrics" / "calibrate.json").read_text())
+    assert calibration  # temperature-calibrated
+    within = pd.read_csv(project / "reports" / "compare" / "agreement_within.csv")
+    pairs = {("gradcam", "ig"), ("gradcam", "deeplift"), ("ig", "deeplift")}
+    for model in ("efficientnet_b0", "resnet50"):
+        part = within[within["model"] == model]
+        assert set(zip(part["method_a"], part["method_b"], strict=True)) == pairs
+    across = pd.read_csv(project / "reports" / "compare" / "agreement_across.csv")
+    assert set(across["method"]) == {"gradcam", "ig", "deeplift"}
+    # Pixel-level maps are never constant; a 48 px Grad-CAM may be (then Pearson is undefined).
+    pixel = across[across["method"] != "gradcam"]
+    assert pixel[["ssim", "pearson", "cosine", "topk_jaccard"]].notna().all().all()
+    assert across["ssim"].between(-1, 1).all()

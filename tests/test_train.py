@@ -13,26 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.config import load_params
-from tasks.ingest import build_manifest
-from tasks.prepare import prepare
-from tasks.split import split_manifest, write_splits
-from tasks.synth import generate
 from tasks.train import TrainingError, train
-from tests.helpers import REPO, TINY, env, run, write_params
+from tests.helpers import REPO, env, prepare_tiny, run, write_params
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, object]:
     """A prepared 32-px synthetic set (3 classes, 150 images) and the matching params."""
     root = tmp_path_factory.mktemp("tiny")
-    p = load_params(write_params(root / "params.yaml", TINY))
-    generate(p.synth, root / "raw", progress=False)
-    manifest = build_manifest(root / "raw", progress=False)
-    frame, _ = split_manifest(manifest, p.split.fractions, p.split.seed)
-    write_splits(frame, root / "splits")
-    prepare(root / "splits", root / "raw", root / "prepared", size=32, show_progress=False)
-    return root, p
+    return root, prepare_tiny(root)
 
 
 def _cfg(p, **train_changes):
@@ -160,3 +149,24 @@ def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
     assert hasattr(model, "register_forward_hook")  # hookable for the CAM stage
     preds = np.load(tmp_path / "data/predictions/test.npz")
     assert preds["logits"].shape[1] == 2 and len(preds["labels"]) == len(preds["image_ids"])
+
+
+def test_cached_images_reach_loader_workers_by_file_name(tiny):
+    """forkserver workers get the cache's path (a few hundred bytes), not a copy of its pixels."""
+    import pickle
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tasks.prepare import open_split
+    from tasks.train import CachedImages
+
+    root, _ = tiny
+    data = CachedImages(open_split(root / "prepared", "val"))
+    blob = pickle.dumps(data)
+    assert len(blob) < data.images[0].nbytes  # not even one image's pixels
+    again = pickle.loads(blob)
+    assert torch.equal(again[3][0], data[3][0]) and again[3][1] == data[3][1]
+    batches = DataLoader(data, batch_size=8, num_workers=1, multiprocessing_context="forkserver")
+    seen = torch.cat([images for images, _ in batches])
+    assert torch.equal(seen, torch.from_numpy(np.array(data.images)))

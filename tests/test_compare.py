@@ -1,0 +1,302 @@
+"""dermaflow compare: variant resolution, the ablation pairing, agreement tables, fusion
+explanations, and one end-to-end run through the CLI (real DVC, Prefect, MLflow, torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tasks.compare import (
+    AGREEMENT,
+    Variant,
+    ablation_pairs,
+    ablation_table,
+    agreement_across,
+    agreement_within,
+    compute_maps,
+    explain_views,
+    method_plan,
+    pick_images,
+    resolve_variants,
+    variant_params,
+)
+from tasks.config import ConfigError
+from tests.helpers import TINY, make_project, run, write_params
+
+VARIANTS = {
+    "custom_cnn": ["model.arch=custom_cnn"],
+    "custom_cnn_metadata": ["model.arch=custom_cnn", "model.metadata=true"],
+}
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            "custom_cnn_metadata",
+            Variant("custom_cnn_metadata", tuple(VARIANTS["custom_cnn_metadata"])),
+        ),
+        ("resnet18", Variant("resnet18", ("model.arch=resnet18",))),
+        ("models:/clf@champion", Variant("clf@champion", (), "models:/clf@champion")),
+        ("models:/clf/3", Variant("clf-v3", (), "models:/clf/3")),
+    ],
+)
+def test_entry_resolves_to_a_variant(entry, expected):
+    assert resolve_variants([entry], VARIANTS) == [expected]
+
+
+def test_bundle_paths_are_loaded_with_unique_names(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.pt").write_bytes(b"x")
+    got = resolve_variants(["a/model.pt", " b/model.pt ", "resnet18"], VARIANTS, tmp_path)
+    assert [v.name for v in got] == ["model", "model-2", "resnet18"]
+    assert got[0].source == str((tmp_path / "a/model.pt").resolve()) and not got[0].trained
+    assert got[2].trained
+
+
+def test_no_entries_compare_every_configured_variant():
+    assert [v.name for v in resolve_variants(None, VARIANTS)] == list(VARIANTS)
+
+
+@pytest.mark.parametrize("entry", ["resnet19", "missing/model.pt", "custom-cnn"])
+def test_unknown_entry_names_the_choices(entry):
+    with pytest.raises(ConfigError) as err:
+        resolve_variants(["custom_cnn", entry], VARIANTS)
+    message = str(err.value)
+    for choice in (repr(entry), "custom_cnn_metadata", "resnet18", "efficientnet_b0", "models:/"):
+        assert choice in message
+
+
+def test_an_entry_twice_is_an_error():
+    with pytest.raises(ConfigError, match="listed twice"):
+        resolve_variants(["resnet18", "resnet18"], VARIANTS)
+
+
+def test_overrides_that_change_the_data_are_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml", TINY)
+    same = Variant("v", ("model.arch=resnet18", "prepare.size=32"))  # repeats the base value
+    assert variant_params(params, [], same).model.arch == "resnet18"
+    with pytest.raises(ConfigError, match=r"prepare\.size.*same prepared split"):
+        variant_params(params, [], Variant("v", ("prepare.size=64",)))
+    with pytest.raises(ConfigError, match="unknown model.arch 'resnet19'"):
+        variant_params(params, [], Variant("v", ("model.arch=resnet19",)))
+
+
+def test_ablation_pairs_only_variants_that_differ_by_metadata_alone():
+    base = {"model.arch": "custom_cnn", "model.metadata": False, "train.lr": 0.002}
+    resnet = {**base, "model.arch": "resnet18"}
+    params = {
+        "cnn_meta": {**base, "model.metadata": True},  # given before its partner
+        "cnn": base,
+        "resnet": resnet,
+        "resnet_meta_other_lr": {**resnet, "model.metadata": True, "train.lr": 0.01},
+        "resnet_meta": {**resnet, "model.metadata": True},
+        "loaded": None,  # training params unknown: pairs with nothing
+    }
+    assert ablation_pairs(params) == [("cnn", "cnn_meta"), ("resnet", "resnet_meta")]
+
+
+def test_ablation_table_is_with_minus_without():
+    table = pd.DataFrame(
+        {
+            "model": ["a", "b"],
+            "metadata": [False, True],
+            "balanced_accuracy": [0.5, 0.625],
+            "ece_after": [0.1, 0.05],
+        }
+    )
+    out = ablation_table(table, [("a", "b")]).set_index("metric")
+    assert list(out.index) == ["balanced_accuracy", "ece_after"]  # bools are not metrics
+    assert out.at["balanced_accuracy", "delta"] == pytest.approx(0.125)
+    assert out.at["ece_after", "delta"] == pytest.approx(-0.05)
+
+
+def test_agreement_tables_cover_every_pair():
+    rng = np.random.default_rng(0)
+    maps = {m: rng.random((3, 16, 16)).astype(np.float32) for m in ("gradcam", "ig", "deeplift")}
+    maps["same"] = maps["ig"].copy()
+    within = agreement_within(maps, 20.0, "m1")
+    assert len(within) == 6 and set(within["model"]) == {"m1"}
+    identical = within[(within["method_a"] == "ig") & (within["method_b"] == "same")].iloc[0]
+    assert all(identical[k] == pytest.approx(1.0) for k in AGREEMENT)
+    other = {"gradcam": maps["gradcam"], "ig": maps["deeplift"]}  # no deeplift in m3
+    across = agreement_across({"m1": maps, "m2": maps, "m3": other}, 20.0)
+    pairs = {(r.method, r.model_a, r.model_b) for r in across.itertuples()}
+    assert ("gradcam", "m1", "m3") in pairs and ("deeplift", "m1", "m2") in pairs
+    assert ("deeplift", "m1", "m3") not in pairs and len(across) == 3 + 3 + 1 + 1
+
+
+def test_picked_images_are_stratified_and_fixed():
+    labels = np.array([0] * 20 + [1] * 5 + [2] * 2)
+    idx = pick_images(labels, 6, seed=0)
+    assert len(set(idx)) == 6 and (idx == pick_images(labels, 6, seed=0)).all()
+    assert sorted(labels[idx[:3]]) == [0, 1, 2]  # the gallery's first images cover the classes
+    assert len(pick_images(labels, 100, seed=0)) == len(labels)
+
+
+@pytest.mark.parametrize("arch", ["custom_cnn", "resnet18"])
+def test_fusion_models_are_explained_one_image_at_a_time(arch):
+    """Grad-CAM, IG and DeepLIFT on a fusion model, each image with its own metadata."""
+    from tasks.fusion import EMBED, FusionNet
+    from tasks.models import build_model
+
+    torch.manual_seed(0)
+    model = FusionNet(build_model(arch, EMBED), 5, 3).eval()
+    x, meta = torch.randn(2, 3, 32, 32), np.random.default_rng(0).random((2, 5))
+    views = explain_views(model, 2, meta)
+    assert len(views) == 2
+    with torch.no_grad():
+        expected = model(x[1:], torch.as_tensor(meta[1:], dtype=torch.float32))
+        assert torch.allclose(views[1][1](x[1:]), expected)
+    plan = method_plan(["gradcam", "cam", "ig", "deeplift"], "middle", arch, fusion=True)
+    assert [m for m, _ in plan] == ["gradcam", "ig", "deeplift"]  # exact CAM is not exact here
+    maps = compute_maps(model, arch, x, np.array([0, 2]), plan, meta, ig_steps=4)
+    for heat in maps.values():
+        assert heat.shape == (2, 32, 32) and heat.min() >= 0.0 and heat.max() <= 1.0
+
+
+def test_cli_refuses_an_unknown_model_before_anything_runs(tmp_path):
+    from flows.cli import app
+
+    params = write_params(tmp_path / "params.yaml", TINY)
+    result = CliRunner().invoke(app, ["compare", "--models", "resnet19", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "dermaflow compare failed" in result.output and "custom_cnn_metadata" in result.output
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_compare_three_models_then_load_bundles(tmp_path):
+    """Three trained models in one MLflow parent run; then two loaded bundles compared."""
+    from mlflow.tracking import MlflowClient
+
+    project = make_project(
+        tmp_path / "proj",
+        TINY
+        + [
+            "train.epochs=1",
+            "compare.explain_images=4",
+            # At 32 px ResNet's deep layer is 1 x 1 (a constant Grad-CAM); middle is 2 x 2.
+            "compare.agreement_layer=middle",
+            "explain.ig_steps=8",
+            "explain.perturbation_steps=8",
+        ],
+    )
+    run(["dvc", "repro", "prepare"], project)
+    models = ["custom_cnn", "custom_cnn_metadata", "resnet18"]
+    out = run(["dermaflow", "compare", "--models", ",".join(models)], project)
+    assert "dermaflow compare" in out.stdout + out.stderr
+
+    uri = f"sqlite:///{project}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("synthetic").experiment_id
+    runs = client.search_runs([experiment])
+    parents = [r for r in runs if r.info.run_name == "compare"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(models)
+    assert len(runs) == 4 and not client.search_registered_models()  # no champion candidates
+    assert parent.data.params["variants"] == ",".join(models)
+    assert "model.metadata=true" in parent.data.params["variant.custom_cnn_metadata"]
+    for child in children:
+        for key in ("test_balanced_accuracy", "test_ece_before", "test_ece_after"):
+            assert np.isfinite(child.data.metrics[key]), (child.info.run_name, key)
+        assert "xai_ig_deletion_auc" in child.data.metrics
+        assert child.data.params["model.arch"] in {"custom_cnn", "resnet18"}
+        listed = {a.path for a in client.list_artifacts(child.info.run_id, "bundle")}
+        assert listed == {"bundle/model.pt"}
+        assert "compare/reliability.png" in {
+            a.path for a in client.list_artifacts(child.info.run_id, "compare")
+        }
+    reported = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    for name in (
+        "comparison.csv",
+        "comparison.md",
+        "agreement_within.csv",
+        "agreement_across.csv",
+        "headline.png",
+        "reliability.png",
+        "agreement_within.png",
+        "agreement_across.png",
+        "gallery.png",
+        "report.html",
+        "summary.json",
+    ):
+        assert f"compare/{name}" in reported, name
+
+    report = project / "reports/compare"
+    table = pd.read_csv(report / "comparison.csv")
+    assert list(table["model"]) == models
+    assert np.isfinite(table[["balanced_accuracy", "ece_before", "ece_after"]]).all().all()
+    assert list(table["metadata"]) == [False, True, False]
+    assert (table["parameters"] > 0).all() and (table["train_seconds"] > 0).all()
+
+    methods = ["gradcam", "ig", "deeplift"]
+    method_pairs = {("gradcam", "ig"), ("gradcam", "deeplift"), ("ig", "deeplift")}
+    within = pd.read_csv(report / "agreement_within.csv")
+    for model in models:
+        part = within[within["model"] == model]
+        assert set(zip(part["method_a"], part["method_b"], strict=True)) == method_pairs
+    across = pd.read_csv(report / "agreement_across.csv")
+    model_pairs = {(a, b) for i, a in enumerate(models) for b in models[i + 1 :]}
+    for method in methods:
+        part = across[across["method"] == method]
+        assert set(zip(part["model_a"], part["model_b"], strict=True)) == model_pairs
+    for frame in (within, across):
+        assert (frame["n_images"] == 4).all()
+        values = frame[list(AGREEMENT)]
+        assert values.notna().all().all(), frame
+        assert (
+            ((values[["ssim", "pearson"]] >= -1) & (values[["ssim", "pearson"]] <= 1)).all().all()
+        )
+        unit = values[["cosine", "topk_jaccard"]]
+        assert ((unit >= 0) & (unit <= 1)).all().all()
+
+    markdown = (report / "comparison.md").read_text()
+    assert "## Ablation: metadata" in markdown
+    assert "custom_cnn_metadata (with metadata) minus custom_cnn (without)" in markdown
+    assert "Ablation: metadata" in (report / "report.html").read_text()
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["ablation_pairs"] == [["custom_cnn", "custom_cnn_metadata"]]
+    assert summary["run_id"] == parent.info.run_id and len(summary["images"]["indices"]) == 4
+
+    # Loading instead of training: the fusion child's bundle as MLflow stored it, and a bundle
+    # saved by hand (random weights, no data version).
+    import mlflow.artifacts
+
+    from tasks.models import build_model, save_bundle
+    from tasks.train import MEAN, STD
+
+    fusion_child = next(r for r in children if r.info.run_name == "custom_cnn_metadata")
+    downloaded = mlflow.artifacts.download_artifacts(
+        run_id=fusion_child.info.run_id,
+        artifact_path="bundle/model.pt",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=uri,
+    )
+    classes = json.loads((project / "data/prepared/meta.json").read_text())["classes"]
+    saved = tmp_path / "random_resnet18.pt"
+    save_bundle(saved, build_model("resnet18", len(classes)), "resnet18", classes, 32, MEAN, STD)
+    run(["dermaflow", "compare", "--models", f"{downloaded},{saved}", "--no-repro"], project)
+
+    loaded = pd.read_csv(report / "comparison.csv")
+    assert list(loaded["model"]) == ["model", "random_resnet18"]
+    assert list(loaded["source"]) == [str(Path(downloaded).resolve()), str(saved.resolve())]
+    assert list(loaded["metadata"]) == [True, False]
+    assert list(loaded["data_version_match"]) == [True, False]
+    assert loaded["train_seconds"].isna().all()
+    # The same weights on the same split: the same test metrics as when it was trained.
+    trained = table.set_index("model").loc["custom_cnn_metadata"]
+    assert loaded.at[0, "balanced_accuracy"] == pytest.approx(trained["balanced_accuracy"])
+    assert loaded.at[0, "ece_after"] == pytest.approx(trained["ece_after"], abs=1e-6)
+    assert "No two variants differ only by" in (report / "comparison.md").read_text()
+    second = [r for r in client.search_runs([experiment]) if r.info.run_name == "compare"]
+    assert len(second) == 2
