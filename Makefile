@@ -8,7 +8,7 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: run test ui lint clean
+.PHONY: run test ui lint clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)  ## the test suite (real DVC, GX, MLflow, Prefect, onnxruntime in
 
 ui: $(STAMP)  ## the MLflow UI over mlruns/mlflow.db on http://127.0.0.1:5000
 	dermaflow ui
+
+bench: $(STAMP)  ## benchmarks -> bench/results/<device>.json (BENCH_ARGS="--all" adds the pipeline)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tasks flows tests bench

@@ -1,0 +1,326 @@
+"""Part 3: explanations, the project's batched CAMs against their limit and the library.
+
+Three comparisons, each with the heatmaps checked equal (max absolute difference reported):
+
+- batched Grad-CAM and Grad-CAM++ through :func:`tasks.cams.explain_batch` (what the explain
+  stage calls) against the bare forward+backward rate of the same model and batch (the limit:
+  a gradient CAM cannot cost less than one forward and one backward pass);
+- the same maps from a per-image loop over pytorch-grad-cam (``with GradCAM(model=...,
+  target_layers=[...]) as cam`` opened once, one image per call), the way the library's
+  examples use it;
+- Score-CAM through ``explain_batch`` against ``pytorch_grad_cam.ScoreCAM`` at its defaults,
+  in seconds per image. Score-CAM scores every channel of the layer with one masked forward
+  pass, so the bare forward rate gives its floor: ``channels / forward rate`` seconds per
+  image.
+
+The model is the architecture built by :func:`tasks.models.build_model`, random-init with its
+BatchNorm statistics set from the images (a random-init network in eval mode otherwise gives
+near-constant activations, and equal heatmaps would prove nothing). Images come from the
+prepared cache, normalised as in training; each is explained for its predicted class, the
+explain stage's default target.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.common import Part, Settings, Target, judge, measure_many
+from bench.data import Workload
+
+#: Issue targets for the explanations on a GPU.
+BATCHED_VS_LOOP_TARGET = 20.0
+SCORECAM_SPEEDUP_TARGET = 5.0
+
+
+def settle_batchnorm(model: nn.Module, images: torch.Tensor, chunk: int) -> None:
+    """Set every BatchNorm's running statistics to the mean over ``images``, then eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            model(images[start : start + chunk])
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+def _channels(model: nn.Module, module: nn.Module, image: torch.Tensor) -> int:
+    shapes: list[torch.Size] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape))
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        handle.remove()
+    return int(shapes[0][1])
+
+
+def run(settings: Settings, workload: Workload, part: Part) -> None:
+    """Part 3: batched CAMs vs bare forward+backward vs a per-image library loop; Score-CAM."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from tasks.cams import explain_batch
+    from tasks.models import build_model, target_layers
+    from tasks.prepare import open_split
+    from tasks.train import to_input
+
+    device = torch.device(settings.device)
+    split = open_split(workload.prepared, "train")
+    n = min(settings.explain_images, len(split.labels))
+    chunk = min(settings.batch, n)
+    arch = settings.arch
+    torch.manual_seed(0)
+    model = build_model(arch, len(split.classes), "none", None, 0.2).to(device)
+    images = to_input(torch.from_numpy(np.array(split.images[:n])), device)
+    settle_batchnorm(model, images, chunk)
+    with torch.no_grad():
+        targets = torch.cat([model(images[s : s + chunk]) for s in range(0, n, chunk)]).argmax(1)
+    targets = targets.tolist()
+    deep = target_layers(model, arch)["deep"]
+    part.config.update(
+        {
+            "arch": arch,
+            "size": settings.size,
+            "images": n,
+            "batch": chunk,
+            "layer": "deep",
+            "device": device.type,
+            "precision": "float32 (explanations run float32; see tasks.cams)",
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "heatmap_tolerance": settings.heatmap_tolerance,
+            "target_class": "predicted",
+        }
+    )
+    kw = {"warmup": 1, "repeats": settings.repeats, "budget_s": settings.budget_s}
+    on_cuda = device.type == "cuda"
+    methods = (("gradcam", GradCAM, "Grad-CAM"), ("gradcampp", GradCAMPlusPlus, "Grad-CAM++"))
+    maps: dict[str, np.ndarray] = {}
+
+    def bare(batch: int) -> None:
+        for s in range(0, n, batch):
+            x = images[s : s + batch].detach().clone().requires_grad_(True)
+            out = model(x)
+            idx = torch.as_tensor(targets[s : s + batch], device=device)[:, None]
+            out.gather(1, idx).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    def batched(method: str) -> None:
+        maps[f"{method}_batched"] = explain_batch(
+            model, arch, method, images, targets, "deep", batch_size=chunk
+        )
+
+    def loop(method: str, cls: type) -> None:
+        out = []
+        with cls(model=model, target_layers=[deep]) as cam:
+            for i in range(n):
+                target = [ClassifierOutputTarget(targets[i])]
+                out.append(cam(input_tensor=images[i : i + 1], targets=target))
+        model.eval()  # the library switches to eval itself; keep it explicit
+        maps[f"{method}_loop"] = np.concatenate(out)
+
+    fns = {"bare": lambda: bare(chunk), "bare1": lambda: bare(1)}
+    for method, cls, _ in methods:
+        fns[f"{method}_batched"] = lambda method=method: batched(method)
+        fns[f"{method}_loop"] = lambda method=method, cls=cls: loop(method, cls)
+    timings = measure_many(fns, device, **kw)
+    r = {name: n / t.median_s for name, t in timings.items()}
+    r_bare, r_bare1 = r["bare"], r["bare1"]
+    part.add(
+        "forward_backward_images_per_s",
+        r_bare,
+        "images/s",
+        timing=timings["bare"],
+        note=f"bare forward + backward of the target logits, batch {chunk} (the limit)",
+    )
+    part.add(
+        "forward_backward_b1_images_per_s",
+        r_bare1,
+        "images/s",
+        timing=timings["bare1"],
+        note="the same at batch 1: what a per-image loop could reach at most",
+    )
+    for method, cls, label in methods:
+        r_batched, r_loop = r[f"{method}_batched"], r[f"{method}_loop"]
+        diff = float(np.abs(maps[f"{method}_batched"] - maps[f"{method}_loop"]).max())
+        speedup = r_batched / r_loop
+        part.add(
+            f"{method}_batched_images_per_s",
+            r_batched,
+            "images/s",
+            reference="forward_backward_images_per_s",
+            ratio=r_batched / r_bare,
+            timing=timings[f"{method}_batched"],
+            note=f"tasks.cams.explain_batch, {label}, batch {chunk}",
+        )
+        part.add(
+            f"{method}_loop_images_per_s",
+            r_loop,
+            "images/s",
+            reference=f"{method}_batched_images_per_s",
+            ratio=speedup,
+            timing=timings[f"{method}_loop"],
+            note=f"pytorch-grad-cam {cls.__name__}, one image per call; ratio = batched / loop",
+        )
+        part.add(
+            f"{method}_max_abs_diff",
+            diff,
+            "",
+            note="max |batched - per-image loop| over all heatmaps (values in [0, 1])",
+        )
+        equal = diff <= settings.heatmap_tolerance
+        bound = (
+            f"batched runs at {r_batched / r_bare:.0%} of the bare forward+backward at batch "
+            f"{chunk} ({r_bare:.4g} img/s) and the loop at {r_loop / r_bare1:.0%} of the "
+            f"batch-1 forward+backward ({r_bare1:.4g} img/s): batching can win at most "
+            f"{r_bare / r_bare1:.3g}x here (bare batch {chunk} / bare batch 1)"
+        )
+        if not equal:
+            bound = f"heatmaps differ (max {diff:.3g} > {settings.heatmap_tolerance:g}); " + bound
+        v = judge(speedup if equal else None, BATCHED_VS_LOOP_TARGET, scope="gpu", on_cuda=on_cuda)
+        if v.startswith("skipped"):
+            v = "MISS"
+        part.targets.append(
+            Target(
+                f"{method}_batched_vs_loop",
+                f"batched {label} >= 20x a per-image pytorch-grad-cam loop, equal maps (GPU)",
+                speedup,
+                BATCHED_VS_LOOP_TARGET,
+                ">=",
+                "x",
+                "gpu",
+                v,
+                bound if v != "PASS" else "",
+            )
+        )
+
+    # Score-CAM: the project's against pytorch-grad-cam's at its defaults.
+    layer_name = settings.scorecam_layer
+    module = target_layers(model, arch)[layer_name]
+    m = min(settings.scorecam_images, n)
+    channels = _channels(model, module, images[:1])
+    sc_out: dict[str, np.ndarray] = {}
+
+    def project() -> None:
+        sc_out["project"] = explain_batch(
+            model, arch, "scorecam", images[:m], targets[:m], layer_name, batch_size=chunk
+        )
+
+    def library() -> None:
+        out = []
+        with ScoreCAM(model=model, target_layers=[module]) as cam:
+            for i in range(m):
+                target = [ClassifierOutputTarget(targets[i])]
+                out.append(cam(input_tensor=images[i : i + 1], targets=target))
+        model.eval()
+        sc_out["library"] = np.concatenate(out)
+
+    # A Score-CAM call is long (one forward per channel): on the CPU the first call is timed.
+    sc_timings = measure_many(
+        {"project": project, "library": library}, device, **{**kw, "warmup": 1 if on_cuda else 0}
+    )
+    t_project, t_library = sc_timings["project"], sc_timings["library"]
+    s_project, s_library = t_project.median_s / m, t_library.median_s / m
+    sc_diff = float(np.abs(sc_out["project"] - sc_out["library"]).max())
+    speedup = s_library / s_project
+
+    # The project's masked-forward batch (explain_batch's perturbation_batch) and the library's.
+    own_batch = int(inspect.signature(explain_batch).parameters["perturbation_batch"].default)
+    sizes = sorted({own_batch, 64, 16}, reverse=True)
+    inputs = {b: torch.randn(b, 3, settings.size, settings.size, device=device) for b in sizes}
+
+    def fwd(b: int) -> None:
+        with torch.no_grad():
+            model(inputs[b])
+
+    fwd_timings = measure_many({b: (lambda b=b: fwd(b)) for b in inputs}, device, **kw)
+    forward_rates = {b: b / t.median_s for b, t in fwd_timings.items()}
+    for b, rate in forward_rates.items():
+        part.add(
+            f"forward_b{b}_images_per_s",
+            rate,
+            "images/s",
+            timing=fwd_timings[b],
+            note="bare no-grad forward (Score-CAM's unit of work)",
+        )
+    best_batch = max(forward_rates, key=forward_rates.get)
+    floor = channels / forward_rates[best_batch]
+    part.config.update(
+        {
+            "scorecam_layer": layer_name,
+            "scorecam_channels": channels,
+            "scorecam_images": m,
+            "scorecam_project_batch": own_batch,
+            "scorecam_library_batch": 16,
+        }
+    )
+    part.add(
+        "scorecam_project_s_per_image",
+        s_project,
+        "s/image",
+        reference="scorecam_library_s_per_image",
+        ratio=speedup,
+        timing=t_project,
+        note=f"explain_batch('scorecam') at the {layer_name} layer ({channels} channels); "
+        "ratio = library / project",
+    )
+    part.add(
+        "scorecam_library_s_per_image",
+        s_library,
+        "s/image",
+        timing=t_library,
+        note="pytorch_grad_cam.ScoreCAM at its defaults (16 masked inputs per forward), one "
+        "image per call",
+    )
+    part.add(
+        "scorecam_forward_floor_s_per_image",
+        floor,
+        "s/image",
+        reference="scorecam_project_s_per_image",
+        ratio=floor / s_project,
+        note=f"{channels} masked forwards at the best measured forward rate (batch "
+        f"{best_batch}): no Score-CAM that scores every channel is faster",
+    )
+    part.add(
+        "scorecam_max_abs_diff",
+        sc_diff,
+        "",
+        note="max |project - library| over the Score-CAM heatmaps",
+    )
+    sc_equal = sc_diff <= settings.heatmap_tolerance
+    best_possible = s_library / floor
+    predicted = {
+        who: channels / forward_rates[b] for who, b in (("project", own_batch), ("library", 16))
+    }
+    sc_bound = (
+        f"Score-CAM is {channels} masked forwards per image: at the measured forward rates that "
+        f"predicts {predicted['project']:.3g} s/image for the project (batch {own_batch}; "
+        f"measured {s_project:.3g}) and {predicted['library']:.3g} s/image for the library "
+        f"(batch 16; measured {s_library:.3g}); even at the best rate ({floor:.3g} s/image, "
+        f"batch {best_batch}) the speed-up over the library is at most {best_possible:.3g}x"
+    )
+    if not sc_equal:
+        sc_bound = f"heatmaps differ (max {sc_diff:.3g}); " + sc_bound
+    v = judge(speedup if sc_equal else None, SCORECAM_SPEEDUP_TARGET, scope="gpu", on_cuda=on_cuda)
+    if v.startswith("skipped"):
+        v = "MISS"
+    part.targets.append(
+        Target(
+            "scorecam_vs_library",
+            "project Score-CAM >= 5x faster than pytorch-grad-cam's ScoreCAM, equal maps (GPU)",
+            speedup,
+            SCORECAM_SPEEDUP_TARGET,
+            ">=",
+            "x",
+            "gpu",
+            v,
+            sc_bound if v != "PASS" else "",
+        )
+    )
