@@ -232,7 +232,8 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     speedup = s_library / s_project
 
     # The project's masked-forward batch (explain_batch's perturbation_batch) and the library's.
-    own_batch = int(inspect.signature(explain_batch).parameters["perturbation_batch"].default)
+    param = inspect.signature(explain_batch).parameters.get("perturbation_batch")
+    own_batch = int(param.default) if param is not None else 64
     sizes = sorted({own_batch, 64, 16}, reverse=True)
     inputs = {b: torch.randn(b, 3, settings.size, settings.size, device=device) for b in sizes}
 

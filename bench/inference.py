@@ -84,7 +84,11 @@ def torch_op_shares(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]
                 torch.cuda.synchronize()
     shares: dict[str, float] = {}
     for event in prof.key_averages():
-        t = event.self_device_time_total if x.is_cuda else event.self_cpu_time_total
+        if x.is_cuda:  # the name changed from self_cuda_time_total in torch 2.4
+            t = getattr(event, "self_device_time_total", None)
+            t = t if t is not None else getattr(event, "self_cuda_time_total", 0)
+        else:
+            t = event.self_cpu_time_total
         if t > 0:
             shares[event.key] = float(t)
     return shares
