@@ -248,18 +248,8 @@ def run(settings: Settings, part: Part) -> None:
         for b in settings.cuda_batches:
             for runtime in ("ort", "torch_eager", "torch_compile"):
                 part.skip(f"cuda_{runtime}_b{b}_images_per_s", "images/s", reason)
-            part.targets.append(
-                Target(
-                    f"ort_cuda_vs_eager_b{b}",
-                    f"onnxruntime CUDA (IOBinding) >= PyTorch eager at batch {b} (GPU)",
-                    None,
-                    1.0,
-                    ">=",
-                    "x",
-                    "gpu",
-                    judge(None, 1.0, scope="gpu", on_cuda=settings.on_cuda, missing=reason),
-                )
-            )
+            verdict = judge(None, 1.0, scope="gpu", on_cuda=settings.on_cuda, missing=reason)
+            part.targets.append(_cuda_target(b, None, verdict))
         return
     device = torch.device("cuda")
     on_gpu = copy.deepcopy(wrapped).to(device).eval()
@@ -309,18 +299,7 @@ def run(settings: Settings, part: Part) -> None:
         rates = {k: b / t.median_s for k, t in timings.items()}
         _add_pair(part, "cuda", b, rates, timings, names)
         if session_cuda is None:
-            part.targets.append(
-                Target(
-                    f"ort_cuda_vs_eager_b{b}",
-                    f"onnxruntime CUDA (IOBinding) >= PyTorch eager at batch {b} (GPU)",
-                    None,
-                    1.0,
-                    ">=",
-                    "x",
-                    "gpu",
-                    ort_failed,
-                )
-            )
+            part.targets.append(_cuda_target(b, None, ort_failed))
             continue
         probs_o = session_cuda.run(["probabilities"], {INPUT_NAME: x})[0]
         with torch.inference_mode():
@@ -342,16 +321,19 @@ def run(settings: Settings, part: Part) -> None:
                 f"{timings['torch_eager'].median_s * 1000:.4g} ms; ort time by op: {_top_ops(o)}; "
                 f"torch kernels: {_top_ops(t)}"
             )
-        part.targets.append(
-            Target(
-                f"ort_cuda_vs_eager_b{b}",
-                f"onnxruntime CUDA (IOBinding) >= PyTorch eager at batch {b} (GPU)",
-                speedup,
-                1.0,
-                ">=",
-                "x",
-                "gpu",
-                v,
-                bound,
-            )
-        )
+        part.targets.append(_cuda_target(b, speedup, v, bound))
+
+
+def _cuda_target(batch: int, measured: float | None, verdict: str, bound: str = "") -> Target:
+    """The GPU inference target at one batch size (onnxruntime CUDA vs PyTorch eager)."""
+    return Target(
+        f"ort_cuda_vs_eager_b{batch}",
+        f"onnxruntime CUDA (IOBinding) >= PyTorch eager at batch {batch} (GPU)",
+        measured,
+        1.0,
+        ">=",
+        "x",
+        "gpu",
+        verdict,
+        bound,
+    )

@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import (
     ConfigError,
+    apply_override,
     apply_overrides,
     apply_preset,
     deep_merge,
@@ -76,9 +77,8 @@ def plan_recipe(
     section = patch.get("recipe") or {}
     if not section.get("steps"):
         raise ConfigError(f"{recipe_file}: not a recipe (it has no recipe.steps)")
-    merged = params_from_dict(
-        deep_merge(read_params_tree(repo / "params.yaml"), patch), str(recipe_file)
-    )
+    tree = deep_merge(read_params_tree(repo / "params.yaml"), patch)
+    merged = params_from_dict(tree, str(recipe_file))
     user = list(overrides or [])
     root = Path(merged.dataset.root)
     root = root if root.is_absolute() else repo / root
@@ -87,20 +87,10 @@ def plan_recipe(
     name = merged.recipe.name or recipe_file.stem
     pinned = [*(merged.recipe.small if embedded else []), *user]
     extra = [*EMBEDDED, f"dataset.name={name}-embedded"] if embedded else []
-    load_params(repo / "params.yaml", [])  # the base file itself must be valid
-    params_from_dict(
-        _with_overrides(deep_merge(read_params_tree(repo / "params.yaml"), patch), extra + pinned),
-        str(recipe_file),
-    )
-    return RecipePlan(name, list(merged.recipe.steps), embedded, extra + pinned, pinned)
-
-
-def _with_overrides(tree: dict, overrides: list[str]) -> dict:
-    from tasks.config import apply_override
-
-    for text in overrides:
+    for text in extra + pinned:  # every override must fit before params.yaml is touched
         apply_override(tree, text)
-    return tree
+    params_from_dict(tree, str(recipe_file))
+    return RecipePlan(name, list(merged.recipe.steps), embedded, extra + pinned, pinned)
 
 
 def write_recipe_params(recipe_file: str | Path, repo: str | Path, plan: RecipePlan) -> None:

@@ -55,7 +55,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage.segmentation import slic
 from torch import nn
 
-from tasks.models import ARCHITECTURES, arch_spec, head_layer, target_layers
+from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, target_layers
 
 log = logging.getLogger(__name__)
 
@@ -709,13 +709,10 @@ def _explaining(model: nn.Module) -> Iterator[None]:
     pytorch-grad-cam switches the model to eval itself (and never back) and leaves ``.grad``
     filled by its backward pass; both would leak into a caller that explains mid-training.
     """
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             yield
     finally:
-        model.train(was_training)
         model.zero_grad(set_to_none=True)
 
 

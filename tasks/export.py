@@ -16,14 +16,13 @@ registration.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from tasks.io import atomic_path
+from tasks.models import eval_mode
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
@@ -165,7 +165,7 @@ def export_onnx(
     props.update(extra or {})
 
     target = Path(path)
-    with atomic_path(target) as tmp, _eval_mode(wrapped), warnings.catch_warnings():
+    with atomic_path(target) as tmp, eval_mode(wrapped), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             wrapped,
@@ -262,17 +262,6 @@ def ort_session(
     return session, used
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration (dropout off, BatchNorm running stats), then restore."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -339,7 +328,7 @@ def check_parity(
     max_diff = max_logit_diff = total_diff = 0.0
     mismatches: list[int] = []
     ties: list[int] = []
-    with _eval_mode(wrapped_model), torch.inference_mode():
+    with eval_mode(wrapped_model), torch.inference_mode():
         for start in range(0, n, batch_size):
             chunk = np.asarray(images[start : start + batch_size])
             x = normalize(chunk, mean, std) if raw else np.ascontiguousarray(chunk, np.float32)
@@ -453,7 +442,7 @@ def benchmark(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
-    with _eval_mode(torch_model), torch.inference_mode():
+    with eval_mode(torch_model), torch.inference_mode():
         for b in batches:
             x = rng.standard_normal((int(b), 3, h, w), dtype=np.float32)
             xt = torch.from_numpy(x).to(device)

@@ -22,6 +22,7 @@ fits a freshly built model.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import re
@@ -490,6 +491,21 @@ def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
         p.requires_grad_(not frozen)
     for p in head_parameters(model, arch):
         p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (dropout off, BatchNorm running stats) for the duration, then the flag back.
+
+    Scoring, export and explanation may run mid-training (a callback, a comparison); leaving
+    the model in eval would silently freeze BatchNorm for the rest of the training run.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
+
+from tasks.models import eval_mode
 
 ClassIndex = int | Sequence[int] | np.ndarray | torch.Tensor
 ExplainFn = Callable[[torch.nn.Module, torch.Tensor, ClassIndex], np.ndarray]
@@ -113,17 +114,6 @@ def _on_model_device(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Move the images to the model's device (a parameter-free model keeps them where they are)."""
     param = next(model.parameters(), None)
     return x if param is None else x.to(param.device)
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Score in eval mode (BatchNorm/Dropout frozen) and give the model back as it came."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _target_probs(
@@ -328,7 +318,7 @@ def deletion_insertion(
     # is built with one vectorised `where`, so memory stays at batch_size images.
     total = (steps + 1) * n
     probs = {"deletion": [], "insertion": []}
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, total, batch_size):
             rows = torch.arange(start, min(start + batch_size, total), device=x.device)
             step, image = rows // n, rows % n
@@ -405,7 +395,7 @@ def road_scores(
         raise ValueError(f"variant must be one of {ROAD_VARIANTS}, got {variant!r}")
     metric = metrics[variant](percentiles=percentiles)
     # The imputer runs on the CPU, so forking the CPU generator is enough.
-    with _eval_mode(model), torch.random.fork_rng(devices=[]):
+    with eval_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         scores = metric(x, maps, targets, model)
     return np.asarray(scores, dtype=np.float64).reshape(n)
@@ -439,7 +429,7 @@ def average_drop_increase(
     maps = _as_maps(heatmaps, n, (height, width))
     indices = _class_indices(class_idx, n)
     targets = [ClassifierOutputSoftmaxTarget(c) for c in indices]
-    with _eval_mode(model):
+    with eval_mode(model):
         y = _target_probs(model, x, torch.tensor(indices), batch_size=max(1, n)).numpy()
         o = CamMultImageConfidenceChange()(x, maps, targets, model, return_diff=False)
     y = y.astype(np.float64)

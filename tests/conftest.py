@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,6 @@ def isolated_mlflow_uris():
     for name in _MLFLOW_URI_VARS:
         os.environ.pop(name, None)
     yield
-    import sys
-
     if "mlflow" in sys.modules:
         import mlflow
 

@@ -70,7 +70,7 @@ def test_metadata_changes_the_prediction() -> None:
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "ig"])
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ig", "lime"])
 def test_image_only_view_explains_like_any_image_model(method: str) -> None:
     """CAM layers resolve through the view; a batch of copies equals one image's map."""
     model = _fusion()

@@ -209,7 +209,7 @@ def test_recipe_mednode_agreement_on_real_photos(tmp_path: Path, mednode: Path) 
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
     assert meta["classes"] == ["melanoma", "naevus"]
     calibration = json.loads((project / "metrics" / "calibrate.json").read_text())
-    assert calibration  # temperature-calibrated
+    assert calibration["temperature"] > 0 and "test_ece_after" in calibration
     within = pd.read_csv(project / "reports" / "compare" / "agreement_within.csv")
     pairs = {("gradcam", "ig"), ("gradcam", "deeplift"), ("ig", "deeplift")}
     for model in ("efficientnet_b0", "resnet50"):
