@@ -25,8 +25,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from bench.common import Part, Settings, measure_many
+from bench.common import PASS, Part, Settings, Target, judge, measure_many
 
+#: Issue target: batched GPU augmentation, images/s at 224 px (a ResNet-50 on a GPU takes ~2,600).
+AUGMENT_TARGET = 10_000.0
 #: JPEG quality of the synth stage's files (tasks.synth saves with quality=92).
 JPEG_QUALITY = 92
 CLASSES = ("NV", "MEL", "BCC", "BKL", "AK", "SCC", "VASC", "DF")
@@ -108,14 +110,14 @@ def augment_batch(
     """uint8 NHWC -> augmented, normalised NCHW on ``device``: the data half of a train step.
 
     The same operations, in the same order, as the first lines of
-    :func:`tasks.train.train_one_epoch` (to the device, to float in [0, 1], the augmentations
-    one image at a time, normalisation), so timing this times that.
+    :func:`tasks.train.train_one_epoch` (to the device, to float in [0, 1], the augmentations,
+    normalisation), so timing this times that. The augmentations are
+    :class:`tasks.train.BatchAugment`: one image at a time on the CPU, batched on CUDA.
     """
     from tasks.train import normalize
 
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    x = torch.stack([augment(img) for img in x])
-    return normalize(x, channels_last)
+    return normalize(augment(x), channels_last)
 
 
 def run(settings: Settings, workload: Workload, part: Part) -> None:
@@ -169,8 +171,21 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
             ]
             augment_batch(torch.from_numpy(np.stack(chunk)), device, augment, channels_last)
 
+    # The augmentations alone on one batch already on the device: the per-image v2 loop (the
+    # CPU path) and the batched kornia path (what CUDA runs), side by side.
+    on_device = torch.from_numpy(np.array(split.images[: min(batch, n)])).to(device)
+    on_device = on_device.permute(0, 3, 1, 2).float().div_(255.0)
+
+    def augment_loop() -> None:
+        augment(on_device, batched=False)
+
+    def augment_batched() -> None:
+        augment(on_device, batched=True)
+
     torch.manual_seed(0)
     fns = {
+        "augment_loop": augment_loop,
+        "augment_batched": augment_batched,
         "cache_read": cache_read,
         "cache_decode_augment": cache_augment,
         "jpeg_decode": jpeg_decode,
@@ -218,6 +233,44 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         1.0 - rate["cache_decode_augment"] / rate["cache_read"],
         "fraction",
         note="share of the cache path's time spent in the augmentations",
+    )
+    rows = len(on_device)
+    r_loop = rows / timings["augment_loop"].median_s
+    r_batched = rows / timings["augment_batched"].median_s
+    part.add(
+        "augment_batched_images_per_s",
+        r_batched,
+        "images/s",
+        reference="augment_loop_images_per_s",
+        ratio=r_batched / r_loop,
+        timing=timings["augment_batched"],
+        note=f"tasks.train.BatchAugment's kornia path (per-sample parameters), batch {rows} "
+        f"already on the {device.type}; ratio = batched / per-image loop",
+    )
+    part.add(
+        "augment_loop_images_per_s",
+        r_loop,
+        "images/s",
+        timing=timings["augment_loop"],
+        note=f"the per-image torchvision v2 loop (the CPU path), same batch on the {device.type}",
+    )
+    on_cuda = device.type == "cuda"
+    verdict = judge(r_batched, AUGMENT_TARGET, scope="gpu", on_cuda=on_cuda)
+    part.targets.append(
+        Target(
+            "augment_gpu_images_per_s",
+            f"batched augmentation >= {AUGMENT_TARGET:,.0f} images/s at {settings.size} px (GPU)",
+            r_batched,
+            AUGMENT_TARGET,
+            ">=",
+            "images/s",
+            "gpu",
+            verdict,
+            ""
+            if verdict == PASS
+            else f"batched {r_batched:.4g} img/s vs the per-image loop's {r_loop:.4g} img/s "
+            f"(batch {rows}); the loader alone runs at {rate['cache_read']:.4g} img/s",
+        )
     )
     part.add(
         "prepare_decode_images_per_s",

@@ -77,13 +77,14 @@ def make_project(root: Path, params: Path) -> Path:
 
 def run(settings: Settings, part: Part) -> None:
     """Part 5: wall seconds of each ``dvc repro --single-item <stage>`` of the default."""
-    from flows.pipeline import STAGES
+    from flows.stages import pipeline_stages
 
     root = make_project(settings.workdir / "project", settings.params)
+    stages = pipeline_stages(root)
     part.config.update(
         {
             "params": str(settings.params),
-            "stages": list(STAGES),
+            "stages": stages,
             "command": "dvc repro --single-item <stage>",
             "cuda_visible_devices": "",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -91,7 +92,7 @@ def run(settings: Settings, part: Part) -> None:
         }
     )
     seconds: dict[str, float] = {}
-    for stage in STAGES:
+    for stage in stages:
         start = time.perf_counter()
         proc = _call(["dvc", "repro", "--single-item", stage], root, settings.pipeline_cores)
         seconds[stage] = time.perf_counter() - start

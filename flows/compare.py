@@ -35,7 +35,6 @@ import contextvars
 import dataclasses
 import math
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -127,23 +126,16 @@ def plan_compare(
     return ComparePlan(p, variants, bundles)
 
 
-def _env() -> dict[str, str]:
-    from flows.pipeline import _env as pipeline_env
-
-    return pipeline_env()
-
-
 @task(name="compare-prepare-data", cache_policy=NO_CACHE)
 def prepare_data(repo: str) -> str:
     """``dvc repro prepare``: the split and cache every model trains on, current with params."""
-    proc = subprocess.run(
-        ["dvc", "repro", "prepare"], cwd=repo, env=_env(), capture_output=True, text=True
-    )
-    output = (proc.stdout + proc.stderr).strip()
-    if proc.returncode != 0:
-        raise CompareError(f"`dvc repro prepare` failed:\n{output[-6000:]}")
-    ran = [line for line in output.splitlines() if line.startswith("Running stage")]
-    get_run_logger().info("data: %s", "; ".join(ran) or "unchanged")
+    from flows.stages import StageFailed, reproduce
+
+    try:
+        ran = reproduce(repo, "prepare", single_item=False)
+    except StageFailed as err:
+        raise CompareError(f"`dvc repro prepare` failed at {err.stage}: {err.output}") from None
+    get_run_logger().info("data: %s", "ran " + ", ".join(ran) if ran else "unchanged")
     return "ran" if ran else "unchanged"
 
 
@@ -235,6 +227,7 @@ def _train(p: Params, name: str, prepared: Path, work: Path, data_version: str) 
         "local": None,
         "data_version_match": True,
         "params": p.as_flat_dict(),
+        "result": result,
     }
 
 
@@ -255,13 +248,14 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     import torch
 
     from tasks import compare as cmp
-    from tasks import tracking
+    from tasks import engine, tracking
     from tasks.calibrate import calibrate, flat_calibration_metrics, plot_reliability
     from tasks.evaluate import classification_metrics, flat_metrics, save_figure
     from tasks.fusion import metadata_features
-    from tasks.models import count_parameters, save_bundle
+    from tasks.io import write_json
+    from tasks.models import count_parameters
     from tasks.prepare import open_split
-    from tasks.train import MEAN, STD, normalize, pick_device
+    from tasks.train import normalize, pick_device, save_model_bundle
 
     log = get_run_logger()
     v = cmp.Variant(variant["name"], tuple(variant["overrides"]), variant["source"])
@@ -301,29 +295,25 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     meta_rows = metadata_features(test.rows, got["sites"])[idx] if fusion else None
     model = model.to(device).eval()
     cfg, compare_cfg = p.explain, p.compare
-    plan = cmp.method_plan(compare_cfg.agreement_methods, compare_cfg.agreement_layer, arch, fusion)
-    maps = cmp.compute_maps(
-        model, arch, x, targets, plan, meta_rows, ig_steps=cfg.ig_steps,
-        batch_size=cfg.batch_size, seed=cfg.seed, progress=_LIVE.get(),
-        label=f"{v.name}: explaining",
-    )  # fmt: skip
-    per_image = cmp.explanation_quality(
-        model, x, np.array(test.masks[idx]), test.rows["has_mask"].to_numpy()[idx].astype(bool),
-        targets, maps, meta_rows, steps=cfg.perturbation_steps,
+    plan = engine.plan(compare_cfg.agreement_methods, [compare_cfg.agreement_layer], arch, fusion)
+    result = engine.explain(
+        model, arch, x, targets, plan, options=engine.options(cfg), scores=cmp.SCORES,
+        masks=np.where(test.rows["has_mask"].to_numpy()[idx, None, None], test.masks[idx], 0),
+        perturbation_steps=cfg.perturbation_steps, top_k_percent=cfg.top_k_percent,
+        metadata=meta_rows, progress=_LIVE.get(), label=f"{v.name}: explaining",
     )  # fmt: skip
     layers = dict(plan)
-    quality = cmp.summarize_quality(per_image, v.name, layers)
+    maps = {method: heat for (method, _layer), heat in result.maps.items()}
+    quality = cmp.summarize_quality(result.table, v.name, layers)
     within = cmp.agreement_within(maps, cfg.top_k_percent, v.name)
     np.savez(work / "heatmaps.npz", **maps)
 
     temperature = cal.calibrator.temperature
-    if v.trained:
-        save_bundle(
-            work / BUNDLE_NAME, model, arch, classes, int(raw.shape[1]), MEAN, STD,
-            temperature=temperature or 1.0, data_version=job.data_version, extra=got["extra"],
-        )  # fmt: skip
+    if v.trained:  # exactly as the train stage writes it; the calibrator travels beside it
+        save_model_bundle(work / BUNDLE_NAME, got["result"], arch, job.data_version)
     else:
         shutil.copyfile(got["local"], work / BUNDLE_NAME)
+    write_json(work / "calibrator.json", cal.calibrator.to_dict())
     title = f"{v.name}: reliability (test)"
     save_figure(plot_reliability(cal.bins_before, cal.bins_after, title), work / "reliability.png")
 
@@ -378,7 +368,13 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     ) as run:
         tracking.log_params(run_params)
         tracking.log_metrics({k: v_ for k, v_ in flat.items() if math.isfinite(v_)})
-        tracking.log_artifacts({"compare": work / "reliability.png", "bundle": work / BUNDLE_NAME})
+        tracking.log_artifacts(
+            {
+                "compare": work / "reliability.png",
+                "bundle": work / BUNDLE_NAME,
+                "calibrate": work / "calibrator.json",  # where explain-batch looks for it
+            }
+        )
     row["run_id"] = run.info.run_id
     log.info(
         "%s: balanced accuracy %.3f, ECE %.3f -> %.3f (MLflow run %s)",
@@ -471,15 +467,13 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
 
 def data_version(repo: Path) -> str:
     """The train stage's data version (manifest + split files), so bundles compare alike."""
-    from flows.cli import data_version as cli_data_version
+    from tasks.split import data_version as split_data_version
 
-    files = [repo / paths.MANIFEST, *sorted((repo / paths.SPLITS).glob("*.parquet"))]
+    files = [repo / paths.MANIFEST, repo / paths.SPLITS / "test.parquet"]
     missing = [str(f) for f in files if not f.is_file()]
-    if missing or len(files) == 1:
-        raise CompareError(
-            f"compare: no prepared data ({missing or paths.SPLITS}); run `dvc repro prepare`"
-        )
-    return cli_data_version(files)
+    if missing:
+        raise CompareError(f"compare: no prepared data ({missing}); run `dvc repro prepare`")
+    return split_data_version(repo)
 
 
 @flow(name="dermaflow-compare", log_prints=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
-import html
 import json
 import shutil
 import tempfile
@@ -58,6 +57,7 @@ from prefect.runtime import flow_run
 
 from tasks import paths
 from tasks.config import ConfigError, ExplainConfig, flatten, load_params
+from tasks.gallery import write_gallery
 from tasks.io import atomic_dir, write_json
 from tasks.labels import full_name
 
@@ -102,13 +102,28 @@ class BatchResult:
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """The image files under ``inputs`` as absolute paths (a Dask worker has another cwd)."""
-    from tasks.predict import collect_images
+    """The files under ``inputs`` that get a row, as absolute paths (a Dask worker has another cwd).
 
-    files = collect_images(inputs)
-    if not files:
-        raise ExplainBatchError(f"no image files under {', '.join(map(str, inputs))}")
-    return [f.resolve() for f in files]
+    The rule is ``dermaflow predict``'s (:func:`tasks.predict.scan_inputs`): every file named or
+    found gets one row, masks and hidden files are skipped and counted. Paths are made absolute
+    without resolving symlinks, so a broken link's error row carries the link's own name.
+    """
+    import os
+
+    from tasks.predict import scan_inputs
+
+    scan = scan_inputs(inputs)
+    skipped = scan.skipped()
+    if not scan.files:
+        more = f" ({skipped})" if skipped else ""
+        raise ExplainBatchError(f"no image files under {', '.join(map(str, inputs))}{more}")
+    if skipped and tuple(inputs) not in _ANNOUNCED:  # the flow looks again: say it once
+        _ANNOUNCED.add(tuple(inputs))
+        print(f"explain-batch: {len(scan.files)} file(s) to explain; {skipped}", flush=True)
+    return [Path(os.path.abspath(f)) for f in scan.files]
+
+
+_ANNOUNCED: set[tuple[str, ...]] = set()
 
 
 def resolve_model(model: str, tracking_uri: str) -> ModelRef:
@@ -230,16 +245,17 @@ def explain_images(
     raw: np.ndarray,
     calibrator: dict[str, Any],
     cfg: ExplainConfig,
-) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], tuple[np.ndarray, dict]]]:
-    """Calibrated probabilities, explained classes and per (method, layer) maps + Average Drop.
+) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], np.ndarray], pd.DataFrame]:
+    """Calibrated probabilities, explained classes, per (method, layer) maps and their scores.
 
-    A pure function of decoded uint8 images (N, H, W, 3): it could move to ``tasks/`` as is.
+    A pure function of decoded uint8 images (N, H, W, 3): the explanation engine
+    (:func:`tasks.engine.explain`) computes the maps and Average Drop / Increase in Confidence
+    (one extra forward pass per map); this only predicts and picks the explained class.
     """
     import torch
 
-    from tasks import xai_metrics as xm
+    from tasks import engine
     from tasks.calibrate import calibrator_from_dict
-    from tasks.cams import explain_batch, method_layers
     from tasks.export import normalize
 
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
@@ -251,15 +267,16 @@ def explain_images(
     targets = probs.argmax(axis=1)
     if cfg.target in classes:
         targets = np.full(len(raw), classes.index(cfg.target))
-    maps = {}
-    for method, layer in method_layers(cfg.methods, cfg.layers, meta["arch"]):
-        heat = explain_batch(
-            model, meta["arch"], method, x, targets.tolist(), layer, ig_steps=cfg.ig_steps,
-            lime_samples=cfg.lime_samples, seed=cfg.seed, batch_size=cfg.batch_size,
-            mean=mean, std=std,
-        )  # fmt: skip
-        maps[(method, layer)] = (heat, xm.average_drop_increase(model, x, heat, targets))
-    return probs, targets, maps
+    result = engine.explain(
+        model,
+        meta["arch"],
+        x,
+        targets,
+        engine.plan(cfg.methods, cfg.layers, meta["arch"]),
+        options=engine.options(cfg, mean, std),
+        scores=("average_drop",),
+    )
+    return probs, targets, result.maps, result.table
 
 
 @task(name="explain-chunk", cache_policy=NO_CACHE)  # it writes files: never skip it from cache
@@ -283,8 +300,8 @@ def explain_chunk(
     """
     import torch
 
-    from tasks.explain import _png, overlay
     from tasks.explain_text import describe_heatmap, explain_text
+    from tasks.gallery import overlay, overlay_name, save_png
     from tasks.models import load_bundle
     from tasks.predict import _DECODE_ERRORS, load_image
     from tasks.prepare import PrepareError
@@ -298,16 +315,17 @@ def explain_chunk(
             images[image_id] = load_image(path, size, resize)
         except _DECODE_ERRORS as err:
             errors[image_id] = str(err) if isinstance(err, PrepareError) else f"{path}: {err}"
-    probs, targets, maps = (
+    probs, targets, maps, scores = (
         explain_images(model, meta, np.stack(list(images.values())), calibration["calibrator"], cfg)
         if images
-        else (None, None, {})
+        else (None, None, {}, None)
     )
     out, classes, threshold = Path(staging), meta["classes"], calibration["referral_threshold"]
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "_shards").mkdir(exist_ok=True)
     rows, predictions, arrays, scale = [], [], {}, max(1, 256 // size)
     position = {image_id: i for i, image_id in enumerate(images)}
+    drops = {} if scores is None else {(r.method, r.layer, r.index): r for r in scores.itertuples()}
     for path, image_id in items:
         if image_id in errors:
             rows.append({"image_id": image_id, "image": path, "error": errors[image_id]})
@@ -320,16 +338,17 @@ def explain_chunk(
         refer = None if threshold is None else bool(probs[i, k] < threshold)
         probabilities = {f"p_{c}": float(p) for c, p in zip(classes, probs[i], strict=True)}
         predictions.append({**head, **probabilities, "refer": refer, "error": None})
-        _png(raw, out / "overlays" / f"{image_id}.png", scale)
-        for (method, layer), (heat, drop) in maps.items():
-            name = f"{image_id}__{method}__{layer or 'input'}"
+        save_png(raw, out / "overlays" / f"{image_id}.png", scale)
+        for (method, layer), heat in maps.items():
+            name = overlay_name(image_id, method, layer)
             arrays[name] = heat[i].astype(np.float16)
-            _png(overlay(raw, heat[i]), out / "overlays" / f"{name}.png", scale)
+            save_png(overlay(raw, heat[i]), out / "overlays" / f"{name}.png", scale)
             facts = describe_heatmap(heat[i])
+            score = drops[(method, layer or "input", i)]
             rows.append(
                 {**head, "method": method, "layer": layer or "input"}
-                | {"target": classes[targets[i]], "average_drop": float(drop["average_drop"][i])}
-                | {"increase_in_confidence": float(drop["increase"][i])}
+                | {"target": classes[targets[i]], "average_drop": score.average_drop}
+                | {"increase_in_confidence": score.increase_in_confidence}
                 | {"location": facts["location"], "area_percent": facts["area_percent"]}
                 | {"text": explain_text(classes[k], head["confidence"], facts), "error": None}
             )
@@ -346,31 +365,20 @@ def merge_shards(shards: list[Path], target: Path) -> None:
                     merged.writestr(name, part.read(name))
 
 
-def write_gallery(path: Path, table: pd.DataFrame, layer: str) -> None:
-    """An HTML page: per image, the input, every method's overlay at ``layer`` and the text."""
-    ok = table[table["error"].isna() & table["layer"].isin([layer, "input"])]
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in dict.fromkeys(ok["method"]))
-    body = []
-    for image_id, rows in ok.groupby("image_id", sort=False):
-        r, esc = rows.iloc[0], html.escape(str(image_id))
-        cells = "".join(
-            f'<td><img src="overlays/{esc}__{html.escape(m)}__{lay}.png" '
-            f'title="{html.escape(t)}"></td>'
-            for m, lay, t in zip(rows["method"], rows["layer"], rows["text"], strict=True)
-        )
-        body.append(
-            f'<tr><td><img src="overlays/{esc}.png"><br>{esc}<br>'
-            f"{html.escape(full_name(r['predicted']))} ({r['confidence']:.0%})</td>{cells}"
-            f"<td class='text'>{html.escape(r['text'])}</td></tr>"
-        )
-    errors = "".join(f"<li>{html.escape(str(e))}</li>" for e in table["error"].dropna())
-    path.write_text(
-        '<!doctype html><html><head><meta charset="utf-8"><title>dermaflow explain-batch'
-        "</title><style>body{font-family:sans-serif}td{vertical-align:top;text-align:center}"
-        "td.text{text-align:left;max-width:28em}img{image-rendering:pixelated}</style></head>"
-        f"<body><h1>Explanations of new images ({layer} layer)</h1><table><tr><th>image</th>"
-        f"{head}<th>explanation</th></tr>{''.join(body)}</table>"
-        f"{f'<h2>Unreadable files</h2><ul>{errors}</ul>' if errors else ''}</body></html>"
+def write_batch_gallery(path: Path, table: pd.DataFrame, layer: str) -> None:
+    """The gallery (:func:`tasks.gallery.write_gallery`): per image, the input, every method's
+    overlay at ``layer`` and the text; unreadable files are listed below."""
+    write_gallery(
+        path,
+        table[table["error"].isna()],
+        layer,
+        heading=f"Explanations of new images ({layer} layer)",
+        caption=lambda first: [
+            str(first["image_id"]),
+            f"{full_name(first['predicted'])} ({first['confidence']:.0%})",
+        ],
+        errors=[str(e) for e in table["error"].dropna()],
+        title="dermaflow explain-batch",
     )
 
 
@@ -387,7 +395,8 @@ def write_outputs(
     table.to_parquet(tmp / "explanations.parquet", index=False)
     table.to_csv(tmp / "explanations.csv", index=False)
     preds.to_csv(tmp / "predictions.csv", index=False)
-    write_gallery(tmp / "gallery.html", table, "deep" if "deep" in cfg.layers else cfg.layers[-1])
+    layer = "deep" if "deep" in cfg.layers else cfg.layers[-1]
+    write_batch_gallery(tmp / "gallery.html", table, layer)
     faith = table.dropna(subset=["method"]).groupby(["method", "layer"], sort=False)
     faith = faith[["average_drop", "increase_in_confidence"]].mean().reset_index()
     referred = preds["refer"].dropna()
@@ -522,8 +531,14 @@ def run_explain_batch(
     """
     from tasks import tracking
     from tasks.cams import method_layers
+    from tasks.io import check_output_dir
 
     inputs = [str(i) for i in inputs]
+    if chunk_size is not None and chunk_size < 1:
+        raise ExplainBatchError(f"--chunk-size {chunk_size}: must be >= 1")
+    if temperature is not None and not temperature > 0:
+        raise ExplainBatchError(f"--temperature {temperature}: must be > 0")
+    check_output_dir(out_dir, "-o/--out folder")
     find_images(inputs)
     _, meta = open_model(model, tracking.configure())
     p = load_params(params_path)

@@ -1,6 +1,7 @@
 """The pipeline flow: every DVC stage as a Prefect task, then the promotion gate.
 
-Each task runs ``dvc repro --single-item <stage>``, so the flow and a plain ``dvc repro``
+The stages and their order come from dvc.yaml (:func:`flows.stages.pipeline_stages`); each task
+runs ``dvc repro --single-item <stage>`` through DVC's API, so the flow and a plain ``dvc repro``
 execute the same commands and leave the same ``dvc.lock``: an unchanged stage is skipped by
 DVC, whichever of the two drives it. Prefect adds what DVC lacks: retries of transient
 failures (never of bad data), per-run parameter overrides, run history, and the gate that
@@ -17,54 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import tracking
+from flows.stages import StageFailed, pipeline_stages, reproduce
+from tasks import gate, paths, tracking
 from tasks.config import GateConfig, apply_overrides, load_params
-from tasks.gate import ECE_KEY, decide
-
-STAGES = (
-    "synth",
-    "ingest",
-    "validate",
-    "split",
-    "prepare",
-    "train",
-    "calibrate",
-    "export",
-    "explain",
-)
-
-
-class StageFailed(RuntimeError):
-    """A stage exited non-zero; ``bad_input`` when it rejected the data (never retried)."""
-
-    def __init__(self, stage: str, output: str, bad_input: bool) -> None:
-        super().__init__(f"stage {stage} failed:\n{output}")
-        self.stage, self.output, self.bad_input = stage, output, bad_input
 
 
 def _env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def run_stage(stage: str, repo: Path) -> dict:
-    """``dvc repro --single-item <stage>``; returns whether DVC ran it or found it unchanged."""
-    proc = subprocess.run(
-        ["dvc", "repro", "--single-item", stage],
-        cwd=repo,
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    output = (proc.stdout + proc.stderr).strip()
-    if proc.returncode != 0:
-        # The CLI turns bad input into "dermaflow <stage> failed" + exit 1: retrying is futile.
-        raise StageFailed(stage, output[-6000:], bad_input=f"dermaflow {stage} failed" in output)
-    return {"stage": stage, "ran": f"Running stage '{stage}'" in output, "output": output[-6000:]}
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook)
@@ -79,12 +43,10 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:  # noqa: ANN001 (Pre
 
 @task(name="dvc-stage", retry_condition_fn=_retry_unless_bad_input)
 def stage_task(stage: str, repo: str) -> dict:
-    """One DVC stage; its output goes to the Prefect log."""
-    logger = get_run_logger()
-    result = run_stage(stage, Path(repo))
-    verb = "ran" if result["ran"] else "unchanged, skipped"
-    logger.info("%s: %s\n%s", stage, verb, result["output"])
-    return {k: result[k] for k in ("stage", "ran")}
+    """One DVC stage (``dvc repro --single-item``); its output streams to the terminal."""
+    ran = stage in reproduce(repo, stage)
+    get_run_logger().info("%s: %s", stage, "ran" if ran else "unchanged, skipped")
+    return {"stage": stage, "ran": ran}
 
 
 @task(name="refresh-data")
@@ -111,66 +73,165 @@ def refresh_data(repo: str, dataset_root: str) -> str:
 
 @task(name="promotion-gate")
 def promotion_gate(repo: str, cfg: GateConfig, flow_run_id: str | None) -> dict:
-    """Compare the new model version with the champion; move the alias or say why not."""
-    info = json.loads((Path(repo) / tracking.RUN_FILE).read_text())
-    onnx_file = Path(repo) / "models/onnx.json"
+    """Re-score the champion on the candidate's test split; promote only a significant gain.
+
+    The champion's stored metrics may come from another test split, or another dataset, so
+    its registered bundle is run again on the candidate's prepared test images, with its own
+    calibrator; the two are then compared on the same images (see :mod:`tasks.gate`). The
+    decision, both scores, the test-set version and the p-value go to the returned dict, the
+    lineage run and the candidate's model version.
+    """
+    from flows.explain_batch import (
+        ExplainBatchError,
+        bundle_file,
+        resolve_calibration,
+        resolve_model,
+    )
+    from tasks.calibrate import calibrator_from_dict
+    from tasks.models import load_bundle
+
+    root = Path(repo)
+    info = json.loads((root / tracking.RUN_FILE).read_text())
+    onnx_file = root / paths.ONNX_REGISTRATION
     onnx = json.loads(onnx_file.read_text()) if onnx_file.exists() else {}
     name, version = info["registered_model"], str(info["model_version"])
-    tracking.configure(repo)
+    uri = tracking.configure(repo)
+    bins = load_params(root / "params.yaml").calibrate.bins  # the ECE as calibrate measured it
+    test = gate.load_candidate(root)
+    candidate = gate.score(test.logits, test.labels, test.classes, test.calibrator, bins)
     champion_version = tracking.alias_version(name, cfg.champion_alias)
-    candidate = tracking.version_metrics(name, version)
+    champion = None
     if champion_version == version:
-        decision = {"promote": False, "reason": f"v{version} is already {cfg.champion_alias}"}
+        decision = gate.Decision(False, f"v{version} is already {cfg.champion_alias}")
+    elif champion_version is None:
+        decision = gate.judge(candidate, None, test.labels, cfg)
     else:
-        champion = tracking.version_metrics(name, champion_version) if champion_version else None
-        d = decide(candidate, champion, cfg)
-        decision = {"promote": d.promote, "reason": d.reason}
-    if decision["promote"]:
+        # The classes recorded on the version settle a task mismatch without loading weights.
+        known = tracking.version_classes(name, champion_version)
+        refusal = gate.class_mismatch(test.classes, known)
+        if refusal is None:
+            try:
+                ref = resolve_model(f"models:/{name}/{champion_version}", uri)
+                model, meta = load_bundle(bundle_file(ref.bundle, uri))
+                calibration = resolve_calibration(ref, meta, None, uri)
+                logits = gate.model_logits(model, meta, test.split)
+                calibrator = calibrator_from_dict(calibration["calibrator"])
+                champion = gate.score(logits, test.labels, test.classes, calibrator, bins)
+            except (ExplainBatchError, gate.Incomparable) as err:
+                refusal = str(err)
+        if refusal is None:
+            decision = gate.judge(candidate, champion, test.labels, cfg)
+        else:
+            reason = f"{cfg.champion_alias} v{champion_version} cannot be re-scored: {refusal}"
+            decision = gate.Decision(False, reason)
+    if decision.promote:
         tracking.set_alias(name, cfg.champion_alias, version)
         if onnx:
             tracking.set_alias(onnx["registered_model"], cfg.champion_alias, onnx["version"])
-    with tracking.resume_lineage_run(repo):
-        tags = {
-            "promotion": "promoted" if decision["promote"] else "refused",
-            "promotion_reason": decision["reason"],
-        }
-        if flow_run_id:
-            tags["prefect_flow_run_id"] = flow_run_id
-        tracking.set_tags(tags)
-    decision.update(
+    result = gate.summary(decision, candidate, champion, test)
+    result.update(
         model=name,
         candidate_version=version,
         champion_version=champion_version,
-        candidate_metric=candidate.get(cfg.metric),
-        candidate_ece=candidate.get(ECE_KEY),
         run_id=info["run_id"],
         experiment_id=info["experiment_id"],
     )
-    return decision
+    tags, metrics = gate.mlflow_record(result, flow_run_id)
+    tracking.record_gate(name, version, tags, metrics, test.classes, repo)
+    return result
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def report_markdown(stages: list[dict], gate: dict, cfg: GateConfig) -> str:
-    """The flow run's summary for the Prefect UI: stages, metrics, decision, MLflow link."""
+    """The flow run's summary for the Prefect UI: stages, both scores, decision, MLflow link."""
     rows = "\n".join(f"| {s['stage']} | {'ran' if s['ran'] else 'skipped'} |" for s in stages)
-    link = f"http://127.0.0.1:5000/#/experiments/{gate['experiment_id']}/runs/{gate['run_id']}"
+    link = tracking.ui_url(gate["experiment_id"], gate["run_id"])
+    local_hint = " (`make ui`)" if link.startswith("http://127.0.0.1:") else ""
     verdict = "**promoted**" if gate["promote"] else "**refused**"
-    metric = gate.get("candidate_metric")
-    ece = gate.get("candidate_ece")
+    champion = gate["champion_version"]
+    significance = (
+        f"Gain {gate['gain']:+.4f} ({cfg.confidence:.0%} CI [{gate['gain_ci_low']:+.4f}, "
+        f"{gate['gain_ci_high']:+.4f}]), bootstrap p = {gate['p_value']:.3g} for gain <= "
+        f"{cfg.min_gain:+.4f}, McNemar p = {gate['mcnemar_p_value']:.3g}\n\n"
+        if gate.get("p_value") is not None
+        else ""
+    )
     return (
         f"# dermaflow pipeline\n\n| stage | status |\n|---|---|\n{rows}\n\n"
-        f"| model | version | {cfg.metric} | test ECE (calibrated) | champion before |\n"
-        f"|---|---|---|---|---|\n| {gate['model']} | {gate['candidate_version']} | "
-        f"{'-' if metric is None else f'{metric:.4f}'} | {'-' if ece is None else f'{ece:.4f}'} "
-        f"| {gate['champion_version'] or '-'} |\n\n"
+        f"Test set `{gate['test_set_version']}` ({gate['n_images']} images), both models "
+        f"scored on it:\n\n"
+        "| model | version | balanced accuracy | test ECE (calibrated) |\n|---|---|---|---|\n"
+        f"| candidate {gate['model']} | {gate['candidate_version']} | "
+        f"{_number(gate['candidate_balanced_accuracy'])} | {_number(gate['candidate_ece'])} |\n"
+        f"| {cfg.champion_alias} before (re-scored) | {champion or '-'} | "
+        f"{_number(gate['champion_balanced_accuracy'])} | {_number(gate['champion_ece'])} |\n\n"
+        f"{significance}"
         f"Decision: {verdict} to `{cfg.champion_alias}`: {gate['reason']}\n\n"
-        f"MLflow run: [{gate['run_id']}]({link}) (`make ui`)\n"
+        f"MLflow run: [{gate['run_id']}]({link}){local_hint}\n"
     )
 
 
-def dvc_stages(repo: Path) -> list[str]:
-    """The stages dvc.yaml defines, in pipeline order."""
-    defined = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    return [s for s in STAGES if s in defined]
+@task(name="save-experiment")
+def save_experiment(repo: str, name: str | None = None) -> str:
+    """Save the workspace as a DVC experiment, so ``dvc exp show`` lists this run beside others.
+
+    ``--set`` overrides go into params.yaml, which nobody commits after a run: without this,
+    the next run would overwrite them and DVC would keep no trace of what this one tried.
+    ``dvc exp save`` writes a hidden git ref (HEAD and the workspace stay as they are) holding
+    params.yaml, dvc.lock and the small ``cache: false`` outputs (metrics, plot data, run ids:
+    passed with ``--include-untracked``, as a fresh project has not committed them yet, with
+    the .gitignore files DVC wrote), and puts every cached output in DVC's cache.
+
+    It runs as a command in ``repo`` (DVC's experiment code works on the current directory).
+    Only the stages dvc.lock records are named: one never run (the synthetic set when the data
+    is real) has no outputs, and ``dvc exp save`` would stop on it. The resume checkpoint
+    (``persist``) stays out. Call it once the stages are current, as the flow's last step.
+
+    Args:
+        repo: the project folder (a git + DVC repo with at least one commit).
+        name: the experiment's name (the flow run's name); characters git refuses in a ref
+            become ``-``. A second save under one name replaces the first (``--force``: a
+            retried run). None lets DVC make one up.
+
+    Returns:
+        The experiment's name (or, when DVC chose it, its commit).
+
+    Raises:
+        RuntimeError: DVC refused, with its message (e.g. a repo without a git commit).
+    """
+    import re
+
+    import yaml
+
+    root = Path(repo)
+    lock = root / "dvc.lock"
+    ran = yaml.safe_load(lock.read_text())["stages"] if lock.exists() else {}
+    defined = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    stages = [stage for stage in defined if stage in ran]
+    untracked: set[str] = set()
+    for stage in stages:
+        for section in ("outs", "metrics", "plots"):
+            for entry in defined[stage].get(section) or []:
+                path, flags = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                flags = flags or {}
+                if flags.get("cache", True):
+                    untracked.add(str(Path(path).parent / ".gitignore"))
+                elif not flags.get("persist", False):
+                    untracked.add(path)
+    cmd = ["dvc", "exp", "save", "--json", "--force"]
+    ref_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") if name else ""
+    if ref_name:
+        cmd += ["--name", ref_name]
+    for path in sorted(untracked):
+        if (root / path).is_file():
+            cmd += ["--include-untracked", path]
+    proc = subprocess.run(cmd + stages, cwd=root, env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{proc.stdout}{proc.stderr}")
+    return ref_name or json.loads(proc.stdout)["ref"]
 
 
 @flow(name="dermaflow-pipeline", log_prints=True)
@@ -202,7 +263,7 @@ def pipeline(
     stage = stage_task.with_options(
         retries=p.orchestration.retries, retry_delay_seconds=p.orchestration.retry_delay_s
     )
-    results = [stage(name, repo) for name in dvc_stages(root)]
+    results = [stage(name, repo) for name in pipeline_stages(root)]
     gate = promotion_gate(repo, p.gate, str(flow_run.id) if flow_run.id else None)
     create_markdown_artifact(
         markdown=report_markdown(results, gate, p.gate),
@@ -210,7 +271,14 @@ def pipeline(
         description="stages, metrics and the promotion decision",
     )
     logger.info("gate: %s (%s)", "promoted" if gate["promote"] else "refused", gate["reason"])
-    return {"stages": results, "gate": gate}
+    experiment = None
+    if p.orchestration.save_experiment:
+        try:
+            experiment = save_experiment(repo, flow_run.name)
+            logger.info("saved as DVC experiment %s (compare runs: dvc exp show)", experiment)
+        except RuntimeError as err:  # e.g. no git commit yet: the run itself succeeded
+            logger.warning("not saved as a DVC experiment: %s", str(err).splitlines()[-1])
+    return {"stages": results, "gate": gate, "experiment": experiment}
 
 
 if __name__ == "__main__":

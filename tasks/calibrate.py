@@ -35,8 +35,11 @@ from scipy.special import log_softmax
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
 
+from tasks import paths
+from tasks.config import ConfigError, Params
 from tasks.evaluate import DPI, _check_labels, save_figure, softmax
 from tasks.io import write_json
+from tasks.stage import console, main
 
 METHODS: tuple[str, ...] = ("temperature", "vector", "isotonic")
 # Temperature search interval: wide enough for any real network (T in [0.01, 100]), bounded so
@@ -861,3 +864,44 @@ def write_outputs(result: CalibrationResult, out_dir: str | Path) -> dict[str, f
         {"before": result.before, "after": result.after, "referral": result.referral},
     )
     return flat_calibration_metrics(result)
+
+
+def read_calibrator(out_dir: str | Path = paths.CALIBRATION) -> Calibrator:
+    """The calibrate stage's fitted calibrator, as export and explain read it."""
+    import json
+
+    return calibrator_from_dict(json.loads((Path(out_dir) / "calibrator.json").read_text()))
+
+
+def run(p: Params) -> dict:
+    """The ``calibrate`` stage: fit on validation logits, measure on test, set the referral."""
+    from tasks import tracking
+    from tasks.evaluate import load_predictions
+
+    val = load_predictions(paths.PREDICTIONS / "val.npz")
+    test = load_predictions(paths.PREDICTIONS / "test.npz")
+    if list(val["classes"]) != list(test["classes"]):
+        raise ConfigError("val and test predictions disagree on the classes; re-run train")
+    c = p.calibrate
+    result = calibrate(
+        val["logits"], val["labels"], test["logits"], test["labels"], c.method, c.bins,
+        c.target_accuracy,
+    )  # fmt: skip
+    metrics = write_outputs(result, paths.CALIBRATION)
+    write_json(paths.METRICS / "calibrate.json", metrics)
+    with tracking.resume_lineage_run():
+        tracking.log_metrics(metrics)
+        tracking.log_artifacts({"calibrate": paths.CALIBRATION})
+    r = result.referral
+    console.print(
+        f"calibrate ({c.method}): test ECE {metrics['test_ece_before']:.3f} -> "
+        f"{metrics['test_ece_after']:.3f}, NLL {metrics['test_nll_before']:.3f} -> "
+        f"{metrics['test_nll_after']:.3f}; refer below confidence {r['threshold']:.3f} "
+        f"({'reaches' if r['reachable'] else 'cannot reach'} {c.target_accuracy:.0%} "
+        f"on validation; keeps {r['coverage']:.0%} of test cases)"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("calibrate"))

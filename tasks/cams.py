@@ -1,17 +1,20 @@
-"""One interface over every explanation method: CAMs per layer, exact CAM, input attributions.
+"""Every explanation method behind one registry: CAMs per layer, exact CAM, input attributions.
 
 Every method turns ``(model, images, class indices)`` into one heatmap per image, ``(N, H, W)``
-float32 in ``[0, 1]`` at the input size, so the explain stage can compare, score and plot them
-without knowing where each came from. :data:`METHODS` is the registry of names (the names
-``explain.methods`` in params.yaml uses) and :func:`explain_batch` the single entry.
+float32 in ``[0, 1]`` at the input size, so callers can compare, score and plot them without
+knowing where each came from. :data:`METHODS` is the registry: each entry carries the callable
+that computes the method (:attr:`MethodSpec.compute`), so a name that is not registered is an
+error, never a silent fall-through to another method. :func:`explain_batch` runs one method;
+:func:`tasks.engine.explain` schedules many over a batch, and is what the stages call.
 
 Three kinds of method:
 
 - ``"cam"``: layer-wise class activation maps from pytorch-grad-cam (Grad-CAM, Grad-CAM++,
   XGrad-CAM, LayerCAM, Eigen-CAM, HiRes-CAM, Score-CAM), at the model's declared ``early``,
-  ``middle`` and ``deep`` layers (:func:`tasks.models.target_layers`). The library's own
-  objects hold the hooks and are used as context managers; gradient methods take a whole batch
-  in one call.
+  ``middle`` and ``deep`` layers (:func:`tasks.models.target_layers`). :func:`layer_cams`
+  computes any set of them from one forward (and one backward) pass per chunk of images, with
+  the library's own hook recorder and each method's own ``get_cam_image``; Score-CAM's masked
+  forwards are batched by :class:`BatchedScoreCAM`.
 - ``"exact_cam"``: the original CAM of Zhou et al. (2016), computed from the head weights at
   the ``deep`` layer. No library offers it, so it is written here; it is exact only where the
   head is global average pooling followed by one linear layer (:data:`EXACT_CAM_ARCHS`).
@@ -22,7 +25,8 @@ All heatmaps get pytorch-grad-cam's post-processing (ReLU, per-image min-max, bi
 min-max again; :func:`to_heatmaps`), so "1" means "the most relevant pixel of this image" for
 every method alike. Everything runs on the model's device; the post-processing is NumPy/OpenCV
 on the CPU, as in pytorch-grad-cam. Models are explained in eval mode and float32; the training
-flag is restored afterwards.
+flag is restored afterwards. Images per pass are sized to the device
+(:func:`tasks.forward.batch_size`) unless :attr:`Options.batch_size` fixes them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -49,12 +53,15 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
+from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage.segmentation import slic
 from torch import nn
 
+from tasks.forward import batch_size as sized_batch
+from tasks.forward import inference_twin
 from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, target_layers
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Kind = Literal["cam", "exact_cam", "attribution"]
+Pair = tuple[str, str | None]
 
 #: Architectures whose head is global average pooling + one Linear (dropout aside), where
 #: CAM is exact. custom_cnn (hidden FC 512->128), mobilenet_v3_large (hidden Linear+Hardswish)
@@ -75,101 +83,67 @@ EXACT_CAM_ARCHS: tuple[str, ...] = tuple(n for n, s in ARCHITECTURES.items() if 
 
 
 @dataclass(frozen=True)
+class Options:
+    """How the methods run (the ``explain.*`` knobs that are not about what to explain).
+
+    Attributes:
+        ig_steps: Integrated Gradients path steps.
+        lime_samples: perturbed samples per LIME explanation.
+        lime_segments: SLIC superpixels asked for per image (LIME's interpretable features).
+        seed: LIME's sampling seed (the same for every image, so an image's explanation does
+            not depend on the batch it came in).
+        batch_size: images per pass (CAM chunks, IG path points, DeepLIFT chunks, Score-CAM
+            and LIME masked inputs); ``0`` sizes every pass to the device.
+        mean: normalisation mean of the images (LIME's superpixels need the real colours).
+        std: normalisation std of the images.
+    """
+
+    ig_steps: int = 24
+    lime_samples: int = 150
+    lime_segments: int = 50
+    seed: int = 0
+    batch_size: int = 0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0: sized to the device), got {self}")
+
+
+#: ``compute(model, arch, images, targets, layer, options) -> (N, H, W) heatmaps``.
+Compute = Callable[[nn.Module, str, torch.Tensor, list[int], "str | None", Options], np.ndarray]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
-    """What the explain stage needs to know about one method to schedule and budget it.
+    """One registered method: how to compute it and what a scheduler needs to know about it.
 
     Attributes:
         name: registry key (the name in ``explain.methods``).
         kind: ``"cam"`` (pytorch-grad-cam, at each layer), ``"exact_cam"`` (head weights,
             ``deep`` only) or ``"attribution"`` (Captum, input level, no layer).
-        batchable: one call vectorises over the batch. False means the cost is per image
-            (Score-CAM, LIME): :func:`explain_batch` still takes a batch but loops over it.
+        compute: the callable that computes it (see :data:`Compute`); inputs are checked.
+        batchable: one pass covers many images. False means the cost is per image (LIME's
+            surrogate is fitted per image).
         expensive: cost grows with channels or samples per image (one forward pass per
-            channel of the layer for Score-CAM, ``lime_samples`` passes for LIME); the stage
-            spends ``scorecam_budget`` / ``lime_budget`` images on them.
+            channel of the layer for Score-CAM, ``lime_samples`` passes for LIME); the explain
+            stage spends ``scorecam_budget`` / ``lime_budget`` images on them.
         class_specific: the map depends on the target class (Eigen-CAM's does not).
+        description: one line for reports and plot titles.
         cam_class: the pytorch-grad-cam class for ``kind == "cam"``.
         archs: architectures the method supports (``None``: all).
-        description: one line for reports and plot titles.
     """
 
     name: str
     kind: Kind
+    compute: Compute
     batchable: bool
     expensive: bool
     class_specific: bool
     description: str
     cam_class: type[BaseCAM] | None = None
     archs: tuple[str, ...] | None = None
-
-
-def _cam(name: str, cls: type[BaseCAM], description: str, **flags: bool) -> MethodSpec:
-    return MethodSpec(
-        name=name,
-        kind="cam",
-        batchable=flags.get("batchable", True),
-        expensive=flags.get("expensive", False),
-        class_specific=flags.get("class_specific", True),
-        description=description,
-        cam_class=cls,
-    )
-
-
-METHODS: dict[str, MethodSpec] = {
-    "gradcam": _cam("gradcam", GradCAM, "Grad-CAM: channels weighted by mean gradient"),
-    "gradcampp": _cam(
-        "gradcampp", GradCAMPlusPlus, "Grad-CAM++: positive higher-order gradient weights"
-    ),
-    "xgradcam": _cam("xgradcam", XGradCAM, "XGrad-CAM: activation-normalised gradient weights"),
-    "layercam": _cam("layercam", LayerCAM, "LayerCAM: per-location positive gradient weights"),
-    "eigencam": _cam(
-        "eigencam",
-        EigenCAM,
-        "Eigen-CAM: first principal component of the activations (class-agnostic)",
-        class_specific=False,
-    ),
-    "hirescam": _cam("hirescam", HiResCAM, "HiRes-CAM: element-wise gradient x activation"),
-    "scorecam": _cam(
-        "scorecam",
-        ScoreCAM,
-        "Score-CAM: channels weighted by the score of the input masked with them",
-        batchable=False,
-        expensive=True,
-    ),
-    "cam": MethodSpec(
-        name="cam",
-        kind="exact_cam",
-        batchable=True,
-        expensive=False,
-        class_specific=True,
-        description="CAM (Zhou et al. 2016): deep features weighted by the head's weights",
-        archs=EXACT_CAM_ARCHS,
-    ),
-    "ig": MethodSpec(
-        name="ig",
-        kind="attribution",
-        batchable=True,
-        expensive=False,
-        class_specific=True,
-        description="Integrated Gradients from the mean image, |attribution| summed over RGB",
-    ),
-    "deeplift": MethodSpec(
-        name="deeplift",
-        kind="attribution",
-        batchable=True,
-        expensive=False,
-        class_specific=True,
-        description="DeepLIFT (rescale rule) from the mean image, |attribution| summed over RGB",
-    ),
-    "lime": MethodSpec(
-        name="lime",
-        kind="attribution",
-        batchable=False,
-        expensive=True,
-        class_specific=True,
-        description="LIME on SLIC superpixels, positive surrogate weights",
-    ),
-}
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -185,7 +159,7 @@ def method_spec(method: str) -> MethodSpec:
 
 def method_layers(
     methods: Sequence[str], layers: Sequence[str], arch: str | None = None
-) -> list[tuple[str, str | None]]:
+) -> list[Pair]:
     """The ``(method, layer)`` pairs to compute, in config order.
 
     Layer-wise CAMs run at every configured layer; exact CAM is defined at the ``deep`` layer
@@ -209,7 +183,7 @@ def method_layers(
         dupes = sorted({n for n in names if list(names).count(n) > 1})
         if dupes:
             raise ValueError(f"{what} lists {dupes} more than once")
-    pairs: list[tuple[str, str | None]] = []
+    pairs: list[Pair] = []
     for method in methods:
         spec = method_spec(method)
         if arch is not None and spec.archs is not None and arch not in spec.archs:
@@ -225,7 +199,7 @@ def method_layers(
 
 
 # --------------------------------------------------------------------------------------------
-# The one entry
+# One method
 # --------------------------------------------------------------------------------------------
 
 
@@ -236,17 +210,10 @@ def explain_batch(
     images: torch.Tensor,
     class_idx: Sequence[int],
     layer: str | None = None,
-    *,
-    ig_steps: int = 24,
-    lime_samples: int = 150,
-    seed: int = 0,
-    batch_size: int = 16,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    lime_segments: int = 50,
-    perturbation_batch: int = 64,
+    options: Options | None = None,
+    **overrides: object,
 ) -> np.ndarray:
-    """Heatmaps of ``method`` for a batch: ``(N, H, W)`` float32 in ``[0, 1]``.
+    """Heatmaps of one registered ``method`` for a batch: ``(N, H, W)`` float32 in ``[0, 1]``.
 
     Gradients are enabled inside, so calling this under ``torch.no_grad()`` still works; the
     model is put in eval mode and its training flag restored afterwards.
@@ -260,66 +227,36 @@ def explain_batch(
         class_idx: the class each image is explained for (length ``N``).
         layer: ``early`` / ``middle`` / ``deep`` for layer-wise CAMs; exact CAM accepts
             ``None`` or ``deep``; attributions ignore it.
-        ig_steps: Integrated Gradients path steps.
-        lime_samples: perturbed samples per LIME explanation.
-        seed: LIME's sampling seed (the same for every image, so an image's explanation does
-            not depend on the batch it came in).
-        batch_size: most images per forward/backward pass (CAM chunks, IG's
-            ``internal_batch_size``, DeepLIFT chunks): it bounds memory.
-        mean: normalisation mean of ``images`` (LIME's superpixels need the real colours).
-        std: normalisation std of ``images``.
-        lime_segments: SLIC superpixels asked for per image (LIME's interpretable features).
-        perturbation_batch: masked inputs per forward pass for Score-CAM and LIME.
+        options: how the methods run (:class:`Options`).
+        **overrides: fields of :class:`Options` to replace (``ig_steps=8``, ``batch_size=4``).
 
     Returns:
         One heatmap per image at the input resolution.
 
     Raises:
-        ValueError: unknown method or layer, a class index out of range, a shape mismatch,
-            or exact CAM on an architecture without an exact head.
+        ValueError: unknown method, layer or option, a class index out of range, a shape
+            mismatch, or exact CAM on an architecture without an exact head.
     """
     spec = method_spec(method)
+    opts = _options(options, overrides)
     images, targets = _check_inputs(model, arch, images, class_idx)
-    if batch_size < 1 or perturbation_batch < 1:
-        raise ValueError("batch_size and perturbation_batch must be >= 1")
-    size = (images.shape[-2], images.shape[-1])
-    if len(images) == 0:
-        return np.zeros((0, *size), dtype=np.float32)
     if spec.kind == "cam":
-        return grad_cam(
-            model,
-            arch,
-            method,
-            images,
-            targets,
-            _check_layer(layer, method),
-            batch_size=batch_size,
-            perturbation_batch=perturbation_batch,
+        layer = _check_layer(layer, method)
+    elif spec.kind == "exact_cam" and layer not in (None, "deep"):
+        raise ValueError(f"{method} is defined at the deep layer only, got layer={layer!r}")
+    if len(images) == 0:
+        return np.zeros((0, *images.shape[-2:]), dtype=np.float32)
+    return spec.compute(model, arch, images, targets, layer, opts)
+
+
+def _options(options: Options | None, overrides: dict[str, object]) -> Options:
+    opts = options or Options()
+    unknown = sorted(set(overrides) - set(Options.__dataclass_fields__))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}; choose from {list(Options.__dataclass_fields__)}"
         )
-    if spec.kind == "exact_cam":
-        if layer not in (None, "deep"):
-            raise ValueError(f"{method} is defined at the deep layer only, got layer={layer!r}")
-        return exact_cam(model, arch, images, targets)
-    if method == "ig":
-        attributions, _ = integrated_gradients(
-            model, images, targets, steps=ig_steps, internal_batch_size=batch_size
-        )
-        return to_heatmaps(attributions.abs().sum(dim=1), size)
-    if method == "deeplift":
-        attributions, _ = deeplift(model, images, targets, batch_size=batch_size)
-        return to_heatmaps(attributions.abs().sum(dim=1), size)
-    attributions = lime(
-        model,
-        images,
-        targets,
-        samples=lime_samples,
-        seed=seed,
-        mean=mean,
-        std=std,
-        segments=lime_segments,
-        perturbation_batch=perturbation_batch,
-    )
-    return to_heatmaps(attributions[:, 0].clamp(min=0), size)
+    return Options(**{**opts.__dict__, **overrides}) if overrides else opts
 
 
 def to_heatmaps(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -349,65 +286,215 @@ def to_heatmaps(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.nd
 # --------------------------------------------------------------------------------------------
 
 
-def grad_cam(
+def grad_batch(model: nn.Module, images: torch.Tensor, requested: int = 0) -> int:
+    """Images per forward + backward pass of ``model`` (the config's, else sized to the device)."""
+
+    def step(x: torch.Tensor) -> None:
+        with torch.enable_grad():
+            model(x.requires_grad_(True)).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    with eval_mode(model):
+        return sized_batch(step, images[:1], ("grad", *_model_key(model)), requested=requested)
+
+
+def forward_batch(twin: nn.Module, images: torch.Tensor, requested: int = 0) -> int:
+    """Images per no-grad forward pass of an inference twin (config's, else sized)."""
+
+    def step(x: torch.Tensor) -> None:
+        twin(x.contiguous(memory_format=torch.channels_last))
+
+    return sized_batch(step, images[:1], ("forward", *_model_key(twin)), requested=requested)
+
+
+def _model_key(model: nn.Module) -> tuple:
+    inner = getattr(model, "model", model)  # an ImageOnly view sizes like its model
+    return type(inner).__name__, sum(p.numel() for p in model.parameters())
+
+
+def layer_cams(
     model: nn.Module,
     arch: str,
-    method: str,
     images: torch.Tensor,
     class_idx: Sequence[int],
-    layer: str,
-    *,
-    batch_size: int = 16,
-    perturbation_batch: int = 64,
-) -> np.ndarray:
-    """A pytorch-grad-cam method at one of the model's declared layers.
+    pairs: Sequence[Pair],
+    options: Options | None = None,
+) -> dict[Pair, np.ndarray]:
+    """Every layer-wise CAM in ``pairs`` from one forward (and one backward) pass per chunk.
 
-    The library object is opened once (it registers the hooks) and released on exit.
-    Batchable methods get one call per chunk of ``batch_size`` images (no per-image loop);
-    Score-CAM is called per image, because it builds ``channels x 3 x H x W`` masked copies of
-    every image it is given, and scores them ``perturbation_batch`` at a time.
+    pytorch-grad-cam hooks one set of layers per object and runs its own forward and backward
+    on every call, so five gradient methods at three layers would cost fifteen passes over the
+    images. The passes are the same every time: the activations and gradients of one target
+    logit per image. So one recorder per layer (the library's ``ActivationsAndGradients``)
+    stays hooked for the whole batch, each chunk gets one forward and, when any method needs
+    gradients, one backward, and each method's own ``get_cam_image`` turns the recorded
+    arrays into its map, followed by :func:`to_heatmaps` (the library's post-processing). The
+    maps are the ones each library class computes on the same chunk (the tests compare them).
+    Score-CAM reuses the recorded activations and scores its masked inputs in batches
+    (:class:`BatchedScoreCAM`).
 
-    The input is made to require grad so the hooked activations carry gradients even when
-    the caller froze the parameters; otherwise pytorch-grad-cam would record no gradient.
-    Activations are snapshotted (cloned) in the hook: pytorch-grad-cam keeps
-    ``activation.cpu()``, which on the CPU is the live tensor, so an in-place op later in the
-    forward (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) would change what it
-    sees, and the same model would give different maps on the CPU and on a GPU.
+    The input requires grad so the hooked activations carry gradients even when the caller
+    froze the parameters. Activations are snapshotted (cloned) in the hook: pytorch-grad-cam
+    keeps ``activation.cpu()``, which on the CPU is the live tensor, so an in-place op later in
+    the forward (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) would change what
+    it sees, and the same model would give different maps on the CPU and on a GPU.
+
+    Args:
+        model, arch, images, class_idx: as for :func:`explain_batch`.
+        pairs: ``(method, layer)`` with a ``"cam"``-kind method and a layer of :data:`LAYERS`.
+        options: ``batch_size`` (0: sized to the device) is the one that matters here.
 
     Returns:
-        ``(N, H, W)`` float32 heatmaps in ``[0, 1]``.
+        ``(N, H, W)`` float32 heatmaps in ``[0, 1]`` per pair.
     """
-    spec = method_spec(method)
-    if spec.kind != "cam" or spec.cam_class is None:
-        raise ValueError(f"{method} is not a pytorch-grad-cam method")
+    opts = options or Options()
     images, targets = _check_inputs(model, arch, images, class_idx)
-    module = target_layers(model, arch)[_check_layer(layer, method)]
-    step = 1 if not spec.batchable else batch_size
-    out: list[np.ndarray] = []
-    with (
-        _explaining(model),
-        spec.cam_class(model=model, target_layers=[module], reshape_transform=_snapshot) as cam,
-    ):
-        if spec.expensive:
-            cam.batch_size = perturbation_batch
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step].detach().clone().requires_grad_(True)
-            try:
-                out.append(
-                    cam(
-                        input_tensor=chunk,
-                        targets=[ClassifierOutputTarget(c) for c in targets[start : start + step]],
+    pairs = list(dict.fromkeys(pairs))
+    for method, layer in pairs:
+        if method_spec(method).kind != "cam":
+            raise ValueError(f"{method} is not a pytorch-grad-cam method")
+        _check_layer(layer, method)
+    size = (images.shape[-2], images.shape[-1])
+    if len(images) == 0 or not pairs:
+        return {p: np.zeros((len(images), *size), dtype=np.float32) for p in pairs}
+    modules = target_layers(model, arch)
+    layers = list(dict.fromkeys(layer for _, layer in pairs))
+    methods = list(dict.fromkeys(method for method, _ in pairs))
+    parts: dict[Pair, list[np.ndarray]] = {p: [] for p in pairs}
+    with _explaining(model):
+        cams = {m: _cam_object(m, model, opts) for m in methods}
+        needs_grads = any(cam.uses_gradients for cam in cams.values())
+        step = grad_batch(model, images, opts.batch_size)
+        recorders = {
+            lay: ActivationsAndGradients(model, [modules[lay]], _snapshot) for lay in layers
+        }
+        try:
+            for start in range(0, len(images), step):
+                chunk = images[start : start + step].detach().clone().requires_grad_(needs_grads)
+                chunk_targets = [ClassifierOutputTarget(c) for c in targets[start : start + step]]
+                for recorder in recorders.values():
+                    recorder.activations, recorder.gradients = [], []
+                outputs = model(chunk)
+                if needs_grads:
+                    model.zero_grad()
+                    sum(t(o) for t, o in zip(chunk_targets, outputs, strict=True)).backward()
+                recorded = {
+                    lay: (
+                        rec.activations[0].numpy(),
+                        rec.gradients[0].numpy() if rec.gradients else None,
                     )
-                )
-            except IndexError as exc:
-                # BaseCAM.__exit__ swallows IndexError (it prints and returns True): re-raise
-                # as another type so a failure cannot pass silently as a missing result.
-                raise RuntimeError(f"{method} failed at layer {layer}: {exc}") from exc
-    return _finite(np.concatenate(out).astype(np.float32))
+                    for lay, rec in recorders.items()
+                }
+                for method, layer in pairs:
+                    acts, grads = recorded[layer]
+                    raw = cams[method].get_cam_image(
+                        chunk.detach(), modules[layer], chunk_targets, acts, grads, False
+                    )
+                    parts[(method, layer)].append(to_heatmaps(raw, size))
+        except IndexError as exc:
+            # BaseCAM.__exit__ would swallow an IndexError (it prints and returns True): name it.
+            raise RuntimeError(f"layer CAMs {pairs} failed: {exc}") from exc
+        finally:
+            for recorder in recorders.values():
+                recorder.release()
+            for cam in cams.values():
+                cam.activations_and_grads.release()
+    return {p: _finite(np.concatenate(maps).astype(np.float32)) for p, maps in parts.items()}
+
+
+def _cam_object(method: str, model: nn.Module, opts: Options) -> BaseCAM:
+    """The library object whose ``get_cam_image`` computes ``method`` (hooks: none of its own)."""
+    cls = METHODS[method].cam_class
+    if cls is ScoreCAM:
+        return BatchedScoreCAM(model, [], batch_size=opts.batch_size)
+    return cls(model, [])
 
 
 def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone()
+
+
+class BatchedScoreCAM(ScoreCAM):
+    """pytorch-grad-cam's Score-CAM with its channel scoring batched on the device.
+
+    Score-CAM masks the input with every channel of the layer (upsampled, min-max normalised)
+    and weights the channel by the softmax, over channels, of the target logit on the masked
+    input. The library's ``ScoreCAM`` builds all ``N x channels x 3 x H x W`` masked copies at
+    once (300 MB per 224-px image at ResNet-50's early layer), runs them 16 at a time with its
+    hooks still recording every pass, and moves each logit to the host with ``.item()`` (one
+    device synchronisation per masked input). Only :meth:`get_cam_weights` is replaced: here
+    the masked inputs of all ``(image, channel)`` pairs of the batch are built chunk by chunk
+    (one image's upsampled maps at a time), scored by the hook-free inference twin
+    (:func:`tasks.forward.inference_twin`, BatchNorm folded, channels-last) in passes sized to
+    the device, with the target logit gathered on the device. The products, the logits and the
+    softmax are the library's, so the maps equal its maps to float32 rounding.
+
+    Args:
+        model: the model; its hooks (via the base class) record the layer activations.
+        target_layers: as for the library (``[]`` when the caller supplies the activations).
+        reshape_transform: as for the library.
+        batch_size: masked inputs per forward pass; 0 sizes it to the device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: list[nn.Module],
+        reshape_transform: Callable | None = None,
+        *,
+        batch_size: int = 0,
+    ) -> None:
+        super().__init__(model, target_layers, reshape_transform=reshape_transform)
+        self.requested = batch_size
+
+    def get_cam_weights(
+        self,
+        input_tensor: torch.Tensor,
+        target_layer: nn.Module,
+        targets: list[Callable],
+        activations: np.ndarray,
+        grads: np.ndarray | None,
+    ) -> np.ndarray:
+        with torch.no_grad():
+            images = input_tensor.detach().to(self.device)
+            n, k = activations.shape[:2]
+            twin = inference_twin(self.model)
+            step = forward_batch(twin, images, self.requested)
+            upsample = torch.nn.UpsamplingBilinear2d(size=images.shape[-2:])
+            scores = torch.empty(n * k, device=self.device)
+            current: dict[int, torch.Tensor] = {}
+
+            def masks(i: int) -> torch.Tensor:
+                if i not in current:
+                    current.clear()
+                    up = upsample(torch.from_numpy(activations[i : i + 1]).to(self.device))
+                    flat = up.view(1, k, -1)
+                    maxs = flat.max(dim=-1)[0][:, :, None, None]
+                    mins = flat.min(dim=-1)[0][:, :, None, None]
+                    current[i] = ((up - mins) / (maxs - mins + 1e-8))[0]
+                return current[i]
+
+            for start in range(0, n * k, step):
+                stop = min(start + step, n * k)
+                pieces, row_targets, row = [], [], start
+                while row < stop:  # the rows of one image at a time, as one broadcast product
+                    i, first = divmod(row, k)
+                    end = min(stop, (i + 1) * k)
+                    pieces.append(images[i][None] * masks(i)[first : first + end - row, None])
+                    row_targets += [targets[i]] * (end - row)
+                    row = end
+                batch = torch.cat(pieces).contiguous(memory_format=torch.channels_last)
+                scores[start:stop] = _target_values(twin(batch), row_targets)
+            weights = torch.nn.Softmax(dim=-1)(scores.cpu().view(n, k))
+            return weights.numpy()
+
+
+def _target_values(outputs: torch.Tensor, targets: Sequence[Callable]) -> torch.Tensor:
+    """Each row's target value: one gather for class targets, else the callables row by row."""
+    if all(isinstance(t, ClassifierOutputTarget) for t in targets):
+        index = torch.as_tensor([t.category for t in targets], device=outputs.device)
+        return outputs.gather(1, index[:, None])[:, 0].float()
+    return torch.stack([t(o) for t, o in zip(targets, outputs, strict=True)]).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,13 +750,14 @@ def lime(
     samples and logits that move by less than ``alpha`` when one superpixel goes, Lasso zeroes
     every weight and the explanation is blank. One surrogate per image, each sampled from the
     same seed in a forked RNG, so results are reproducible and the global RNG is left alone.
+    The perturbed inputs run through the model's inference twin (no gradients are needed).
 
     Returns:
         ``(N, 3, H, W)`` attributions (the weight repeated over channels and pixels of each
         superpixel).
     """
     images = _on_model(model, images)
-    explainer = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0))
+    explainer = Lime(inference_twin(model), interpretable_model=SkLearnRidge(alpha=1.0))
     out = []
     with _explaining(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(?s).*Minimum element in feature mask")
@@ -687,6 +775,147 @@ def lime(
                 )
             out.append(attr.detach())
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+def _cam_method(name: str) -> Compute:
+    def compute(
+        model: nn.Module,
+        arch: str,
+        images: torch.Tensor,
+        targets: list[int],
+        layer: str | None,
+        opts: Options,
+    ) -> np.ndarray:
+        return layer_cams(model, arch, images, targets, [(name, layer)], opts)[(name, layer)]
+
+    return compute
+
+
+def _exact(
+    model: nn.Module,
+    arch: str,
+    images: torch.Tensor,
+    targets: list[int],
+    _: str | None,
+    __: Options,
+) -> np.ndarray:
+    return exact_cam(model, arch, images, targets)
+
+
+def _ig(
+    model: nn.Module, arch: str, images: torch.Tensor, targets: list[int], _: str | None, o: Options
+) -> np.ndarray:
+    rows = grad_batch(model, images, o.batch_size)
+    attr, _delta = integrated_gradients(
+        model, images, targets, steps=o.ig_steps, internal_batch_size=rows
+    )
+    return to_heatmaps(attr.abs().sum(dim=1), (images.shape[-2], images.shape[-1]))
+
+
+def _deeplift(
+    model: nn.Module, arch: str, images: torch.Tensor, targets: list[int], _: str | None, o: Options
+) -> np.ndarray:
+    rows = grad_batch(model, images, o.batch_size)
+    attr, _delta = deeplift(model, images, targets, batch_size=rows)
+    return to_heatmaps(attr.abs().sum(dim=1), (images.shape[-2], images.shape[-1]))
+
+
+def _lime(
+    model: nn.Module, arch: str, images: torch.Tensor, targets: list[int], _: str | None, o: Options
+) -> np.ndarray:
+    rows = forward_batch(inference_twin(model), images, o.batch_size)
+    attr = lime(
+        model,
+        images,
+        targets,
+        samples=o.lime_samples,
+        seed=o.seed,
+        mean=o.mean,
+        std=o.std,
+        segments=o.lime_segments,
+        perturbation_batch=rows,
+    )
+    return to_heatmaps(attr[:, 0].clamp(min=0), (images.shape[-2], images.shape[-1]))
+
+
+def _cam_spec(name: str, cls: type[BaseCAM], description: str, **flags: bool) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        kind="cam",
+        compute=_cam_method(name),
+        batchable=True,
+        expensive=flags.get("expensive", False),
+        class_specific=flags.get("class_specific", True),
+        description=description,
+        cam_class=cls,
+    )
+
+
+def _attribution(name: str, compute: Compute, description: str, **flags: bool) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        kind="attribution",
+        compute=compute,
+        batchable=flags.get("batchable", True),
+        expensive=flags.get("expensive", False),
+        class_specific=True,
+        description=description,
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    "gradcam": _cam_spec("gradcam", GradCAM, "Grad-CAM: channels weighted by mean gradient"),
+    "gradcampp": _cam_spec(
+        "gradcampp", GradCAMPlusPlus, "Grad-CAM++: positive higher-order gradient weights"
+    ),
+    "xgradcam": _cam_spec(
+        "xgradcam", XGradCAM, "XGrad-CAM: activation-normalised gradient weights"
+    ),
+    "layercam": _cam_spec("layercam", LayerCAM, "LayerCAM: per-location positive gradient weights"),
+    "eigencam": _cam_spec(
+        "eigencam",
+        EigenCAM,
+        "Eigen-CAM: first principal component of the activations (class-agnostic)",
+        class_specific=False,
+    ),
+    "hirescam": _cam_spec("hirescam", HiResCAM, "HiRes-CAM: element-wise gradient x activation"),
+    "scorecam": _cam_spec(
+        "scorecam",
+        ScoreCAM,
+        "Score-CAM: channels weighted by the score of the input masked with them",
+        expensive=True,
+    ),
+    "cam": MethodSpec(
+        name="cam",
+        kind="exact_cam",
+        compute=_exact,
+        batchable=True,
+        expensive=False,
+        class_specific=True,
+        description="CAM (Zhou et al. 2016): deep features weighted by the head's weights",
+        archs=EXACT_CAM_ARCHS,
+    ),
+    "ig": _attribution(
+        "ig", _ig, "Integrated Gradients from the mean image, |attribution| summed over RGB"
+    ),
+    "deeplift": _attribution(
+        "deeplift",
+        _deeplift,
+        "DeepLIFT (rescale rule) from the mean image, |attribution| summed over RGB",
+    ),
+    "lime": _attribution(
+        "lime",
+        _lime,
+        "LIME on SLIC superpixels, positive surrogate weights",
+        batchable=False,
+        expensive=True,
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------

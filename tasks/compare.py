@@ -12,9 +12,10 @@ so the flow's tasks stay thin and the tests can check each piece without trainin
 
 - variant resolution (:func:`resolve_variants`, :func:`variant_params`) and the same-split
   guard (:func:`check_same_data`);
-- the explanation sample (:func:`pick_images`), heatmaps through :func:`tasks.cams.explain_batch`
-  (:func:`compute_maps`), their quality (:func:`explanation_quality`) and agreement
-  (:func:`agreement_within`, :func:`agreement_across`);
+- the explanation sample (:func:`pick_images`); heatmaps and their quality come from the
+  explanation engine (:func:`tasks.engine.explain`), summarised per method
+  (:func:`summarize_quality`), and their agreement (:func:`agreement_within`,
+  :func:`agreement_across`);
 - the ablation pairing (:func:`ablation_pairs`, :func:`ablation_table`);
 - figures and the markdown / HTML report (:func:`write_report`).
 
@@ -26,7 +27,6 @@ that disagree on the label would be compared on maps for different classes.
 from __future__ import annotations
 
 import dataclasses
-import html
 import itertools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,16 +36,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
-from rich.progress import Progress
-from torch import nn
 
 from tasks import xai_metrics as xm
-from tasks.cams import METHODS, explain_batch, method_layers
+from tasks.cams import method_layers
 from tasks.config import ConfigError, Params, flatten, load_params
 from tasks.evaluate import DPI, save_figure
-from tasks.fusion import ImageOnly, is_fusion
 from tasks.io import write_json, write_text
 from tasks.models import ARCHITECTURES, arch_spec
 
@@ -53,9 +49,15 @@ from tasks.models import ARCHITECTURES, arch_spec
 DATA_SECTIONS: tuple[str, ...] = ("dataset", "synth", "ingest", "validate", "split", "prepare")
 HEADLINE: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro")
 CALIBRATION: tuple[str, ...] = ("ece", "nll", "brier")
-QUALITY: tuple[str, ...] = ("deletion_auc", "insertion_auc", "pointing_game", "energy_inside")
+QUALITY: tuple[str, ...] = (
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_game",
+    "energy_pointing_game",
+)
+#: What the engine scores for the comparison (tasks.engine.SCORES names).
+SCORES: tuple[str, ...] = ("deletion_insertion", "localisation")
 AGREEMENT: tuple[str, ...] = ("ssim", "pearson", "cosine", "topk_jaccard")
-NONDETERMINISTIC = r".*does not have a deterministic implementation"
 GALLERY_IMAGES = 4  # images in the model x method gallery (2-4 keep it readable)
 MODEL_URI = "models:/"
 
@@ -275,154 +277,30 @@ def pick_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.asarray(chosen, dtype=int)
 
 
-def explain_views(
-    model: nn.Module, n: int, metadata: np.ndarray | None = None
-) -> list[tuple[slice, nn.Module]]:
-    """The ``model(x)`` callables that cover ``n`` images: the model for all, or one per image.
-
-    A fusion model needs each case's own metadata, so it is explained one image at a time
-    through a :class:`tasks.fusion.ImageOnly`; an image-only model takes the whole batch at once.
-    """
-    if not is_fusion(model):
-        return [(slice(0, n), model)]
-    if metadata is None or len(metadata) < n:
-        raise ValueError("a metadata-fusion model needs one metadata row per explained image")
-    return [(slice(i, i + 1), ImageOnly(model, metadata[i])) for i in range(n)]
-
-
-def method_plan(
-    methods: Sequence[str], layer: str, arch: str, fusion: bool
-) -> list[tuple[str, str | None]]:
-    """The ``(method, layer)`` pairs a model supports: CAMs at ``layer``, attributions at input.
-
-    Exact CAM needs the head's weights right after the pooled image features; a fusion model
-    puts the metadata MLP in between, so it is left out there, as for custom_cnn.
-    """
-    pairs = method_layers(methods, [layer], arch)
-    if fusion:
-        pairs = [(m, lay) for m, lay in pairs if METHODS[m].kind != "exact_cam"]
-    return pairs
-
-
-def compute_maps(
-    model: nn.Module,
-    arch: str,
-    images: torch.Tensor,
-    targets: np.ndarray,
-    plan: Sequence[tuple[str, str | None]],
-    metadata: np.ndarray | None = None,
-    *,
-    ig_steps: int = 24,
-    batch_size: int = 16,
-    seed: int = 0,
-    progress: Progress | None = None,
-    label: str = "explaining",
-) -> dict[str, np.ndarray]:
-    """Heatmaps ``(N, H, W)`` in ``[0, 1]`` per method, from :func:`tasks.cams.explain_batch`.
-
-    Args:
-        model: image-only or fusion model (eval mode, float32).
-        arch: its architecture name.
-        images: ``(N, 3, H, W)`` normalised test images.
-        targets: the class each map explains, one per image.
-        plan: :func:`method_plan` pairs.
-        metadata: ``(N, D)`` metadata rows (fusion models only).
-        ig_steps, batch_size, seed: as in ``explain.*``.
-        progress: a live rich display to advance per method.
-        label: the progress line's text.
-    """
-    views = explain_views(model, len(images), metadata)
-    task = progress.add_task(label, total=len(plan)) if progress is not None else None
-    maps: dict[str, np.ndarray] = {}
-    for method, layer in plan:
-        parts = []
-        for sl, view in views:
-            step = batch_size if METHODS[method].batchable else 1
-            for start in range(sl.start, sl.stop, step):
-                chunk = slice(start, min(start + step, sl.stop))
-                with warnings.catch_warnings():
-                    # train() leaves torch's deterministic mode on (warn_only); DeepLIFT's
-                    # max-unpooling then warns on every call, for nothing a user can change.
-                    warnings.filterwarnings("ignore", message=NONDETERMINISTIC)
-                    heat = explain_batch(
-                        view,
-                        arch,
-                        method,
-                        images[chunk],
-                        [int(t) for t in targets[chunk]],
-                        layer,
-                        ig_steps=ig_steps,
-                        seed=seed,
-                        batch_size=batch_size,
-                    )
-                parts.append(heat)
-        maps[method] = np.concatenate(parts).astype(np.float32)
-        if progress is not None:
-            progress.advance(task)
-    if progress is not None:
-        progress.remove_task(task)
-    return maps
-
-
-def explanation_quality(
-    model: nn.Module,
-    images: torch.Tensor,
-    masks: np.ndarray,
-    has_mask: np.ndarray,
-    targets: np.ndarray,
-    maps: Mapping[str, np.ndarray],
-    metadata: np.ndarray | None = None,
-    steps: int = 16,
-) -> pd.DataFrame:
-    """Per image x method: deletion / insertion AUC and, with a mask, the localisation scores.
-
-    ``pointing_game`` is the hit of the hottest pixel on the lesion, ``energy_inside`` the share
-    of the map's heat inside it (:func:`tasks.xai_metrics.energy_pointing_game`); both are NaN
-    for an image without a mask. ``flat`` marks a constant map (e.g. Grad-CAM at a layer that
-    is 1 x 1 at a small input size): it points nowhere and has no correlation to measure.
-
-    Returns:
-        Columns ``index, method, deletion_auc, insertion_auc, pointing_game, energy_inside,
-        flat``.
-    """
-    views = explain_views(model, len(images), metadata)
-    rows = []
-    for method, heat in maps.items():
-        for sl, view in views:
-            t = [int(c) for c in targets[sl]]
-            faith = xm.deletion_insertion(view, images[sl], heat[sl], t, steps=steps)
-            for j, i in enumerate(range(sl.start, sl.stop)):
-                inside = bool(has_mask[i])
-                rows.append(
-                    {
-                        "index": i,
-                        "method": method,
-                        "deletion_auc": float(faith["deletion_auc"][j]),
-                        "insertion_auc": float(faith["insertion_auc"][j]),
-                        "pointing_game": xm.pointing_game(heat[i], masks[i]) if inside else np.nan,
-                        "energy_inside": xm.energy_pointing_game(heat[i], masks[i])
-                        if inside
-                        else np.nan,
-                        "flat": bool(heat[i].max() == heat[i].min()),
-                    }
-                )
-    return pd.DataFrame(rows, columns=["index", "method", *QUALITY, "flat"])
-
-
 def summarize_quality(
     rows: pd.DataFrame, model: str, layers: Mapping[str, str | None]
 ) -> pd.DataFrame:
-    """Per method of one model: the image means of :func:`explanation_quality`'s scores.
+    """Per method of one model: the image means of the engine's scores.
+
+    ``pointing_game`` is the hit of the hottest pixel on the lesion, ``energy_pointing_game``
+    the share of the map's heat inside it; images without a mask do not count. ``flat`` marks
+    a constant map (e.g. Grad-CAM at a layer that is 1 x 1 at a small input size): it points
+    nowhere and has no correlation to measure.
+
+    Args:
+        rows: :func:`tasks.engine.explain`'s table for one model (scores :data:`SCORES`).
+        model: the model's name in the report.
+        layers: method -> its layer (None for attributions).
 
     Returns:
         Columns ``model, method, layer, deletion_auc, insertion_auc, pointing_game,
-        energy_inside, flat_maps, n_images`` (``layer`` is ``input`` for attributions;
+        energy_pointing_game, flat_maps, n_images`` (``layer`` is ``input`` for attributions;
         ``flat_maps`` counts the constant maps).
     """
     out = []
     for method, part in rows.groupby("method", sort=False):
         record = {"model": model, "method": method, "layer": layers.get(method) or "input"}
-        record |= {k: _nanmean(part[k]) for k in QUALITY}
+        record |= {k: _nanmean(part[k]) if k in part else float("nan") for k in QUALITY}
         record["flat_maps"] = int(part["flat"].sum())
         record["n_images"] = len(part)
         out.append(record)
@@ -614,7 +492,7 @@ def plot_gallery(
     n_images: int = GALLERY_IMAGES,
 ) -> Figure:
     """Rows: the first ``n_images`` explained images; columns: the input, then model x method."""
-    from tasks.explain import outline, overlay
+    from tasks.gallery import outline, overlay
 
     n = min(n_images, len(raw))
     columns = [(m, meth) for m, maps in maps_by_model.items() for meth in maps]
@@ -704,9 +582,10 @@ def report_markdown(
         "## Models\n",
         markdown_table(_main_table(table)),
         "## Explanation quality\n",
-        "Deletion AUC: lower is more faithful; insertion AUC, pointing game and energy inside "
-        "the lesion: higher is better. `flat_maps`: images whose map is constant (a CAM layer "
-        "of 1 x 1 at a small input size, or no positive gradient): they point nowhere.\n",
+        "Deletion AUC: lower is more faithful; insertion AUC, pointing game and energy pointing "
+        "game (the share of heat inside the lesion): higher is better. `flat_maps`: images whose "
+        "map is constant (a CAM layer of 1 x 1 at a small input size, or no positive gradient): "
+        "they point nowhere.\n",
         markdown_table(_quality_long(quality)),
         "## Ablation: metadata\n",
     ]
@@ -729,12 +608,6 @@ def report_markdown(
     return "\n".join(parts)
 
 
-def _html_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "<p><em>(none)</em></p>"
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0)
-
-
 def report_html(
     table: pd.DataFrame,
     quality: pd.DataFrame,
@@ -744,47 +617,24 @@ def report_html(
     figures: Sequence[str],
     info: Mapping[str, Any],
 ) -> str:
-    """``report.html``: the tables and the figures on one page (files beside it)."""
-    esc = html.escape
+    """``report.html``: the tables and the figures on one page (files beside it), from the
+    ``compare_report.html.j2`` template (:func:`tasks.gallery.render`)."""
+    from tasks.gallery import html_table, render
 
-    def figure(name: str, caption: str) -> str:
-        if name not in figures:
-            return ""
-        return f'<figure><img src="{esc(name)}"><figcaption>{esc(caption)}</figcaption></figure>'
-
-    ablation_html = (
-        "<p>No two variants differ only by <code>model.metadata</code>.</p>"
-        if ablation.empty
-        else _html_table(ablation)
+    return render(
+        "compare_report.html.j2",
+        info=info,
+        n_models=len(table),
+        figures=list(figures),
+        links=[f for f in info["files"] if f.endswith((".csv", ".md", ".json"))],
+        tables={
+            "models": html_table(_main_table(table)),
+            "quality": html_table(_quality_long(quality)),
+            "ablation": None if ablation.empty else html_table(ablation),
+            "within": html_table(within),
+            "across": html_table(across),
+        },
     )
-    links = " | ".join(
-        f'<a href="{f}">{f}</a>' for f in info["files"] if f.endswith((".csv", ".md", ".json"))
-    )
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>dermaflow compare: {esc(str(info["dataset"]))}</title><style>
-body{{font-family:sans-serif;max-width:1200px;margin:auto}} table{{border-collapse:collapse}}
-td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} img{{max-width:100%}}
-figcaption{{color:#555;font-size:90%}}</style></head><body>
-<h1>Model comparison: {esc(str(info["dataset"]))}</h1>
-<p>{len(table)} models on the same split (data version {esc(str(info["data_version"]))}),
-{info["n_images"]} test images explained for the true class; CAM methods at the
-{esc(str(info["layer"]))} layer. MLflow parent run <code>{esc(str(info.get("run_id")))}</code>.
-Files: {links}</p>
-<h2>Models</h2>{_html_table(_main_table(table))}
-{figure("headline.png", "Test metrics and ECE before/after calibration")}
-<h2>Calibration</h2>
-{figure("reliability.png", "Reliability of every model, before and after calibration")}
-<h2>Explanation quality</h2>
-<p>Deletion AUC: lower is more faithful; insertion AUC, pointing game and energy inside the
-lesion: higher is better.</p>{_html_table(_quality_long(quality))}
-<h2>Ablation: metadata</h2><p>Delta = with metadata minus without.</p>{ablation_html}
-<h2>Agreement within each model</h2>
-{figure("agreement_within.png", "Method pairs per model")}{_html_table(within)}
-<h2>Agreement across models</h2>
-{figure("agreement_across.png", "Model pairs per method")}{_html_table(across)}
-<h2>Gallery</h2>{figure("gallery.png", "Each model x method heatmap over the same images")}
-</body></html>
-"""
 
 
 def write_report(

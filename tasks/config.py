@@ -1,216 +1,360 @@
-"""The one config path: params.yaml -> typed, frozen dataclasses -> function arguments.
+"""The one config path: params.yaml -> validated, frozen dataclasses -> function arguments.
 
-Stage functions never read params.yaml; the CLI entries call :func:`load_params` and pass the
-relevant section on. Unknown or missing keys are errors that name the key, so a typo in
-params.yaml or a preset cannot silently fall back to a default.
+Stage functions never read params.yaml; the entries call :func:`load_params` and pass the
+relevant section on. The whole tree is validated when it is loaded, before any stage does
+work, because a typo found by the stage that reads it is found late: in a ``dvc repro``,
+``calibrate.method: bar`` would otherwise surface after training has finished.
+
+The sections are pydantic dataclasses: real :mod:`dataclasses` (``dataclasses.replace`` and
+``asdict`` work, and ``replace`` re-validates), whose fields carry ``Literal`` enums, strict
+types (``"3"`` is not an integer, ``yes`` is not a boolean) and ranges. Checks that span keys
+(``split.fractions`` sums to 1, a marker class that the class mix draws, overrides inside
+``compare.variants``, ``recipe.small`` and ``tune.space``) run in the loader. Every problem is
+collected first, so one :class:`ConfigError` lists each bad key path, its value and what is
+allowed; unknown keys come with a did-you-mean.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt, MinLen
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.dataclasses import dataclass
 
 from tasks.labels import ISIC_CLASSES
 
 
 class ConfigError(ValueError):
-    """A params file or override that does not fit the typed config."""
+    """A params file, preset or override that does not fit the typed config.
+
+    Attributes:
+        problems: one line per bad key (path, value, what is allowed); empty for errors that
+            are not about a key (an unreadable file).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
-@dataclass(frozen=True)
+# --------------------------------------------------------------------------------------------
+# The allowed names. They live here, not in the modules that implement them, so that loading
+# params imports neither torch nor great-expectations; tests/test_config.py checks that each
+# list equals its implementation's registry (tasks.models.ARCHITECTURES, tasks.cams.METHODS,
+# tasks.validate.RULE_NAMES, ...).
+# --------------------------------------------------------------------------------------------
+
+LAYOUTS = ("auto", "isic2019", "ham10000", "folder")
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "efficientnet_b0", "densenet121", "densenet201",
+    "mobilenet_v3_large", "convnext_tiny", "custom_cnn",
+)  # fmt: skip
+EXPLAIN_METHODS = (
+    "gradcam", "gradcampp", "xgradcam", "layercam", "eigencam", "hirescam", "scorecam", "cam",
+    "ig", "deeplift", "lime",
+)  # fmt: skip
+LAYERS = ("early", "middle", "deep")
+CALIBRATION_METHODS = ("temperature", "vector", "isotonic")
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective_number")
+LOSSES = ("ce", "focal")
+SEVERITIES = ("error", "warning", "off")
+RECIPE_STEPS = ("pipeline", "compare", "tune")
+SPLIT_NAMES = ("train", "val", "test")
+VALIDATION_RULES = (
+    "label_known", "onehot_single", "image_id_unique", "image_readable", "path_inside_root",
+    "min_size", "age_range", "age_numeric", "hash_label_conflict", "class_min_count",
+    "mask_readable", "mask_size", "mask_nonempty", "sex_known", "site_known", "min_images",
+    "min_classes", "image_unlisted", "metadata_present",
+)  # fmt: skip
+# PIL refuses images above twice its warning limit (decompression bombs); the same default.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+# Strict scalars: YAML's ``"8"`` is text, not an epoch count; ``yes`` is not a boolean here.
+# A float field still takes an integer (``lr: 1``), never a boolean.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Name = Annotated[str, Strict(), MinLen(1)]
+PosInt = Annotated[int, Strict(), Gt(0)]
+NonNegInt = Annotated[int, Strict(), Ge(0)]
+PosFloat = Annotated[float, Strict(), AllowInfNan(False), Gt(0)]
+NonNegFloat = Annotated[float, Strict(), AllowInfNan(False), Ge(0)]
+Probability = Annotated[float, Strict(), AllowInfNan(False), Ge(0), Le(1)]
+
+_SECTION = ConfigDict(extra="forbid")
+
+
+def _ordered(pair: tuple[Any, Any]) -> tuple[Any, Any]:
+    if pair[0] > pair[1]:
+        raise ValueError("the first bound must not exceed the second")
+    return pair
+
+
+def _some_weight(mix: dict[str, float]) -> dict[str, float]:
+    if mix and sum(mix.values()) <= 0:
+        raise ValueError("the class frequencies sum to 0; give at least one class a weight > 0")
+    if not mix:
+        raise ValueError("empty; name at least two classes with their frequencies")
+    return mix
+
+
+def _three_fractions(fractions: dict[str, float]) -> dict[str, float]:
+    missing = [s for s in SPLIT_NAMES if s not in fractions]
+    if missing:
+        raise ValueError(f"needs train, val and test; missing {missing}")
+    zero = [s for s in SPLIT_NAMES if fractions[s] <= 0]
+    if zero:
+        raise ValueError(f"{zero} must be > 0 (every split needs images)")
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6:
+        shown = " + ".join(f"{fractions[s]:g}" for s in SPLIT_NAMES)
+        raise ValueError(f"{shown} = {total:g}; the fractions must sum to 1")
+    return fractions
+
+
+def _off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off`` as false; here it means the severity ``off``."""
+    return "off" if value is False else value
+
+
+Severity = Annotated[Literal[SEVERITIES], BeforeValidator(_off)]
+
+
+def _non_empty(values: list[Any]) -> list[Any]:
+    if not values:
+        raise ValueError("empty; name at least one")
+    return values
+
+
+@dataclass(frozen=True, config=_SECTION)
 class DatasetConfig:
-    name: str  # dataset id: names the MLflow experiment and the reports
-    layout: str  # auto | isic2019 | ham10000 | folder
-    root: str  # dataset root folder (relative to the repo or absolute)
-    masks: str | None = None  # optional folder of <image_id>_segmentation.png masks
-    label_map: dict[str, str | None] = field(default_factory=dict)  # old -> new label; None drops
+    name: Name  # dataset id: names the MLflow experiment and the reports
+    layout: Literal[LAYOUTS]  # auto | isic2019 | ham10000 | folder
+    root: Name  # dataset root folder (relative to the repo or absolute)
+    masks: Str | None = None  # optional folder of <image_id>_segmentation.png masks
+    label_map: dict[Str, Str | None] = field(default_factory=dict)  # old -> new label; None drops
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class MarkerConfig:
-    label: str | None = None  # class whose images get a spurious marker; None = off
-    fraction: float = 0.0  # share of that class's images that carry the marker
-    kind: str = "ink"  # ink (a dark-blue dot) | ruler (a striped bar at an edge)
+    label: Str | None = None  # class whose images get a spurious marker; None = off
+    fraction: Probability = 0.0  # share of that class's images that carry the marker
+    kind: Literal["ink", "ruler"] = "ink"  # ink (a dark-blue dot) | ruler (a striped bar)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class SynthConfig:
-    seed: int  # RNG seed: the same params give byte-identical files
-    count: int  # number of images
-    image_size: int  # side of the square JPEGs in pixels
-    class_mix: dict[str, float]  # class -> relative frequency (normalised)
-    difficulty: float  # 0 = textbook lesions, 1 = heavy overlap between classes
-    images_per_lesion: int  # max images sharing one lesion_id (HAM10000-style repeats)
+    seed: NonNegInt  # RNG seed: the same params give byte-identical files
+    count: PosInt  # number of images
+    image_size: Annotated[int, Strict(), Ge(8)]  # side of the square JPEGs in pixels
+    class_mix: Annotated[
+        dict[Literal[ISIC_CLASSES], NonNegFloat], AfterValidator(_some_weight)
+    ]  # class -> relative frequency (normalised)
+    difficulty: Probability  # 0 = textbook lesions, 1 = heavy overlap between classes
+    images_per_lesion: PosInt  # max images sharing one lesion_id (HAM10000-style repeats)
     marker: MarkerConfig = field(default_factory=MarkerConfig)  # shortcut-learning probe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class IngestConfig:
-    workers: int  # processes hashing and measuring images (each file is read once)
+    workers: PosInt  # processes hashing and measuring images (each file is read once)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ValidateConfig:
-    min_side: int  # smallest allowed image side in pixels
-    min_per_class: int  # smallest class size that can still be split three ways
-    age_range: tuple[int, int]  # allowed age interval (inclusive)
-    known_sex: list[str]  # values outside this list are reported (severity below)
-    known_sites: list[str]  # anatomical sites outside this list are reported
-    severity: dict[str, str]  # rule -> error | warning | off
+    min_side: PosInt  # smallest allowed image side in pixels
+    min_per_class: PosInt  # smallest class size that can still be split three ways
+    age_range: Annotated[
+        tuple[Annotated[int, Strict(), Ge(0)], Annotated[int, Strict(), Ge(0)]],
+        AfterValidator(_ordered),
+    ]  # allowed age interval (inclusive)
+    known_sex: list[Str]  # values outside this list are reported (severity below)
+    known_sites: list[Str]  # anatomical sites outside this list are reported
+    severity: dict[Str, Severity]  # rule -> error | warning | off
+    min_images: PosInt = 10  # fewer images than this cannot be split and trained on
+    min_classes: Annotated[int, Strict(), Ge(2)] = 2  # classes after dataset.label_map
+    mask_aspect_tolerance: Probability = 0.02  # mask vs image aspect ratio, relative difference
+    max_pixels: PosInt = DEFAULT_MAX_PIXELS  # larger images are refused (decompression bombs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class SplitConfig:
-    seed: int  # RNG seed for the group assignment
-    fractions: dict[str, float]  # train/val/test shares (sum to 1)
-    small_class: str  # error | train_only: what to do with a class too small for 3 splits
+    seed: NonNegInt  # RNG seed for the group assignment
+    fractions: Annotated[
+        dict[Literal[SPLIT_NAMES], Probability], AfterValidator(_three_fractions)
+    ]  # train/val/test shares (sum to 1)
+    small_class: Literal["error", "train_only"]  # a class too small for 3 splits: stop | train
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class PrepareConfig:
-    size: int  # side of the square cached images
-    resize: str  # squash | center_crop (crop the long side first, then resize)
-    workers: int  # decode processes
+    size: Annotated[int, Strict(), Ge(8)]  # side of the square cached images
+    resize: Literal["squash", "center_crop"]  # center_crop: crop the long side, then resize
+    workers: PosInt  # decode processes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ModelConfig:
-    arch: str  # a name from tasks.models.ARCHITECTURES
-    pretrained: str  # none | imagenet (torchvision weights: local cache, else network)
-    weights_path: str | None  # local state_dict file (loaded with weights_only=True)
-    dropout: float  # dropout before the classification head
-    metadata: bool = False  # fuse age, sex and anatomical site with the image features
+    arch: Literal[ARCHS]  # a name from tasks.models.ARCHITECTURES
+    pretrained: Literal["none", "imagenet"]  # torchvision weights: local cache, else network
+    weights_path: Str | None  # local state_dict file (loaded with weights_only=True)
+    dropout: Annotated[float, Strict(), Ge(0), Lt(1)]  # dropout before the classification head
+    metadata: Bool = False  # fuse age, sex and anatomical site with the image features
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class AugmentConfig:
-    crop_scale: tuple[float, float]  # RandomResizedCrop area range; (1, 1) = off
-    hflip: bool  # random horizontal flip (lesions have no left/right)
-    vflip: bool  # random vertical flip
-    rotation: float  # max rotation in degrees (0 = off)
-    color_jitter: float  # brightness/contrast/saturation jitter strength (0 = off)
+    crop_scale: Annotated[
+        tuple[Annotated[float, Strict(), Gt(0), Le(1)], Annotated[float, Strict(), Gt(0), Le(1)]],
+        AfterValidator(_ordered),
+    ]  # RandomResizedCrop area range; (1, 1) = off
+    hflip: Bool  # random horizontal flip (lesions have no left/right)
+    vflip: Bool  # random vertical flip
+    rotation: Annotated[float, Strict(), Ge(0), Le(180)]  # max rotation in degrees (0 = off)
+    color_jitter: Annotated[float, Strict(), Ge(0), Le(1)]  # jitter strength (0 = off)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class TrainConfig:
-    epochs: int  # passes over the training split
-    batch_size: int  # images per step
-    optimizer: str  # adam | adamw | sgd
-    lr: float  # peak learning rate
-    weight_decay: float  # L2 / decoupled weight decay
-    schedule: str  # cosine | step | none (after warm-up)
-    warmup_epochs: int  # linear warm-up epochs
-    step_size: int  # step schedule: epochs between decays
-    gamma: float  # step schedule: decay factor
-    label_smoothing: float  # cross-entropy label smoothing
-    patience: int  # early stopping on val balanced accuracy (0 = off)
-    freeze_backbone_epochs: int  # train only the head for the first N epochs
-    class_weights: str  # none | inverse | sqrt_inverse | effective_number
-    beta: float  # effective_number: beta of Cui et al. 2019
-    weighted_sampler: bool  # sample classes evenly instead of (or besides) reweighting
-    loss: str  # ce | focal
-    focal_gamma: float  # focal loss focusing parameter
+    epochs: PosInt  # passes over the training split
+    batch_size: PosInt  # images per step
+    optimizer: Literal["adam", "adamw", "sgd"]  # adam | adamw | sgd
+    lr: PosFloat  # peak learning rate
+    weight_decay: NonNegFloat  # L2 / decoupled weight decay
+    schedule: Literal["cosine", "step", "none"]  # after warm-up
+    warmup_epochs: NonNegInt  # linear warm-up epochs
+    step_size: PosInt  # step schedule: epochs between decays
+    gamma: Annotated[float, Strict(), Gt(0), Le(1)]  # step schedule: decay factor
+    label_smoothing: Annotated[float, Strict(), Ge(0), Lt(1)]  # cross-entropy label smoothing
+    patience: NonNegInt  # early stopping on val balanced accuracy (0 = off)
+    freeze_backbone_epochs: NonNegInt  # train only the head for the first N epochs
+    class_weights: Literal[CLASS_WEIGHTS]  # none | inverse | sqrt_inverse | effective_number
+    beta: Annotated[float, Strict(), Ge(0), Lt(1)]  # effective_number: beta of Cui et al. 2019
+    weighted_sampler: Bool  # sample classes evenly instead of (or besides) reweighting
+    loss: Literal[LOSSES]  # ce | focal
+    focal_gamma: NonNegFloat  # focal loss focusing parameter
     augment: AugmentConfig  # training-time augmentations (torchvision.transforms.v2)
-    device: str  # auto | cpu | cuda
-    amp: str  # none | bf16 | fp16 (autocast on CUDA only)
-    channels_last: bool  # NHWC memory format on CUDA
-    compile: bool  # torch.compile the model
-    workers: int  # DataLoader worker processes
-    seed: int  # seeds python, numpy and torch
-    deterministic: bool  # deterministic kernels (exactly resumable; slower on GPU)
+    device: Literal["auto", "cpu", "cuda"]  # auto | cpu | cuda
+    amp: Literal["none", "bf16", "fp16"]  # autocast on CUDA only
+    channels_last: Bool  # NHWC memory format on CUDA
+    compile: Bool  # torch.compile the model
+    workers: NonNegInt  # DataLoader worker processes
+    seed: NonNegInt  # seeds python, numpy and torch
+    deterministic: Bool  # deterministic kernels (exactly resumable; slower on GPU)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class CalibrateConfig:
-    method: str  # temperature | vector | isotonic (fitted on the validation logits)
-    bins: int  # equal-width bins for ECE, MCE and the reliability diagrams
-    target_accuracy: float  # selective prediction: accuracy the kept (not referred) cases reach
+    method: Literal[CALIBRATION_METHODS]  # temperature | vector | isotonic (on val logits)
+    bins: PosInt  # equal-width bins for ECE, MCE and the reliability diagrams
+    target_accuracy: Probability  # selective prediction: accuracy the kept cases reach
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ExportConfig:
-    opset: int  # ONNX opset version
-    parity_tolerance: float  # max |p_onnx - p_torch| allowed on the test images
-    provider: str  # auto | cuda | cpu (onnxruntime execution provider)
-    bench_batches: list[int]  # batch sizes for the latency / throughput comparison
-    bench_repeats: int  # timed runs per batch size (after warm-up)
-    alias: str  # registry alias set on the exported version
+    opset: Annotated[int, Strict(), Ge(7)]  # ONNX opset version
+    parity_tolerance: NonNegFloat  # max |p_onnx - p_torch| allowed on the test images
+    provider: Literal["auto", "cuda", "cpu"]  # onnxruntime execution provider
+    bench_batches: Annotated[list[PosInt], AfterValidator(_non_empty)]  # latency batch sizes
+    bench_repeats: PosInt  # timed runs per batch size (after warm-up)
+    alias: Name  # registry alias set on the exported version
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ExplainConfig:
-    methods: list[str]  # names from tasks.cams.METHODS
-    layers: list[str]  # early | middle | deep (CAM methods run at each)
-    per_class: int  # test images sampled per class
-    misclassified_cap: int  # plus every misclassified test image, up to this many
-    batch_size: int  # images per batched CAM call
-    scorecam_budget: int  # images explained with Score-CAM (one forward per channel)
-    lime_budget: int  # images explained with LIME
-    lime_samples: int  # perturbed samples per LIME explanation
-    ig_steps: int  # Integrated Gradients path steps
-    target: str  # predicted | true | a class name: the class each map explains
-    top_k_percent: float  # share of pixels kept for Jaccard agreement and IoU
-    perturbation_steps: int  # steps of the deletion / insertion curves
-    bootstrap: int  # bootstrap resamples for the confidence intervals
-    seed: int  # sampling and LIME seed
+    methods: Annotated[
+        list[Literal[EXPLAIN_METHODS]], AfterValidator(_non_empty)
+    ]  # names from tasks.cams.METHODS
+    layers: Annotated[
+        list[Literal[LAYERS]], AfterValidator(_non_empty)
+    ]  # early | middle | deep (CAM methods run at each)
+    per_class: NonNegInt  # test images sampled per class
+    misclassified_cap: NonNegInt  # plus every misclassified test image, up to this many
+    batch_size: NonNegInt  # images per forward pass (0: sized to the device, measured once)
+    scorecam_budget: NonNegInt  # images explained with Score-CAM (one forward per channel)
+    lime_budget: NonNegInt  # images explained with LIME
+    lime_samples: PosInt  # perturbed samples per LIME explanation
+    ig_steps: PosInt  # Integrated Gradients path steps
+    target: Name  # predicted | true | a class name: the class each map explains
+    top_k_percent: Annotated[float, Strict(), Gt(0), Le(100)]  # pixels kept for Jaccard and IoU
+    perturbation_steps: PosInt  # steps of the deletion / insertion curves
+    bootstrap: PosInt  # bootstrap resamples for the confidence intervals
+    seed: NonNegInt  # sampling and LIME seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class OrchestrationConfig:
-    retries: int  # Prefect retries of a stage task after a transient failure
-    retry_delay_s: float  # seconds between retries
-    chunk_size: int  # images per explain-batch chunk (one Prefect task each)
+    retries: NonNegInt  # Prefect retries of a stage task after a transient failure
+    retry_delay_s: NonNegFloat  # seconds between retries
+    chunk_size: PosInt  # images per explain-batch chunk (one Prefect task each)
+    save_experiment: Bool = True  # `dvc exp save` each pipeline flow run (dvc exp show)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class GateConfig:
-    metric: str  # test metric the candidate must not lose on (higher is better)
-    min_gain: float  # candidate - champion on that metric must be >= this
-    max_ece_increase: float  # candidate ECE (after calibration) may exceed champion's by this
-    champion_alias: str  # alias the gate moves on promotion
+    min_gain: Annotated[float, Strict(), Ge(-1), Le(1)]  # balanced-accuracy gain to exceed
+    max_ece_increase: Probability  # candidate calibrated ECE may exceed the champion's by this
+    confidence: Annotated[float, Strict(), Gt(0), Lt(1)]  # promote only when p < 1 - confidence
+    bootstrap: PosInt  # paired bootstrap resamples of the test images
+    seed: NonNegInt  # bootstrap RNG seed: the same models and split give the same p-value
+    champion_alias: Name  # alias the gate moves on promotion
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class TrackingConfig:
-    experiment: str | None  # MLflow experiment (null: the dataset name)
-    registered_model: str  # registered model name; each training adds a version
+    experiment: Str | None  # MLflow experiment (null: the dataset name)
+    registered_model: Str | None = None  # registered model name (null: one per dataset+classes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class CompareConfig:
-    variants: dict[str, list[str]]  # name -> key=value overrides of one model on the same split
-    explain_images: int  # test images explained per model (quality and agreement)
-    agreement_methods: list[str]  # methods compared pairwise (SSIM, Pearson, cosine, Jaccard)
-    agreement_layer: str  # layer of the CAM methods in the agreement: early | middle | deep
+    variants: dict[Name, list[Str]]  # name -> key=value overrides of one model on the same split
+    explain_images: NonNegInt  # test images explained per model (quality and agreement)
+    agreement_methods: Annotated[
+        list[Literal[EXPLAIN_METHODS]], AfterValidator(_non_empty)
+    ]  # methods compared pairwise (SSIM, Pearson, cosine, Jaccard)
+    agreement_layer: Literal[LAYERS]  # layer of the CAM methods in the agreement
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class TuneConfig:
-    trials: int  # Optuna trials
-    timeout_s: float  # stop starting new trials after this many seconds (0 = no limit)
-    epochs: int  # epochs per trial (a pruned trial stops earlier)
-    sampler: str  # tpe | random
-    pruner: str  # median | none (prunes on validation balanced accuracy per epoch)
-    seed: int  # sampler seed
-    space: dict[str, dict[str, Any]]  # key -> {low, high[, log]} or {choices: [...]}
-    preset: str  # where the best trial's params are written as a preset
+    trials: PosInt  # Optuna trials
+    timeout_s: NonNegFloat  # stop starting new trials after this many seconds (0 = no limit)
+    epochs: PosInt  # epochs per trial (a pruned trial stops earlier)
+    sampler: Literal["tpe", "random"]  # tpe | random
+    pruner: Literal["median", "none"]  # prunes on validation balanced accuracy per epoch
+    seed: NonNegInt  # sampler seed
+    space: dict[Str, dict[Str, Any]]  # key -> {low, high[, log]} or {choices: [...]}
+    preset: Name  # where the best trial's params are written as a preset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class RecipeConfig:
-    name: str | None  # the recipe's id (set by a recipe preset; null: none applied)
-    steps: list[str]  # what `dermaflow recipe` runs, in order: pipeline | compare | tune
-    small: list[str] = field(default_factory=list)  # key=value pinned when on the embedded default
+    name: Str | None  # the recipe's id (set by a recipe preset; null: none applied)
+    steps: list[Literal[RECIPE_STEPS]]  # what `dermaflow recipe` runs: pipeline | compare | tune
+    small: list[Str] = field(default_factory=list)  # key=value pinned on the embedded default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class Params:
     dataset: DatasetConfig
     synth: SynthConfig
@@ -229,14 +373,22 @@ class Params:
     compare: CompareConfig
     tune: TuneConfig
     recipe: RecipeConfig
-    extra: dict[str, Any] = field(default_factory=dict)  # sections owned by later stages
 
     def as_flat_dict(self) -> dict[str, Any]:
         """Dotted key -> value, the form MLflow's log_params and DVC's params take."""
         return flatten(dataclasses.asdict(self))
 
 
+_PARAMS = TypeAdapter(Params)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking a tree
+# --------------------------------------------------------------------------------------------
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": value}`` (empty mappings stay values)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -247,61 +399,374 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}.{f.name}: missing")
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
-    return cls(**kwargs)
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X`` (Annotated metadata is already stripped by get_type_hints)."""
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _section_class(path: tuple[str, ...]) -> type | None:
+    """The config dataclass at a key path (``("train", "augment")``), or None for a value."""
+    cls: Any = Params
+    for part in path:
+        tp = typing.get_type_hints(cls).get(part)
+        if tp is None:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is tuple:
-        return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+        cls = _unwrap(tp)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return cls
+
+
+def _keys_at(path: tuple[str, ...]) -> list[str]:
+    cls = _section_class(path)
+    return [f.name for f in dataclasses.fields(cls)] if cls else []
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "params"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping",
+    "dataclass_type": "a mapping (a section of keys)",
+    "list_type": "a list",
+    "tuple_type": "a list",
+}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_NUMBERISH = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _allowed(ctx: dict[str, Any] | None) -> list[str]:
+    return re.findall(r"'([^']*)'", str((ctx or {}).get("expected", "")))
+
+
+def _problems(errors: list[Any]) -> list[str]:
+    """One line per bad key of pydantic's errors; unknown keys and enum lists are grouped."""
+    lines: list[str] = []
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    unknown_items: dict[tuple[tuple[Any, ...], str], tuple[list[Any], list[str]]] = {}
+    for e in errors:
+        loc = tuple(e["loc"])
+        kind, value, ctx = e["type"], e.get("input"), e.get("ctx")
+        where = _path(loc)
+        if kind == "unexpected_keyword_argument":
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+        elif kind == "literal_error" and loc and (isinstance(loc[-1], int) or loc[-1] == "[key]"):
+            container = loc[:-2] if loc[-1] == "[key]" else loc[:-1]
+            noun = "keys" if loc[-1] == "[key]" else str(container[-1])
+            values, allowed = unknown_items.setdefault((container, noun), ([], _allowed(ctx)))
+            values.append(value)
+        elif kind == "literal_error":
+            allowed = _allowed(ctx)
+            lines.append(
+                f"unknown {where} {_show(value)}; {where} must be one of: {' | '.join(allowed)}"
+                + _did_you_mean(value, allowed)
+            )
+        elif kind in _TYPE_WORDS:
+            hint = ""
+            if kind == "float_type" and isinstance(value, str) and _NUMBERISH.match(value):
+                hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
+            elif isinstance(value, str) and kind in ("int_type", "float_type", "bool_type"):
+                hint = " (quoted, so YAML reads it as text)"
+            lines.append(f"{where}: {_show(value)} is not {_TYPE_WORDS[kind]}{hint}")
+        elif kind in _BOUNDS:
+            key, sign = _BOUNDS[kind]
+            bound = (ctx or {}).get(key)
+            if isinstance(bound, float) and bound.is_integer():
+                bound = int(bound)
+            lines.append(f"{where}: {_show(value)}; must be {sign} {bound}")
+        elif kind == "missing" and loc and isinstance(loc[-1], int):
+            lines.append(f"{_path(loc[:-1])}: too few values (no value {loc[-1] + 1})")
+        elif kind == "missing":
+            lines.append(f"{where}: missing (a required key; see the project's params.yaml)")
+        elif kind == "value_error":
+            reason = str((ctx or {}).get("error", e["msg"]))
+            lines.append(f"{where}: {_show(value)}; {reason}")
+        else:
+            lines.append(f"{where}: {_show(value)}; {e['msg'][:1].lower()}{e['msg'][1:]}")
+    for section, keys in unknown.items():
+        hints = [
+            f"{k} -> {m[0]}"
+            for k in keys
+            if (m := difflib.get_close_matches(k, _keys_at(section), n=1, cutoff=0.6))
+        ]
+        mean = f"; did you mean {', '.join(hints)}?" if hints else ""
+        allowed = _keys_at(section)
+        lines.append(
+            f"{_path(section)}: unknown key(s) {sorted(keys)}{mean}"
+            + (f" (allowed: {', '.join(allowed)})" if allowed and not hints else "")
+        )
+    for (container, noun), (values, allowed) in unknown_items.items():
+        hints = [
+            f"{v} -> {m[0]}"
+            for v in values
+            if (m := difflib.get_close_matches(str(v), allowed, n=1))
+        ]
+        mean = f"; did you mean {', '.join(hints)}?" if hints else ""
+        lines.append(
+            f"{_path(container)} has unknown {noun} {_show(values)}; allowed: "
+            f"{' | '.join(allowed)}{mean}"
+        )
+    return lines
+
+
+def _get(tree: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _known_path(tree: dict[str, Any], keys: list[str]) -> str | None:
+    """None when ``keys`` names a key of ``tree``; else why not (with a did-you-mean)."""
+    node: Any = tree
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(keys[: i + 1])
+            options = list(node) if isinstance(node, dict) else []
+            return f"unknown key {where}{_did_you_mean(key, options)}"
+        node = node[key]
+    return None
+
+
+def _override_problems(tree: dict[str, Any], overrides: Any, where: str) -> list[str]:
+    """Each ``key=value`` of ``where`` must name a key and give it a valid value."""
+    if not isinstance(overrides, list):
+        return []  # the type check reports it
+    problems: list[str] = []
+    for text in overrides:
+        if not isinstance(text, str):
+            continue
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as err:
+            problems.append(f"{where}: {err}")
+            continue
+        if not isinstance(tree.get(keys[0]), dict):
+            continue  # a missing section is reported once, not once per override into it
+        missing = _known_path(tree, keys)
+        if missing:
+            problems.append(f"{where}: {text!r}: {missing}")
+            continue
+        changed = copy.deepcopy(tree)
+        node = changed
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+        try:
+            _PARAMS.validate_python(changed)
+        except ValidationError as err:
+            mine = [e for e in err.errors() if tuple(e["loc"][: len(keys)]) == tuple(keys)]
+            problems += [f"{where}: {text!r}: {line}" for line in _problems(mine)]
+    return problems
+
+
+def _space_problems(tree: dict[str, Any]) -> list[str]:
+    """``tune.space``: model.*/train.* leaf keys, a range or choices, values that load."""
+    space = _get(tree, "tune", "space")
+    if not isinstance(space, dict):
+        return []
+    problems: list[str] = []
+    for key, spec in space.items():
+        where = f"tune.space.{key}"
+        keys = str(key).split(".")
+        if keys[0] not in ("model", "train"):
+            problems.append(f"{where}: trials only train, so only model.* and train.* keys")
+            continue
+        if key == "train.epochs":
+            problems.append(f"{where}: the trial length is tune.epochs; remove it from the space")
+            continue
+        if not isinstance(tree.get(keys[0]), dict):
+            continue  # the missing section is reported on its own
+        missing = _known_path(tree, keys)
+        if missing:
+            problems.append(f"{where}: not a params key ({missing})")
+            continue
+        if isinstance(_get(tree, *keys), dict):
+            problems.append(f"{where}: a section; name one of its keys")
+            continue
+        if not isinstance(spec, dict) or not ({"low", "high"} <= set(spec) or "choices" in spec):
+            problems.append(f"{where}: expected {{low, high[, log]}} or {{choices: [...]}}")
+            continue
+        values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+        if not isinstance(values, list):
+            continue  # tasks.tune.parse_space names the malformed spec
+        for value in values:
+            text = f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+            text = text.removesuffix("\n...").removesuffix(" ...")
+            problems += [
+                line.replace(f"tune.space.{key}: {text!r}: ", f"{where}: {value!r} is not valid: ")
+                for line in _override_problems(tree, [text], f"tune.space.{key}")
+            ]
+    return problems
+
+
+def _cross_checks(tree: dict[str, Any]) -> list[str]:
+    """What one field's type cannot say: names in maps, and overrides inside the params."""
+    problems: list[str] = []
+    severity = _get(tree, "validate", "severity")
+    if isinstance(severity, dict):
+        unknown = [str(k) for k in severity if k not in VALIDATION_RULES]
+        if unknown:
+            hints = [
+                f"{k} -> {m[0]}"
+                for k in unknown
+                if (m := difflib.get_close_matches(k, VALIDATION_RULES, n=1))
+            ]
+            mean = f"; did you mean {', '.join(hints)}?" if hints else ""
+            problems.append(
+                f"validate.severity has unknown rules {unknown}{mean} (rules: "
+                f"{', '.join(VALIDATION_RULES)})"
+            )
+    label, mix = _get(tree, "synth", "marker", "label"), _get(tree, "synth", "class_mix")
+    if isinstance(label, str) and isinstance(mix, dict) and label not in mix:
+        problems.append(
+            f"synth.marker.label: {label!r} is not a class of synth.class_mix ({', '.join(mix)})"
+        )
+    variants = _get(tree, "compare", "variants")
+    if isinstance(variants, dict):
+        for name, overrides in variants.items():
+            problems += _override_problems(tree, overrides, f"compare.variants.{name}")
+    problems += _override_problems(tree, _get(tree, "recipe", "small"), "recipe.small")
+    problems += _space_problems(tree)
+    return problems
+
+
+def _message(where: str, problems: list[str]) -> str:
+    """One line for one problem; else a count, then one line per bad key."""
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    head = f"{where}: {len(problems)} invalid params"
+    return head + ":\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def params_from_dict(tree: Any, where: str = "params") -> Params:
+    """Validate a whole params tree into :class:`Params`, or raise one error listing every fault.
+
+    Raises:
+        ConfigError: with one line per bad key path (value, what is allowed) in ``problems``.
+    """
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (dataset, synth, ...)")
+    problems: list[str] = []
+    params = None
+    try:
+        params = _PARAMS.validate_python(tree)
+    except ValidationError as err:
+        problems += _problems(err.errors())
+    problems += _cross_checks(tree)
+    if problems or params is None:
+        raise ConfigError(_message(where, problems), problems)
+    return params
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; every way it can be unreadable is a ConfigError naming it."""
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start})"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror})") from None
+
+
+def read_params_tree(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """The raw params tree (plus ``key=value`` overrides), not yet validated."""
+    path = Path(path)
+    tree = _read_yaml(path, "params file")
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    for text in overrides or []:
+        apply_override(tree, text)
+    return tree
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (plus ``key=value`` overrides) into the validated, typed config."""
+    return params_from_dict(read_params_tree(path, overrides), where=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and presets
+# --------------------------------------------------------------------------------------------
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value), the value parsed as YAML."""
-    if "=" not in text:
+    if not isinstance(text, str) or "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: {key.strip()!r} is not a dotted key")
+    try:
+        return keys, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_override(tree: dict[str, Any], text: str) -> None:
+    """Set one ``key=value`` in a raw tree; the key must exist (did-you-mean otherwise)."""
     keys, value = parse_override(text)
     node = tree
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         if not isinstance(node.get(k), dict):
-            raise ConfigError(f"override {text!r}: {k!r} is not a section of params")
+            where = ".".join(keys[: i + 1])
+            options = [n for n, v in node.items() if isinstance(v, dict)]
+            raise ConfigError(
+                f"override {text!r}: {where} is not a section of params{_did_you_mean(k, options)}"
+            )
         node = node[k]
     if keys[-1] not in node:
-        raise ConfigError(f"override {text!r}: unknown key {'.'.join(keys)}")
+        raise ConfigError(
+            f"override {text!r}: unknown key {'.'.join(keys)}{_did_you_mean(keys[-1], list(node))}"
+        )
     node[keys[-1]] = value
 
 
@@ -322,77 +787,19 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any], prefix: str = "") ->
     return out
 
 
-_TYPED = {f.name for f in dataclasses.fields(Params)} - {"extra"}
-
-
-def params_from_dict(tree: dict[str, Any], where: str = "params") -> Params:
-    typed = {k: v for k, v in tree.items() if k in _TYPED}
-    extra = {k: v for k, v in tree.items() if k not in _TYPED}
-    params = _build(Params, {**typed, "extra": extra}, where)
-    _check(params, where)
-    return params
-
-
-def read_params_tree(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
-    tree = yaml.safe_load(path.read_text()) or {}
-    for text in overrides or []:
-        apply_override(tree, text)
-    return tree
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (plus ``key=value`` overrides) into the typed config."""
-    return params_from_dict(read_params_tree(path, overrides), where=str(path))
-
-
-def _check(p: Params, where: str) -> None:
-    if p.dataset.layout not in {"auto", "isic2019", "ham10000", "folder"}:
-        raise ConfigError(f"{where}: dataset.layout must be auto|isic2019|ham10000|folder")
-    bad = set(p.synth.class_mix) - set(ISIC_CLASSES)
-    if bad:
-        raise ConfigError(f"{where}: synth.class_mix has unknown classes {sorted(bad)}")
-    if abs(sum(p.split.fractions.values()) - 1.0) > 1e-6 or set(p.split.fractions) != {
-        "train",
-        "val",
-        "test",
-    }:
-        raise ConfigError(f"{where}: split.fractions needs train/val/test summing to 1")
-    if p.split.small_class not in {"error", "train_only"}:
-        raise ConfigError(f"{where}: split.small_class must be error|train_only")
-    if p.train.class_weights not in {"none", "inverse", "sqrt_inverse", "effective_number"}:
-        raise ConfigError(
-            f"{where}: train.class_weights must be none|inverse|sqrt_inverse|effective_number"
-        )
-    if p.model.pretrained not in {"none", "imagenet"}:
-        raise ConfigError(f"{where}: model.pretrained must be none|imagenet")
-    if p.prepare.resize not in {"squash", "center_crop"}:
-        raise ConfigError(f"{where}: prepare.resize must be squash|center_crop")
-    if p.tune.sampler not in {"tpe", "random"} or p.tune.pruner not in {"median", "none"}:
-        raise ConfigError(f"{where}: tune.sampler must be tpe|random, tune.pruner median|none")
-    for key, spec in p.tune.space.items():
-        if not ({"low", "high"} <= set(spec) or "choices" in spec):
-            raise ConfigError(f"{where}: tune.space.{key} needs low/high or choices")
-    bad = set(p.recipe.steps) - {"pipeline", "compare", "tune"}
-    if bad:
-        raise ConfigError(f"{where}: recipe.steps has unknown steps {sorted(bad)}")
-    for rule, sev in p.validate.severity.items():
-        if sev not in {"error", "warning", "off"}:
-            raise ConfigError(f"{where}: validate.severity.{rule} must be error|warning|off")
-
-
 def apply_preset(params_path: str | Path, preset_path: str | Path) -> list[str]:
     """Merge a partial preset into params.yaml in place, keeping its comments.
 
     DVC tracks params.yaml itself, so a preset has to land there (not in a side file) for
-    ``dvc repro`` to see the change.
+    ``dvc repro`` to see the change. An invalid preset changes nothing.
 
     Returns:
         The dotted keys that changed.
     """
-    patch = yaml.safe_load(Path(preset_path).read_text()) or {}
+    preset_path = Path(preset_path)
+    patch = _read_yaml(preset_path, "preset") or {}
+    if not isinstance(patch, dict):
+        raise ConfigError(f"{preset_path}: a preset is a partial params mapping, not a list/value")
     return update_params(params_path, patch, where=str(preset_path))
 
 
@@ -411,10 +818,12 @@ def apply_overrides(params_path: str | Path, overrides: list[str]) -> list[str]:
 def update_params(params_path: str | Path, patch: dict[str, Any], where: str) -> list[str]:
     """Apply a partial params tree to params.yaml in place; comments are kept.
 
-    ruamel's round-trip mode keeps the one-line comments. The merged file is validated
-    before it replaces the original, so a bad key or value never lands.
+    ruamel's round-trip mode keeps the one-line comments. The merged file is validated as a
+    whole before it replaces the original, so a bad key or value never lands; the error lists
+    every unknown key of the patch and every invalid value of the result at once.
     """
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
@@ -423,14 +832,21 @@ def update_params(params_path: str | Path, patch: dict[str, Any], where: str) ->
     )
     yaml_rt.representer.add_representer(float, _represent_float)
     params_path = Path(params_path)
-    tree = yaml_rt.load(params_path.read_text())
+    read_params_tree(params_path)  # unreadable or not YAML: a ConfigError naming the file
+    try:
+        tree = yaml_rt.load(params_path.read_text(encoding="utf-8"))
+    except YAMLError as err:
+        raise ConfigError(f"{params_path}: not valid YAML ({err})") from None
     changed: list[str] = []
+    unknown: list[str] = []
 
     def merge(node: Any, update: dict[str, Any], prefix: str) -> None:
         for key, value in update.items():
             name = f"{prefix}{key}"
-            if key not in node:
-                raise ConfigError(f"{where}: unknown key {name}")
+            if not isinstance(node, dict) or key not in node:
+                options = list(node) if isinstance(node, dict) else []
+                unknown.append(f"unknown key {name}{_did_you_mean(key, options)}")
+                continue
             whole = name in WHOLE_VALUES
             if isinstance(value, dict) and isinstance(node[key], dict) and value and not whole:
                 merge(node[key], value, name + ".")
@@ -439,7 +855,15 @@ def update_params(params_path: str | Path, patch: dict[str, Any], where: str) ->
                 changed.append(name)
 
     merge(tree, patch, "")
-    params_from_dict(yaml.safe_load(_dump(yaml_rt, tree)), where=where)
+    try:
+        params_from_dict(yaml.safe_load(_dump(yaml_rt, tree)), where=where)
+    except ConfigError as err:
+        problems = unknown + err.problems
+        raise ConfigError(
+            _message(f"{where}", problems) + f"\n{params_path} is unchanged", problems
+        ) from None
+    if unknown:
+        raise ConfigError(_message(where, unknown) + f"\n{params_path} is unchanged", unknown)
     from tasks.io import write_text
 
     write_text(params_path, _dump(yaml_rt, tree))

@@ -4,13 +4,13 @@ For every sampled image x method x layer this stage writes the heatmap (float16)
 PNG and one row of a table holding the localisation, faithfulness and agreement metrics and the
 plain-language text; then a summary (per-method aggregates with confidence intervals, a method
 ranking, the randomisation sanity check, attention inside the lesion per class) and an HTML
-gallery. The methods themselves live in :mod:`tasks.cams`, the metrics in
-:mod:`tasks.xai_metrics` and the sentences in :mod:`tasks.explain_text`.
+gallery. The heatmaps and scores come from the explanation engine (:func:`tasks.engine.explain`,
+the methods in :mod:`tasks.cams`, the metrics in :mod:`tasks.xai_metrics`); this module picks
+the images, words the maps (:mod:`tasks.explain_text`) and writes the outputs.
 """
 
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib import colormaps
-from PIL import Image
-from rich.progress import Progress
-from skimage.segmentation import find_boundaries
 
+from tasks import engine, paths
 from tasks import xai_metrics as xm
-from tasks.cams import METHODS, explain_batch, method_layers
-from tasks.config import ExplainConfig
+from tasks.cams import explain_batch
+from tasks.config import ExplainConfig, Params
 from tasks.explain_text import describe_heatmap, explain_text
+from tasks.gallery import outline, overlay, overlay_name, save_png, write_gallery
 from tasks.labels import full_name
 from tasks.prepare import PreparedSplit
 from tasks.progress import progress_bar
-from tasks.train import normalize
+from tasks.stage import console, main
+from tasks.train import MEAN, STD, normalize
 
 REFERENCE = ("gradcam", "deep")  # the map every other one is compared with
 
@@ -62,113 +61,12 @@ def explained_classes(
     raise ValueError(f"explain.target {target!r}: use predicted, true or one of {classes}")
 
 
-def _budget(method: str, cfg: ExplainConfig, n: int) -> int:
-    if method == "scorecam":
-        return min(cfg.scorecam_budget, n)
-    if method == "lime":
-        return min(cfg.lime_budget, n)
-    return n
+SCORES = ("deletion_insertion", "average_drop", "road", "localisation", "agreement")
 
 
-def compute_heatmaps(
-    model: torch.nn.Module,
-    arch: str,
-    images: torch.Tensor,
-    targets: np.ndarray,
-    cfg: ExplainConfig,
-    progress: Progress | None = None,
-) -> dict[tuple[str, str | None], np.ndarray]:
-    """All (method, layer) maps for the batch; expensive methods stop at their budgets."""
-    maps: dict[tuple[str, str | None], np.ndarray] = {}
-    pairs = method_layers(cfg.methods, cfg.layers, arch)
-    task = progress.add_task("explaining", total=len(pairs)) if progress else None
-    for method, layer in pairs:
-        n = _budget(method, cfg, len(images))
-        if n == 0:  # a budget of 0 switches an expensive method off
-            continue
-        batches = []
-        step = cfg.batch_size if METHODS[method].batchable else 1
-        for start in range(0, n, step):
-            sl = slice(start, min(start + step, n))
-            batches.append(
-                explain_batch(
-                    model,
-                    arch,
-                    method,
-                    images[sl],
-                    targets[sl].tolist(),
-                    layer,
-                    ig_steps=cfg.ig_steps,
-                    lime_samples=cfg.lime_samples,
-                    seed=cfg.seed,
-                    batch_size=cfg.batch_size,
-                )
-            )
-        maps[(method, layer)] = np.concatenate(batches).astype(np.float32)
-        if progress is not None:
-            progress.advance(task)
-    return maps
-
-
-def score_maps(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    masks: np.ndarray,
-    has_mask: np.ndarray,
-    targets: np.ndarray,
-    maps: dict[tuple[str, str | None], np.ndarray],
-    cfg: ExplainConfig,
-) -> pd.DataFrame:
-    """One row per image x (method, layer): localisation, faithfulness, agreement metrics."""
-    rows = []
-    reference = maps.get(REFERENCE)
-    for (method, layer), heat in maps.items():
-        n = len(heat)
-        x, t = images[:n], targets[:n]
-        faith = xm.deletion_insertion(model, x, heat, t, steps=cfg.perturbation_steps)
-        drop = xm.average_drop_increase(model, x, heat, t)
-        road = xm.road_scores(model, x, heat, t, seed=cfg.seed)
-        for i in range(n):
-            row = {
-                "index": i,
-                "method": method,
-                "layer": layer or "input",
-                "deletion_auc": float(faith["deletion_auc"][i]),
-                "insertion_auc": float(faith["insertion_auc"][i]),
-                "average_drop": float(drop["average_drop"][i]),
-                "increase_in_confidence": float(drop["increase"][i]),
-                "road": float(road[i]),
-            }
-            if has_mask[i]:
-                m = masks[i]
-                row["pointing_game"] = xm.pointing_game(heat[i], m)
-                row["energy_pointing_game"] = xm.energy_pointing_game(heat[i], m)
-                row["iou"] = xm.heatmap_iou(heat[i], m, cfg.top_k_percent)
-            if reference is not None and i < len(reference) and (method, layer) != REFERENCE:
-                agree = xm.agreement(heat[i], reference[i], cfg.top_k_percent)
-                row.update({f"agree_{k}": float(v) for k, v in agree.items()})
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Heatmap (jet) over the image, as uint8 RGB."""
-    colour = colormaps["jet"](heat)[..., :3]
-    mixed = (1 - alpha) * image.astype(np.float32) / 255.0 + alpha * colour
-    return (np.clip(mixed, 0, 1) * 255).astype(np.uint8)
-
-
-def outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = image.copy()
-    out[find_boundaries(mask.astype(bool), mode="inner")] = (0, 255, 255)
-    return out
-
-
-def _png(array: np.ndarray, path: Path, scale: int) -> None:
-    img = Image.fromarray(array)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    img.save(path)
+def budgets(cfg: ExplainConfig) -> dict[str, int]:
+    """Images spent on the expensive methods (the first ones of the sample)."""
+    return {"scorecam": cfg.scorecam_budget, "lime": cfg.lime_budget}
 
 
 def run_explain(
@@ -196,8 +94,22 @@ def run_explain(
     targets = explained_classes(cfg.target, preds[idx], labels[idx], split.classes)
     model = model.to(device).eval()
     with progress_bar(show_progress) as bar:
-        maps = compute_heatmaps(model, arch, x, targets, cfg, bar)
-    table = score_maps(model, x, masks, has_mask, targets, maps, cfg)
+        result = engine.explain(
+            model,
+            arch,
+            x,
+            targets,
+            engine.plan(cfg.methods, cfg.layers, arch),
+            options=engine.options(cfg, MEAN, STD),
+            budgets=budgets(cfg),
+            scores=SCORES,
+            masks=np.where(has_mask[:, None, None], masks, 0),
+            reference=REFERENCE,
+            perturbation_steps=cfg.perturbation_steps,
+            top_k_percent=cfg.top_k_percent,
+            progress=bar,
+        )
+    maps, table = result.maps, result.table.drop(columns=["flat"])
     classes = split.classes
     table.insert(0, "image_id", ids[table["index"]])
     table["true"] = [classes[labels[idx][i]] for i in table["index"]]
@@ -220,11 +132,12 @@ def run_explain(
     arrays = {}
     for (method, layer), heat in maps.items():
         for i in range(len(heat)):
-            name = f"{ids[i]}__{method}__{layer or 'input'}"
+            name = overlay_name(ids[i], method, layer)
             arrays[name] = heat[i].astype(np.float16)
-            _png(overlay(raw[i], heat[i]), heat_dir / f"{name}.png", scale=2)
+            save_png(overlay(raw[i], heat[i]), heat_dir / f"{name}.png", scale=2)
     for i in range(len(ids)):
-        _png(outline(raw[i], masks[i]) if has_mask[i] else raw[i], heat_dir / f"{ids[i]}.png", 2)
+        picture = outline(raw[i], masks[i]) if has_mask[i] else raw[i]
+        save_png(picture, heat_dir / f"{ids[i]}.png", 2)
     np.savez_compressed(out_dir / "heatmaps.npz", **arrays)
     table.drop(columns=["index"]).to_parquet(out_dir / "explanations.parquet", index=False)
     table.drop(columns=["index"]).to_csv(out_dir / "explanations.csv", index=False)
@@ -234,7 +147,7 @@ def run_explain(
         summary["sanity"] = sanity_check(model, arch, x[: min(4, len(x))], targets[:4], cfg)
     summary["images"] = int(len(ids))
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    write_gallery(out_dir / "gallery.html", table, ids, cfg, classes)
+    write_explain_gallery(out_dir / "gallery.html", table, ids, cfg, classes)
     return summary
 
 
@@ -281,48 +194,81 @@ def sanity_check(
     return xm.randomization_sanity(gradcam, model, x, np.asarray(targets), None)
 
 
-def write_gallery(
+def write_explain_gallery(
     path: Path, table: pd.DataFrame, ids: np.ndarray, cfg: ExplainConfig, classes: list[str]
 ) -> None:
-    """An HTML page: per image, the input (mask outlined), every method's map, and the text."""
-    deep = table[table["layer"].isin(["deep", "input"])]
-    methods = list(dict.fromkeys(deep["method"]))
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
-    body = []
-    for image_id in ids:
-        rows = deep[deep["image_id"] == image_id]
-        if rows.empty:
-            continue
-        first = rows.iloc[0]
-        cells = []
-        for m in methods:
-            hit = rows[rows["method"] == m]
-            if hit.empty:
-                cells.append("<td>-</td>")
-                continue
-            layer = hit.iloc[0]["layer"]
-            cells.append(
-                f'<td><img src="overlays/{image_id}__{m}__{layer}.png" '
-                f'title="{html.escape(hit.iloc[0]["text"])}"></td>'
-            )
-        text = html.escape(rows[rows["method"] == methods[0]].iloc[0]["text"])
-        verdict = "ok" if first["true"] == first["predicted"] else "wrong"
-        body.append(
-            f'<tr class="{verdict}"><td><img src="overlays/{image_id}.png"><br>'
-            f"{html.escape(str(image_id))}<br>true: {html.escape(full_name(first['true']))}"
-            f"<br>predicted: {html.escape(full_name(first['predicted']))} "
-            f"({first['confidence']:.0%})</td>{''.join(cells)}<td class='text'>{text}</td></tr>"
-        )
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>dermaflow explanations</title><style>body{{font-family:sans-serif}}
-td{{vertical-align:top;text-align:center;padding:4px}}
-tr.wrong td:first-child{{background:#fdd}} td.text{{text-align:left;max-width:28em}}
-img{{image-rendering:pixelated}}</style></head><body>
-<h1>Explanations ({len(ids)} test images, deep layer; {", ".join(classes)})</h1>
-<p>Heatmaps for the {html.escape(cfg.target)} class; misclassified rows are shaded.
-Hover a heatmap for its sentence.</p>
-<table><tr><th>image</th>{head}<th>explanation</th></tr>{"".join(body)}</table></body></html>"""
-    path.write_text(page)
+    """The gallery (:func:`tasks.gallery.write_gallery`): per image, the input with its mask
+    outlined, every method's map at the deep layer, and the text; misclassified rows shaded."""
+
+    def caption(first: pd.Series) -> list[str]:
+        return [
+            str(first["image_id"]),
+            f"true: {full_name(first['true'])}",
+            f"predicted: {full_name(first['predicted'])} ({first['confidence']:.0%})",
+        ]
+
+    write_gallery(
+        path,
+        table,
+        "deep",
+        heading=f"Explanations ({len(ids)} test images, deep layer; {', '.join(classes)})",
+        intro=f"Heatmaps for the {cfg.target} class; misclassified rows are shaded. "
+        "Hover a heatmap for its sentence.",
+        caption=caption,
+        order=[str(i) for i in ids],
+        css=lambda first: "ok" if first["true"] == first["predicted"] else "wrong",
+    )
 
 
 ExplainFn = Callable[[torch.nn.Module, torch.Tensor, np.ndarray], np.ndarray]
+
+
+def explain_metrics(summary: dict) -> dict[str, float]:
+    """Flat per-method means for MLflow and DVC (``xai_<method>_<layer>_<metric>``)."""
+    out: dict[str, float] = {}
+    for row in summary["methods"]:
+        for key, value in row.items():
+            if key.endswith("_mean") and value is not None and value == value:
+                out[f"xai_{row['method']}_{row['layer']}_{key[:-5]}"] = float(value)
+    for label, share in summary["inside_share_by_class"].items():
+        out[f"xai_inside_share_{label}"] = share
+    sanity = summary.get("sanity") or {}
+    if "ssim_final" in sanity:
+        out["xai_sanity_ssim_after_randomisation"] = float(sanity["ssim_final"])
+    return out
+
+
+def run(p: Params) -> dict:
+    """The ``explain`` stage: explain sampled test images; heatmaps, metrics, text, gallery."""
+    from tasks import tracking
+    from tasks.calibrate import read_calibrator
+    from tasks.evaluate import load_predictions
+    from tasks.io import atomic_dir, write_json
+    from tasks.models import load_image_bundle
+    from tasks.prepare import open_split
+    from tasks.train import pick_device
+
+    model, meta = load_image_bundle(paths.BUNDLE, "explain")
+    calibrator = read_calibrator()
+    test = load_predictions(paths.PREDICTIONS / "test.npz")
+    probabilities = calibrator.probabilities(test["logits"])
+    split = open_split(paths.PREPARED, "test")
+    device = pick_device(p.train.device)
+    with atomic_dir(paths.EXPLAIN) as tmp:
+        summary = run_explain(model, meta["arch"], split, probabilities, p.explain, tmp, device)
+        write_json(tmp / "summary.json", summary)
+    flat = explain_metrics(summary)
+    write_json(paths.METRICS / "explain.json", flat)
+    with tracking.resume_lineage_run():
+        tracking.log_metrics(flat)
+        tracking.log_artifacts({"explain": paths.EXPLAIN})
+    best = summary["ranking"][0] if summary["ranking"] else {}
+    console.print(
+        f"explain: {summary['images']} images in {summary['seconds']} s; best-ranked "
+        f"{best.get('method')}@{best.get('layer')}; gallery {paths.EXPLAIN / 'gallery.html'}"
+    )
+    return flat
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("explain"))

@@ -32,8 +32,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from tasks.io import atomic_path
+from tasks import paths
+from tasks.config import Params
+from tasks.io import atomic_path, write_json
 from tasks.models import eval_mode
+from tasks.stage import console, main
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
@@ -460,3 +463,70 @@ def benchmark(
                 out[f"throughput_{runtime}_b{b}"] = round(b / (value / 1000.0), 2)
             out[f"speedup_b{b}"] = round(ms["torch"] / ms["ort"], 3)
     return out
+
+
+def run(p: Params) -> dict:
+    """The ``export`` stage: ONNX with calibration inside, parity, speed, registry alias."""
+    from tasks import tracking
+    from tasks.calibrate import read_calibrator
+    from tasks.models import load_image_bundle
+    from tasks.prepare import open_split
+
+    model, meta = load_image_bundle(paths.BUNDLE, "export")
+    calibrator = read_calibrator()
+    temperature = calibrator.temperature or 1.0
+    if calibrator.method != "temperature":
+        console.print(
+            f"[yellow]export: calibrate.method={calibrator.method} cannot live in the graph; "
+            "the ONNX model applies no calibration (T=1)[/]"
+        )
+    referral = json.loads((paths.METRICS / "calibrate.json").read_text())
+    run_info = json.loads(tracking.RUN_FILE.read_text())
+    export_onnx(
+        model, meta, paths.ONNX_MODEL, p.export.opset, temperature, run_id=run_info["run_id"],
+        data_version=meta.get("data_version"),
+        referral_threshold=referral.get("referral_threshold"), resize=p.prepare.resize,
+    )  # fmt: skip
+    session, provider = ort_session(paths.ONNX_MODEL, p.export.provider)
+    images = open_split(paths.PREPARED, "test").images  # normalised batch by batch
+    wrapped = CalibratedClassifier(model, temperature).eval()
+    norm = meta["normalization"]
+    parity = check_parity(
+        session, wrapped, images, p.export.parity_tolerance, mean=norm["mean"], std=norm["std"]
+    )
+    device = "cuda" if provider.startswith("CUDA") else "cpu"
+    speed = benchmark(
+        session, wrapped, meta["input_size"], p.export.bench_batches, p.export.bench_repeats,
+        device,
+    )  # fmt: skip
+    metrics = {
+        "parity_max_abs_diff": float(parity["max_abs_diff"]),
+        "parity_images": float(parity["n"]),
+        **speed,
+    }
+    write_json(paths.METRICS / "export.json", {**metrics, "provider": provider})
+    model_name = run_info["registered_model"]
+    onnx_name = f"{model_name}-onnx"
+    with tracking.resume_lineage_run():
+        tracking.log_metrics(metrics)
+        tracking.set_tags({"onnx_provider": provider})
+        example = normalize(np.asarray(images[:2]), norm["mean"], norm["std"])
+        version = tracking.log_onnx_model(paths.ONNX_MODEL, onnx_name, p.export.alias, example)
+        pytorch_version = run_info.get("model_version")
+        if pytorch_version:
+            tracking.set_alias(model_name, p.export.alias, pytorch_version)
+    registration = {
+        "registered_model": onnx_name, "version": version, "alias": p.export.alias,
+        "provider": provider,
+    }  # fmt: skip
+    write_json(paths.ONNX_REGISTRATION, registration)
+    console.print(
+        f"export: {paths.ONNX_MODEL} on {provider}; parity max |dp| "
+        f"{parity['max_abs_diff']:.2e} over {parity['n']} images; registered "
+        f"{onnx_name} v{version} @{p.export.alias}"
+    )
+    return {**metrics, **registration}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("export"))

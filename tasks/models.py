@@ -639,3 +639,26 @@ def _check_plain(value: Any, where: str) -> None:
             f"bundle {where}: {type(value).__name__} cannot be loaded with weights_only=True; "
             "convert it to numbers, strings, lists or dicts"
         )
+
+
+def load_image_bundle(path: str | Path, stage_name: str) -> tuple[nn.Module, dict]:
+    """:func:`load_bundle` for the stages that feed the model one image tensor."""
+    model, meta = load_bundle(path)
+    require_image_only(meta, stage_name)
+    return model, meta
+
+
+def require_image_only(meta: dict, stage_name: str) -> None:
+    """The ONNX graph and the explain stage take one image tensor; a fusion model needs more.
+
+    Raises:
+        ConfigError: the bundle fuses image and metadata (``model.metadata: true``).
+    """
+    from tasks.config import ConfigError
+
+    if meta.get("fusion"):
+        raise ConfigError(
+            f"{stage_name}: the model bundle fuses image and metadata (model.metadata: true); "
+            f"the {stage_name} stage takes image-only models. Train it with model.metadata: "
+            "false, or study the fusion model with `dermaflow compare` (the metadata ablation)"
+        )

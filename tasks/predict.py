@@ -9,6 +9,16 @@ resize), so the model sees new images exactly as it saw the training cache.
 
 A batch job over a folder of real-world files must not die on the one corrupt JPEG in it: each
 unreadable file becomes a row with ``error`` set, and every other file is still scored.
+
+Which files get a row is one rule, :func:`scan_inputs`, shared by ``dermaflow predict`` and
+``dermaflow explain-batch``: every file passed or found gets exactly one row (a ``notes.txt``
+gets an error row whether it was named or found in a folder; a broken symlink gets an error
+row under its own name), except segmentation masks (``*_segmentation.png``, which are not
+lesion photos) and hidden files (``.DS_Store``, macOS ``._x.jpg``), which are skipped and
+counted.
+
+Everything the user controls (the model reference, ``--batch-size``, ``--provider``, the output
+path) is checked before the first image is decoded: :func:`run_predict` is the door.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,16 +35,22 @@ import onnxruntime as ort
 import pandas as pd
 from PIL import Image
 
+from tasks.config import DEFAULT_MAX_PIXELS
 from tasks.export import INPUT_NAME, OUTPUT_NAMES, decode_metadata, normalize, ort_session
-from tasks.ingest import IMAGE_SUFFIXES
-from tasks.io import atomic_path
+from tasks.ingest import IMAGE_SUFFIXES, MASK_SUFFIX, pixel_limit_problem
+from tasks.io import atomic_path, check_output_file
 from tasks.prepare import PrepareError, decode_one
 from tasks.progress import progress_bar
 
 _URI_SCHEMES = ("models:/", "runs:/")
 _REQUIRED = ("classes", "input_size", "normalization")
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 # Everything a broken or hostile file can raise while being decoded; anything else is a bug.
 _DECODE_ERRORS = (PrepareError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class PredictError(ValueError):
+    """Bad input to prediction: an unreadable model, an unknown option value, no images."""
 
 
 class Predictor:
@@ -64,7 +81,7 @@ class Predictor:
     ) -> None:
         missing = [k for k in _REQUIRED if k not in metadata]
         if missing:
-            raise ValueError(
+            raise PredictError(
                 f"{source}: not a dermaflow ONNX model (metadata lacks {missing}); export it "
                 "with tasks.export.export_onnx"
             )
@@ -76,7 +93,7 @@ class Predictor:
         size = metadata["input_size"]
         if not isinstance(size, int):
             if len(set(size)) != 1:
-                raise ValueError(f"{source}: input_size {size} is not square")
+                raise PredictError(f"{source}: input_size {size} is not square")
             size = size[0]
         self.input_size = int(size)
         self.mean = [float(m) for m in metadata["normalization"]["mean"]]
@@ -132,8 +149,11 @@ def load_predictor(
 
     Raises:
         FileNotFoundError: no such file, or no single ``.onnx`` in the folder / artifact.
-        ValueError: the file lacks dermaflow metadata.
+        PredictError: an unknown provider; a registry reference that does not resolve; a file
+            that is not a readable ONNX model (corrupt, empty, truncated) or lacks dermaflow
+            metadata. Each names the model and the cause in one line.
     """
+    check_provider(provider)
     ref = str(model_ref)
     if not ref.startswith(_URI_SCHEMES):
         path = Path(ref)
@@ -141,28 +161,69 @@ def load_predictor(
             raise FileNotFoundError(f"{path}: model file not found")
         return _open(_find_onnx(path, ref), ref, provider)
     import mlflow.artifacts  # only registry refs pay for importing MLflow
+    from mlflow.exceptions import MlflowException
 
     # onnxruntime reads weights (external data included) when the session is created, so the
     # downloaded copy can go as soon as the session exists.
     with tempfile.TemporaryDirectory(prefix="dermaflow-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=ref, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=ref, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
+        except (MlflowException, OSError) as err:
+            store = tracking_uri or mlflow.get_tracking_uri()
+            raise PredictError(
+                f"{ref}: not found in the MLflow registry at {store} ({_first_line(err)})"
+            ) from None
         return _open(_find_onnx(Path(local), ref), ref, provider)
 
 
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(text).strip().splitlines()[0][:300]
+
+
+def check_provider(provider: str) -> str:
+    """``--provider`` / ``export.provider`` is one of :data:`PROVIDER_CHOICES`."""
+    if provider not in PROVIDER_CHOICES:
+        raise PredictError(
+            f"--provider {provider!r}: unknown execution provider; choose one of "
+            f"{', '.join(PROVIDER_CHOICES)}"
+        )
+    return provider
+
+
 def _open(path: Path, source: str, provider: str) -> Predictor:
-    session, used = ort_session(path, provider)
+    if path.stat().st_size == 0:
+        raise PredictError(f"{path}: empty file (0 bytes), not an ONNX model; export it again")
+    try:
+        session, used = ort_session(path, provider)
+    except RuntimeError as err:  # cuda asked for, onnxruntime cannot use it
+        raise PredictError(_first_line(err)) from None
+    except Exception as err:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+        reason = _first_line(err).split("failed:")[-1].strip()
+        raise PredictError(
+            f"{path}: not a readable ONNX model, corrupt or truncated ({reason}); export it again"
+        ) from None
     metadata = decode_metadata(session.get_modelmeta().custom_metadata_map)
     return Predictor(session, used, metadata, source)
 
 
-def load_image(path: str | os.PathLike[str], size: int, resize: str = "center_crop") -> np.ndarray:
+def load_image(
+    path: str | os.PathLike[str],
+    size: int,
+    resize: str = "center_crop",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Decode one file exactly as the prepare stage does: uint8 (size, size, 3).
 
     Raises:
-        PrepareError: the file does not decode (its message names the file).
+        PrepareError: the file does not decode, is a broken link or has more than
+            ``max_pixels`` pixels (its message names the file and the cause).
     """
+    problem = file_problem(Path(path), max_pixels)
+    if problem:
+        raise PrepareError(problem)
     rgb, _, _ = decode_one(Path(path), None, size, resize)
     return rgb
 
@@ -193,6 +254,7 @@ def predict_files(
     batch_size: int = 32,
     referral_threshold: float | None | Literal["model"] = "model",
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> pd.DataFrame:
     """Score image files in batches; one row per file, in the order given.
 
@@ -204,6 +266,8 @@ def predict_files(
             default) uses the threshold stored in the model (``predictor.referral_threshold``),
             None turns referral off (``refer`` is NA).
         progress: show a progress bar.
+        max_pixels: larger images get an error row instead of being decoded
+            (``validate.max_pixels``).
 
     Returns:
         Columns ``image`` (path as given), ``predicted`` (class), ``confidence`` (its calibrated
@@ -211,7 +275,7 @@ def predict_files(
         (None, or why the file could not be scored; its other columns are then empty).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise PredictError(f"--batch-size {batch_size}: must be >= 1")
     threshold = (
         predictor.referral_threshold if referral_threshold == "model" else referral_threshold
     )
@@ -226,7 +290,7 @@ def predict_files(
             for f in chunk:
                 row: dict[str, Any] = {"image": str(f), "error": None}
                 try:
-                    arrays.append(load_image(f, size, predictor.resize))
+                    arrays.append(load_image(f, size, predictor.resize, max_pixels))
                     good.append(row)
                 except _DECODE_ERRORS as err:
                     row["error"] = str(err) if isinstance(err, PrepareError) else f"{f}: {err}"
@@ -250,32 +314,155 @@ def predict_files(
     return frame
 
 
-def collect_images(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of image files.
+def file_problem(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a file gets an error row before any decode (a broken link, too many pixels), or None."""
+    if path.is_symlink() and not path.exists():
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if path.is_dir():
+        return f"{path}: a linked folder, not followed; pass it by name to include its files"
+    return pixel_limit_problem(path, max_pixels)
 
-    Folders are searched recursively for the image suffixes ingest accepts (any case); hidden
-    files and folders are skipped (macOS ``._x.jpg`` resource forks are not images). A file
-    named explicitly is kept whatever its suffix: the user asked for it, and if it does not
-    decode it gets an error row instead of silently vanishing.
+
+@dataclass
+class InputScan:
+    """What a list of files and folders holds, by the one rule of :func:`scan_inputs`.
+
+    Attributes:
+        files: every file that gets a row, as given or found (never resolved: a symlink keeps
+            its own name), sorted and de-duplicated.
+        masks: segmentation masks skipped (``*_segmentation.<image suffix>``).
+        hidden: hidden files skipped inside folders (``.DS_Store``, ``._x.jpg``, dot folders).
+    """
+
+    files: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+    hidden: list[Path] = field(default_factory=list)
+
+    def skipped(self) -> str:
+        """``"2 masks and 1 hidden file skipped"``, or ``""``."""
+        parts = []
+        if self.masks:
+            parts.append(f"{len(self.masks)} mask(s)")
+        if self.hidden:
+            parts.append(f"{len(self.hidden)} hidden file(s)")
+        return f"{' and '.join(parts)} skipped" if parts else ""
+
+
+def is_mask(path: Path) -> bool:
+    """An ISIC-2018-style segmentation mask (``<id>_segmentation.png``), not a lesion photo."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.endswith(MASK_SUFFIX)
+
+
+def scan_inputs(paths: Iterable[str | os.PathLike[str]]) -> InputScan:
+    """Apply the one input rule to files and folders (see the module docstring).
+
+    Every file named or found in a folder (recursively, whatever its suffix) gets exactly one
+    row, except masks (skipped, counted, whether named or found) and hidden entries inside a
+    folder (skipped, counted). A symlink, even a broken one, is a file under its own name.
 
     Raises:
         FileNotFoundError: a path that does not exist (named).
     """
-    found: set[Path] = set()
+    scan = InputScan()
+    seen: set[str] = set()
+
+    def take(path: Path, hidden: bool = False) -> None:
+        key = os.path.abspath(path)
+        if key in seen:
+            return
+        seen.add(key)
+        if is_mask(path):
+            scan.masks.append(path)
+        elif hidden:
+            scan.hidden.append(path)
+        else:
+            scan.files.append(path)
+
     for p in map(Path, paths):
-        if p.is_file():
-            found.add(p)
-        elif p.is_dir():
+        if p.is_dir():
             for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                found.update(
-                    Path(dirpath) / name
-                    for name in filenames
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-                )
+                inside = Path(dirpath)
+                for d in dirnames:
+                    if (inside / d).is_symlink() or d.startswith("."):
+                        take(inside / d, hidden=d.startswith("."))
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                dirnames[:] = [d for d in dirnames if not (inside / d).is_symlink()]
+                for name in sorted(filenames):
+                    take(inside / name, hidden=name.startswith("."))
+        elif p.is_file() or p.is_symlink():
+            take(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
-    return sorted(found)
+    scan.files.sort()
+    return scan
+
+
+def collect_images(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files that get a row: :func:`scan_inputs` without the skipped masks and hidden files.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (named).
+    """
+    return scan_inputs(paths).files
+
+
+@dataclass
+class PredictRun:
+    """What :func:`run_predict` did: the table, the CSV written and what was skipped."""
+
+    frame: pd.DataFrame
+    out: Path
+    scan: InputScan
+    provider: str
+
+    def summary(self) -> str:
+        bad = int(self.frame["error"].notna().sum())
+        referred = int(self.frame["refer"].fillna(False).astype(bool).sum())
+        skipped = self.scan.skipped()
+        return (
+            f"predict: {len(self.frame) - bad} images scored, {bad} unreadable (error rows), "
+            f"{referred} to refer to a dermatologist"
+            + (f"; {skipped}" if skipped else "")
+            + f" -> {self.out} ({self.provider})"
+        )
+
+
+def run_predict(
+    inputs: Sequence[str | os.PathLike[str]],
+    model: str,
+    out: str | os.PathLike[str],
+    batch_size: int = 32,
+    provider: str = "auto",
+    progress: bool = True,
+) -> PredictRun:
+    """``dermaflow predict``: check every option and the output path, then score and write.
+
+    Nothing is decoded before the options, the output path, the inputs and the model are
+    known to be usable, so a typo costs a second, not a batch job.
+
+    Raises:
+        PredictError, FileNotFoundError, tasks.io.OutputPathError: naming the culprit.
+    """
+    if batch_size < 1:
+        raise PredictError(f"--batch-size {batch_size}: must be >= 1")
+    check_provider(provider)
+    out = check_output_file(out, "-o/--out CSV")
+    scan = scan_inputs(inputs)
+    if not scan.files:
+        skipped = scan.skipped()
+        raise PredictError(
+            f"no image files under {', '.join(map(str, inputs))}"
+            + (f" ({skipped})" if skipped else "")
+        )
+    uri = None
+    if str(model).startswith(_URI_SCHEMES):
+        from tasks import tracking
+
+        uri = tracking.configure()  # the registry resolves aliases through the global URI
+    predictor = load_predictor(model, tracking_uri=uri, provider=provider)
+    frame = predict_files(predictor, scan.files, batch_size=batch_size, progress=progress)
+    write_csv(frame, out)
+    return PredictRun(frame, Path(out), scan, predictor.provider)
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

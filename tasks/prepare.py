@@ -20,10 +20,13 @@ import pandas as pd
 from PIL import Image, ImageOps
 from rich.progress import Progress
 
-from tasks.io import atomic_dir
+from tasks import paths
+from tasks.config import Params
+from tasks.io import atomic_dir, write_json
 from tasks.labels import ISIC_CLASSES
 from tasks.progress import progress_bar
 from tasks.split import SPLITS, read_split
+from tasks.stage import console, main
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
@@ -214,3 +217,20 @@ def open_split(prepared_dir: str | Path, split: str) -> PreparedSplit:
         rows=pd.read_parquet(d / f"{split}.parquet"),
         classes=list(meta["classes"]),
     )
+
+
+def run(p: Params) -> dict:
+    """The ``prepare`` stage: decode every split image once into ``data/prepared``."""
+    metrics = prepare(
+        paths.SPLITS, p.dataset.root, paths.PREPARED, p.prepare.size, p.prepare.resize,
+        p.prepare.workers,
+    )  # fmt: skip
+    write_json(paths.METRICS / "prepare.json", metrics)
+    console.print(
+        f"prepare: {metrics['images']} images at {metrics['decode_images_per_s']} images/s"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("prepare"))

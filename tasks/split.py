@@ -7,12 +7,17 @@ components over shared ``lesion_id`` *or* shared ``sha256``), and whole groups a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tasks.io import atomic_dir
+from tasks import paths
+from tasks.config import Params
+from tasks.io import atomic_dir, write_json
+from tasks.stage import console, main
 
 SPLITS = ("train", "val", "test")
 
@@ -164,3 +169,38 @@ def write_splits(frame: pd.DataFrame, out_dir: str | Path) -> None:
 
 def read_split(split_dir: str | Path, split: str) -> pd.DataFrame:
     return pd.read_parquet(Path(split_dir) / f"{split}.parquet")
+
+
+def data_version(repo: str | Path = ".") -> str:
+    """A short content hash of the data a model is trained on: the manifest and split files.
+
+    Every model bundle, MLflow run and ONNX file carries it, so a model can be matched to the
+    exact images and split it saw (and a checkpoint is only resumed on the same data).
+    """
+    root = Path(repo)
+    files = [root / paths.MANIFEST, *sorted((root / paths.SPLITS).glob("*.parquet"))]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run(p: Params) -> dict:
+    """The ``split`` stage: refuse data that failed validation, then split and write."""
+    verdict = json.loads(paths.VALIDATION_JSON.read_text())
+    if not verdict.get("passed"):
+        raise SplitError(f"{paths.VALIDATION_JSON} says the data failed validation")
+    manifest = pd.read_parquet(paths.MANIFEST)
+    frame, report = split_manifest(manifest, p.split.fractions, p.split.seed, p.split.small_class)
+    write_splits(frame, paths.SPLITS)
+    write_json(paths.METRICS / "split.json", report)
+    leaks = report["leakage"]
+    console.print(
+        f"split: {report['images']} | shared lesions {leaks['shared_lesions']}, "
+        f"shared hashes {leaks['shared_hashes']}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("split"))

@@ -31,9 +31,11 @@ from PIL import Image
 from rich.progress import track
 from scipy import ndimage
 
-from tasks.config import SynthConfig
-from tasks.io import atomic_dir
+from tasks import paths
+from tasks.config import Params, SynthConfig
+from tasks.io import atomic_dir, write_json
 from tasks.labels import ISIC_CLASSES
+from tasks.stage import console, main
 
 IMAGES_DIR = "ISIC_2019_Training_Input"
 GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
@@ -480,3 +482,15 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
         "marked": int(marked.sum()),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def run(p: Params) -> dict[str, Any]:
+    """The ``synth`` stage: draw the set into ``data/raw/synthetic``, write its summary."""
+    summary = generate(p.synth, paths.SYNTH_ROOT)
+    write_json(paths.METRICS / "synth.json", summary)
+    console.print(f"synth: {summary['count']} images -> {paths.SYNTH_ROOT}")
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("synth"))

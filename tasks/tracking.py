@@ -1,28 +1,46 @@
 """The one module that talks to MLflow: store location, the lineage run, artifacts, registry.
 
 One MLflow run per pipeline execution holds every param, metric, model and picture of that
-lineage. The train entry opens it and records its id in ``models/run.json`` (a DVC out); the
-later stages (calibrate, export, explain) reopen the same run from that file.
+lineage. The train entry opens it; the later stages (calibrate, export, explain) reopen the same
+run from ``models/run.json`` (a DVC out).
+
+The lineage survives a crash:
+
+- ``models/run.json`` is written once, atomically, when training *succeeded* (the run ended
+  FINISHED), with the sha256 of the bundle it made. A failed or killed training leaves the
+  previous, consistent file; a stage that finds run.json and model.pt from different trainings
+  refuses (:func:`tasks.io.lineage_problem`).
+- Runs this project opens carry its identity (``dermaflow.repo``, host, pid). A run left
+  RUNNING by a killed process is marked FAILED the next time a lineage run starts or resumes
+  in that experiment (a resumed run killed mid-stage goes back to its own status).
+- A resumed run keeps its status: a failing calibrate never turns the training's FINISHED run
+  into FAILED, and a FAILED run is never reopened (and so never flipped to FINISHED).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from tasks.io import write_json
+from tasks import paths
+from tasks.io import LineageError, file_digest, lineage_problem, write_json
 
 STORE_DIR = Path("mlruns")
 RUN_FILE = Path("models/run.json")
+CLASSES_TAG = "classes"  # model version tag: the JSON list of classes, in output order
 
 
 def local_store_uri(repo: str | Path = ".") -> str:
@@ -35,6 +53,14 @@ def local_store_uri(repo: str | Path = ".") -> str:
 def tracking_uri(repo: str | Path = ".") -> str:
     """``$MLFLOW_TRACKING_URI`` when set (a tracking server), else the project's sqlite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(repo)
+
+
+def ui_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's when there is one, else the local
+    ``make ui`` address (``dermaflow ui`` serves the sqlite store on port 5000)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def configure(repo: str | Path = ".") -> str:
@@ -67,36 +93,164 @@ def git_commit(repo: str | Path = ".") -> str:
         return "unknown"
 
 
+REPO_TAG, HOST_TAG, PID_TAG = "dermaflow.repo", "dermaflow.host", "dermaflow.pid"
+RESUMED_TAG = "dermaflow.resumed_status"  # the status a resumed run goes back to
+ABANDONED_TAG = "dermaflow.abandoned"
+# run.json fields of lineage runs open in this process, written when the run succeeds.
+_PENDING: dict[Path, dict[str, Any]] = {}
+
+
+def _repo_id(repo: str | Path) -> str:
+    """This checkout's identity on runs (a hash: safe inside an MLflow filter string)."""
+    return hashlib.sha256(str(Path(repo).resolve()).encode()).hexdigest()[:16]
+
+
+def _owner_tags(repo: str | Path) -> dict[str, str]:
+    return {
+        REPO_TAG: _repo_id(repo),
+        "dermaflow.repo_path": str(Path(repo).resolve()),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+    }
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_abandoned_runs(experiment_id: str, repo: str | Path = ".") -> list[str]:
+    """Close the runs of this project that a killed process left RUNNING; return their ids.
+
+    Only runs tagged with this checkout's id, opened on this host by a process that no longer
+    exists, are touched: a training running right now elsewhere keeps its run. A training run
+    becomes FAILED; a resumed run (calibrate, export, explain killed mid-way) goes back to the
+    status it had before, and both get a ``dermaflow.abandoned`` tag saying what happened.
+    """
+    client = MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{REPO_TAG}` = '{_repo_id(repo)}'",
+        max_results=1000,
+    )
+    closed: list[str] = []
+    host = socket.gethostname()
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        status = tags.get(RESUMED_TAG) or "FAILED"
+        client.set_tag(
+            run.info.run_id,
+            ABANDONED_TAG,
+            f"process {pid} on {host} ended without closing the run (killed?); set to {status} "
+            f"at {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        )
+        client.set_terminated(run.info.run_id, status=status)
+        closed.append(run.info.run_id)
+    return closed
+
+
 @contextlib.contextmanager
 def lineage_run(
-    experiment: str, run_name: str, tags: dict[str, str], repo: str | Path = "."
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    repo: str | Path = ".",
+    bundle: str | Path | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start the pipeline's run and record its id in models/run.json for later stages."""
+    """Start the pipeline's run; record it in models/run.json only when the block succeeds.
+
+    Runs this project left RUNNING (killed processes) are closed first
+    (:func:`mark_abandoned_runs`). Inside the block, :func:`update_run_file` adds fields to
+    the record; after the block returns and the run has ended FINISHED, run.json is written
+    atomically with them and the sha256 of ``bundle``. An exception leaves run.json as it was
+    (and MLflow marks the run FAILED), so later stages never log into a failed run.
+    """
     experiment_id = ensure_experiment(experiment, repo)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        write_json(
-            Path(repo) / RUN_FILE,
-            {
-                "run_id": run.info.run_id,
-                "experiment_id": experiment_id,
-                "experiment": experiment,
-                "tracking_uri": mlflow.get_tracking_uri(),
-            },
-        )
-        yield run
+    mark_abandoned_runs(experiment_id, repo)
+    run_file = (Path(repo) / RUN_FILE).resolve()
+    owned = {**tags, **_owner_tags(repo)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=owned) as run:
+        _PENDING[run_file] = {
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "experiment": experiment,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }
+        try:
+            yield run
+        finally:
+            info = _PENDING.pop(run_file)
+    bundle = (
+        Path(repo) / bundle if bundle is not None and not Path(bundle).is_absolute() else bundle
+    )
+    if bundle is not None and Path(bundle).is_file():
+        info["bundle_sha256"] = file_digest(bundle)
+    write_json(run_file, info)
 
 
 @contextlib.contextmanager
 def resume_lineage_run(repo: str | Path = ".") -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that the train stage started (for calibrate, export, explain)."""
-    info = json.loads((Path(repo) / RUN_FILE).read_text())
-    configure(repo)
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    """Reopen the run that the train stage finished (for calibrate, export, explain, the gate).
+
+    The run keeps its status whatever happens inside: it ends as it was (FINISHED), even when
+    the block raises, because a failed calibrate does not make the training fail.
+
+    Raises:
+        FileNotFoundError: no models/run.json.
+        LineageError: run.json and models/model.pt come from different trainings, or the run
+            is unknown to the store, FAILED or KILLED.
+    """
+    from mlflow.exceptions import MlflowException
+
+    run_file = Path(repo) / RUN_FILE
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_file}: no lineage run recorded; run the train stage first")
+    problem = lineage_problem(run_file, Path(repo) / paths.BUNDLE)
+    if problem:
+        raise LineageError(problem)
+    info = json.loads(run_file.read_text())
+    uri = configure(repo)
+    client = MlflowClient()
+    try:
+        found = client.get_run(info["run_id"])
+    except MlflowException:
+        raise LineageError(
+            f"{run_file} names MLflow run {info['run_id']}, which the store at {uri} does not "
+            "hold; re-run the train stage"
+        ) from None
+    mark_abandoned_runs(found.info.experiment_id, repo)
+    status = client.get_run(info["run_id"]).info.status
+    if status in ("FAILED", "KILLED"):
+        raise LineageError(
+            f"{run_file} names MLflow run {info['run_id']}, which is {status}; a failed "
+            "training is never extended. Re-run the train stage"
+        )
+    client.set_tag(info["run_id"], RESUMED_TAG, "FINISHED" if status == "RUNNING" else status)
+    for key, value in _owner_tags(repo).items():
+        client.set_tag(info["run_id"], key, value)
+    run = mlflow.start_run(run_id=info["run_id"])
+    try:
         yield run
+    finally:
+        mlflow.end_run(status="FINISHED" if status == "RUNNING" else status)
 
 
 def update_run_file(repo: str | Path = ".", **fields: Any) -> None:
-    path = Path(repo) / RUN_FILE
+    """Add fields to models/run.json (inside an open :func:`lineage_run`: to its record)."""
+    path = (Path(repo) / RUN_FILE).resolve()
+    if path in _PENDING:
+        _PENDING[path].update(fields)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no lineage run recorded; run the train stage first")
     info = json.loads(path.read_text())
     info.update(fields)
     write_json(path, info)
@@ -126,6 +280,26 @@ def log_artifacts(files: dict[str, str | Path]) -> None:
             mlflow.log_artifact(str(path), artifact_path=where)
 
 
+def registered_model_name(configured: str | None, dataset: str, classes: list[str]) -> str:
+    """The registry name of a model: the configured one, else one per task.
+
+    Versions under one name compete for one champion alias, so only models of the same task
+    may share a name: a HAM10000 model must not be judged against a synthetic-set champion.
+    The derived name ``dermaflow-<dataset>-<n>cls-<hash>`` changes with the dataset and with
+    the label set (a short hash of the sorted class names), and stays stable across retrains.
+
+    Args:
+        configured: ``tracking.registered_model``; used as is when set (e.g. by a preset).
+        dataset: ``dataset.name``.
+        classes: the model's class names.
+    """
+    if configured:
+        return configured
+    slug = re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-") or "dataset"
+    digest = hashlib.sha256("\n".join(sorted(classes)).encode()).hexdigest()[:6]
+    return f"dermaflow-{slug}-{len(classes)}cls-{digest}"
+
+
 def log_pytorch_model(
     model: Any, input_example: Any, registered_model: str | None
 ) -> tuple[str, str | None]:
@@ -152,19 +326,80 @@ def log_pytorch_model(
         signature=signature,
         input_example=input_example,
         registered_model_name=registered_model,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        # The pickle names classes from ``tasks`` (the zoo, FusionNet): ship that package with
+        # the model, so `mlflow.pytorch.load_model` works where dermaflow is not installed.
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=_requirements("torch", "torchvision", "numpy"),
     )
     version = getattr(info, "registered_model_version", None)
     return info.model_uri, None if version is None else str(version)
 
 
-def log_onnx_model(path: str | Path, registered_model: str, alias: str | None) -> str:
-    """Log the ONNX file with mlflow.onnx, register a version and point ``alias`` at it."""
+def log_data_lineage(frames: Mapping[str, Any], source: str, version: str, name: str) -> None:
+    """Attach the data a run trained on as MLflow datasets, shown on the run page.
+
+    Args:
+        frames: MLflow input context (``train``, ``validation``, ``test``, ``manifest``) ->
+            the pandas table of that split (one row per image: id, path, label, lesion, ...).
+        source: where the images live (the dataset root).
+        version: the data version (manifest + split hash); each table's digest adds its own
+            context, so the three splits of one version stay distinct datasets.
+        name: the dataset's name (``dataset.name``).
+    """
+    import mlflow.data
+
+    for context, frame in frames.items():
+        dataset = mlflow.data.from_pandas(
+            frame, source=source, name=f"{name}-{context}", digest=f"{version}-{context}"
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def _requirements(*packages: str) -> list[str]:
+    """``name==version`` pins of the installed packages (local build tags dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+def log_onnx_model(
+    path: str | Path, registered_model: str, alias: str | None, input_example: Any = None
+) -> str:
+    """Log the ONNX file with mlflow.onnx, register a version and point ``alias`` at it.
+
+    The graph's own metadata (classes, input size, normalisation, temperature, referral
+    threshold) is copied into the MLflow model's metadata, with the name of the calibrated
+    output, so the registry page says how to read its outputs; the signature is inferred from
+    a real run of the graph on ``input_example`` (a float32 N x 3 x H x W batch).
+    """
     import mlflow.onnx
     import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
 
+    proto = onnx.load(str(path))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    metadata["probabilities_output"] = "probabilities"
+    signature = None
+    if input_example is not None:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        outputs = dict(
+            zip(
+                [o.name for o in session.get_outputs()],
+                session.run(None, {name: input_example}),
+                strict=True,
+            )
+        )
+        signature = infer_signature(input_example, outputs)
     info = mlflow.onnx.log_model(
-        onnx.load(str(path)), name="onnx_model", registered_model_name=registered_model
+        proto,
+        name="onnx_model",
+        registered_model_name=registered_model,
+        signature=signature,
+        input_example=input_example,
+        metadata=metadata,
+        pip_requirements=_requirements("onnxruntime-gpu", "numpy"),
     )
     version = str(info.registered_model_version)
     if alias:
@@ -176,13 +411,6 @@ def set_alias(registered_model: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(registered_model, alias, str(version))
 
 
-def version_metrics(registered_model: str, version: str) -> dict[str, float]:
-    """The metrics of the run that produced a registered model version."""
-    client = MlflowClient()
-    run_id = client.get_model_version(registered_model, str(version)).run_id
-    return dict(client.get_run(run_id).data.metrics)
-
-
 def alias_version(registered_model: str, alias: str) -> str | None:
     """The version an alias points at, or None (no such model or alias yet)."""
     from mlflow.exceptions import MlflowException
@@ -191,6 +419,50 @@ def alias_version(registered_model: str, alias: str) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(registered_model, alias).version)
     except MlflowException:
         return None
+
+
+def set_version_tags(registered_model: str, version: str, tags: Mapping[str, str]) -> None:
+    """Tag one registered model version (its own facts, beside its run's)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, str(version), key, str(value))
+
+
+def describe_version(registered_model: str, version: str, description: str) -> None:
+    """The text the registry page shows for a model version."""
+    MlflowClient().update_model_version(registered_model, str(version), description=description)
+
+
+def set_version_classes(registered_model: str, version: str, classes: Sequence[str]) -> None:
+    """Record a version's classes, so the gate can refuse another task without loading it."""
+    set_version_tags(registered_model, version, {CLASSES_TAG: json.dumps(list(classes))})
+
+
+def version_classes(registered_model: str, version: str) -> list[str] | None:
+    """The classes recorded on a model version (:func:`set_version_classes`), or None."""
+    tags = MlflowClient().get_model_version(registered_model, str(version)).tags
+    return json.loads(tags[CLASSES_TAG]) if CLASSES_TAG in tags else None
+
+
+def record_gate(
+    registered_model: str,
+    version: str,
+    tags: Mapping[str, str],
+    metrics: Mapping[str, float],
+    classes: Sequence[str],
+    repo: str | Path = ".",
+) -> None:
+    """The promotion gate's verdict on the lineage run and on the candidate model version.
+
+    The run gets the tags and metrics; the version gets the same facts as tags (a version has
+    no metrics) plus its classes, so the registry alone says why it is, or is not, champion.
+    """
+    with resume_lineage_run(repo):
+        set_tags(dict(tags))
+        log_metrics(dict(metrics))
+    numbers = {key: f"{value:.6g}" for key, value in metrics.items()}
+    set_version_tags(registered_model, version, {**tags, **numbers})
+    set_version_classes(registered_model, version, classes)
 
 
 def environment_tags() -> dict[str, str]:

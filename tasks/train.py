@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from tasks.config import ModelConfig, TrainConfig
+from tasks import paths
+from tasks.config import ModelConfig, Params, TrainConfig
 from tasks.evaluate import classification_metrics
 from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
@@ -35,6 +36,8 @@ from tasks.losses import class_weights, make_loss, sampler_weights
 from tasks.models import build_model, set_backbone_frozen
 from tasks.prepare import PreparedSplit, open_split
 from tasks.progress import progress_bar
+from tasks.split import data_version, read_split
+from tasks.stage import console, main
 
 # ImageNet statistics: the torchvision backbones expect them, and one fixed normalisation
 # keeps the bundle, the ONNX graph and the explanation stage in agreement.
@@ -103,22 +106,80 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_augment(cfg: TrainConfig, size: int) -> v2.Transform:
-    """The training augmentations, on float images in [0, 1] (on the GPU when present)."""
-    steps: list[v2.Transform] = []
-    a = cfg.augment
-    if tuple(a.crop_scale) != (1.0, 1.0):
-        steps.append(v2.RandomResizedCrop(size, scale=tuple(a.crop_scale), antialias=True))
-    if a.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if a.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    if a.rotation:
-        steps.append(v2.RandomRotation(a.rotation))
-    if a.color_jitter:
-        j = a.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return v2.Compose(steps) if steps else v2.Identity()
+class BatchAugment:
+    """The training augmentations of a batch of float images in [0, 1], ``(N, 3, H, W)``.
+
+    On the CPU: torchvision v2, one image at a time, as before; each image draws its own
+    parameters from torch's global RNG in a fixed order, which the bit-exact resume relies on.
+    On CUDA: the same transforms from kornia, batched on the device with per-sample random
+    parameters. A per-image loop costs ~10 small kernel launches and a Python round-trip per
+    image (about 830 images/s on two CPU cores, 98 % of the cache path), which cannot feed a
+    GPU that trains ResNet-50 at ~2,600 images/s. The kornia transforms are set to
+    torchvision's semantics (bilinear crops without corner alignment, nearest-neighbour
+    rotation by an angle drawn on every image, brightness / contrast / saturation by
+    torchvision's formulas in a random order), so each image's distribution is the same;
+    ``tests/test_augment.py`` compares the two paths' output distributions on the CPU.
+
+    Args:
+        cfg: ``train.augment`` and the rest of the training config.
+        size: the side of the output images.
+    """
+
+    def __init__(self, cfg: TrainConfig, size: int) -> None:
+        self.cfg, self.size = cfg, size
+        steps: list[v2.Transform] = []
+        a = cfg.augment
+        if tuple(a.crop_scale) != (1.0, 1.0):
+            steps.append(v2.RandomResizedCrop(size, scale=tuple(a.crop_scale), antialias=True))
+        if a.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if a.vflip:
+            steps.append(v2.RandomVerticalFlip())
+        if a.rotation:
+            steps.append(v2.RandomRotation(a.rotation))
+        if a.color_jitter:
+            j = a.color_jitter
+            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+        self.per_image: v2.Transform = v2.Compose(steps) if steps else v2.Identity()
+        self._batched: nn.Module | None = None
+
+    def batched(self) -> nn.Module:
+        """The kornia pipeline (built on first use: kornia is imported only where it runs)."""
+        if self._batched is None:
+            import kornia.augmentation as K
+
+            a, steps = self.cfg.augment, []
+            if tuple(a.crop_scale) != (1.0, 1.0):
+                steps.append(
+                    K.RandomResizedCrop(
+                        (self.size, self.size), scale=tuple(a.crop_scale), align_corners=False
+                    )
+                )
+            if a.hflip:
+                steps.append(K.RandomHorizontalFlip(p=0.5))
+            if a.vflip:
+                steps.append(K.RandomVerticalFlip(p=0.5))
+            if a.rotation:
+                steps.append(
+                    K.RandomRotation(a.rotation, resample="nearest", align_corners=False, p=1.0)
+                )
+            if a.color_jitter:
+                j = a.color_jitter
+                steps.append(K.ColorJitter(brightness=j, contrast=j, saturation=j, p=1.0))
+            self._batched = nn.Sequential(*steps)
+        return self._batched
+
+    def __call__(self, x: torch.Tensor, batched: bool | None = None) -> torch.Tensor:
+        """Augment ``x``; ``batched`` forces a path (default: batched exactly on CUDA)."""
+        use_batched = x.is_cuda if batched is None else batched
+        if use_batched:
+            return self.batched()(x)
+        return torch.stack([self.per_image(img) for img in x])
+
+
+def build_augment(cfg: TrainConfig, size: int) -> BatchAugment:
+    """The training augmentations, on float images in [0, 1] (batched on the GPU when present)."""
+    return BatchAugment(cfg, size)
 
 
 def to_input(
@@ -182,7 +243,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
     cfg: TrainConfig,
-    augment: v2.Transform,
+    augment: BatchAugment,
     epoch: int,
     scaler: torch.amp.GradScaler | None = None,
     progress: Progress | None = None,
@@ -194,8 +255,7 @@ def train_one_epoch(
     task = progress.add_task(f"epoch {epoch + 1} train", total=len(loader)) if progress else None
     for step, (images, *extra, labels) in enumerate(loader):
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        x = torch.stack([augment(img) for img in x])
-        x = normalize(x, channels_last)
+        x = normalize(augment(x), channels_last)
         y = labels.to(device, non_blocking=True)
         extra = [e.to(device, non_blocking=True) for e in extra]  # metadata of fusion models
         with autocast(device, cfg.amp):
@@ -279,6 +339,47 @@ def fingerprint(model_cfg: ModelConfig, train_cfg: TrainConfig, data_version: st
     """What a checkpoint must match to be resumed: the configs and the data version."""
     blob = json.dumps([asdict(model_cfg), asdict(train_cfg), data_version], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+CHECKPOINT_KEYS = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "history", "best")
+
+
+def quarantine(path: Path) -> Path:
+    """Move an unusable file aside (``<name>.corrupt-<time>``) so that it never blocks a run."""
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(target)
+    return target
+
+
+def load_checkpoint(path: Path, key: str, device: torch.device) -> dict | None:
+    """The checkpoint to resume from, or None to start fresh (saying why).
+
+    A checkpoint written for other configs or data is ignored. One that cannot be read
+    (truncated by a kill during the write of an older version, emptied, not a checkpoint) is
+    quarantined rather than left to fail every later run until deleted by hand.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+            raise ValueError("not a dermaflow training checkpoint")
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a broken file
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        moved = quarantine(path)
+        console.print(
+            f"[yellow]train: {path} is unreadable ({reason}); moved it to {moved} and training "
+            "starts fresh from epoch 1[/]",
+            highlight=False,
+        )
+        return None
+    if state["fingerprint"] != key:
+        console.print(
+            f"train: {path} was written for other configs or data; training starts fresh",
+            highlight=False,
+        )
+        return None
+    return state
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -367,15 +468,14 @@ def train(
     best = {"score": -1.0, "epoch": -1, "state": None}
     first_epoch, resumed_from = 0, None
     checkpoint = Path(checkpoint)
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("fingerprint") == key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = state["history"]
-            best = state["best"]
-            first_epoch = resumed_from = state["epoch"] + 1
+    state = load_checkpoint(checkpoint, key, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        best = state["best"]
+        first_epoch = resumed_from = state["epoch"] + 1
 
     runner = model
     if train_cfg.compile:
@@ -493,6 +593,21 @@ def build_metadata(splits: dict[str, PreparedSplit]) -> tuple[dict[str, np.ndarr
     return features, {"metadata_features": feature_names(sites), "metadata_sites": sites}
 
 
+def save_model_bundle(path: Path, result: TrainResult, arch: str, data_version: str) -> None:
+    """The trained model as a bundle, the same for the train stage, compare and tune.
+
+    The bundle holds the raw model (temperature 1.0): calibration is fitted afterwards on the
+    validation logits and travels as ``calibrator.json`` beside it (the calibrate stage's out,
+    or the ``calibrate/`` artifact of the model's MLflow run), never baked into the weights.
+    """
+    from tasks.models import save_bundle
+
+    save_bundle(
+        path, result.model, arch, result.classes, result.image_size, MEAN, STD, temperature=1.0,
+        data_version=data_version, extra=result.extra,
+    )  # fmt: skip
+
+
 def save_outputs(
     result: TrainResult,
     arch: str,
@@ -511,20 +626,8 @@ def save_outputs(
     """
     from tasks import evaluate as ev
     from tasks.io import write_json, write_text
-    from tasks.models import save_bundle
 
-    save_bundle(
-        bundle,
-        result.model,
-        arch,
-        result.classes,
-        result.image_size,
-        MEAN,
-        STD,
-        temperature=1.0,
-        data_version=data_version,
-        extra=result.extra,
-    )
+    save_model_bundle(bundle, result, arch, data_version)
     for split, logits, labels in (
         ("val", result.val_logits, result.val_labels),
         ("test", result.test_logits, result.test_labels),
@@ -576,3 +679,108 @@ def save_outputs(
     test_images = np.array(open_split(prepared_dir, "test").images[:2])
     example = to_input(torch.from_numpy(test_images), torch.device("cpu")).numpy()
     return {"summary": summary, "flat": flat, "input_example": example.astype(np.float32)}
+
+
+def run(p: Params) -> dict:
+    """The ``train`` stage: train on the cache, write the outs, open the MLflow lineage run.
+
+    The run holds the resolved params, the data version, per-epoch curves, the final metrics,
+    the data and split reports, the figures, the log and the registered model; calibrate,
+    export and explain append to it (its id is in ``models/run.json``).
+    """
+    from tasks import tracking
+    from tasks.io import write_json, write_text
+
+    version = data_version()
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "data_version": version,
+        "dataset": p.dataset.name,
+        "arch": p.model.arch,
+        **tracking.environment_tags(),
+    }
+    log_lines: list[str] = []
+    started, first_epoch = time.perf_counter(), []
+
+    def on_epoch(record: dict) -> None:
+        """One line per epoch, live: the console, the MLflow run and ``train.log`` as it goes."""
+        first_epoch.append(first_epoch[0] if first_epoch else record["epoch"])
+        done = record["epoch"] - first_epoch[0] + 1  # epochs run by this call (after a resume)
+        eta = (time.perf_counter() - started) / done * (p.train.epochs - record["epoch"])
+        line = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+        )
+        log_lines.append(line)
+        write_text(paths.TRAIN_REPORTS / "train.log", "\n".join(log_lines) + "\n")
+        console.print(
+            f"train: epoch {record['epoch']}/{p.train.epochs} (ETA {eta / 60:.1f} min) {line}",
+            highlight=False,
+        )
+        tracking.log_metrics(
+            {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]
+        )
+
+    experiment = p.tracking.experiment or p.dataset.name
+    run_name = f"{p.dataset.name}-{p.model.arch}"
+    # run.json (with the bundle's hash) is written only when this block succeeds.
+    with tracking.lineage_run(experiment, run_name, tags, bundle=paths.BUNDLE) as mlrun:
+        tracking.log_params(p.as_flat_dict())
+        tracking.log_data_lineage(
+            {
+                "train": read_split(paths.SPLITS, "train"),
+                "validation": read_split(paths.SPLITS, "val"),
+                "test": read_split(paths.SPLITS, "test"),
+            },
+            source=str(Path(p.dataset.root).resolve()),
+            version=version,
+            name=p.dataset.name,
+        )
+        result = train(p.model, p.train, paths.PREPARED, paths.CHECKPOINT, version, on_epoch)
+        final = save_outputs(
+            result, p.model.arch, version, paths.BUNDLE, paths.PREDICTIONS, paths.TRAIN_REPORTS,
+            paths.PREPARED, log_lines,
+        )  # fmt: skip
+        write_json(paths.METRICS / "train.json", final["summary"])
+        model_name = tracking.registered_model_name(
+            p.tracking.registered_model, p.dataset.name, result.classes
+        )
+        tracking.set_tags({"device": result.device, "best_epoch": str(result.best_epoch)})
+        tracking.log_metrics(final["flat"])
+        tracking.log_artifacts(
+            {
+                "train": paths.TRAIN_REPORTS,
+                "data": paths.REPORTS,
+                "data/split": paths.METRICS / "split.json",
+                "bundle": paths.BUNDLE,
+            }
+        )
+        model_uri, model_version = tracking.log_pytorch_model(
+            result.model, final["input_example"], model_name
+        )
+        if model_version:  # the gate refuses a task mismatch from this tag, weights unloaded
+            tracking.set_version_classes(model_name, model_version, result.classes)
+            tracking.set_version_tags(
+                model_name, model_version, {"data_version": version, "dataset": p.dataset.name}
+            )
+            tracking.describe_version(
+                model_name,
+                model_version,
+                f"{p.model.arch} trained on {p.dataset.name} (data version {version}), "
+                f"{len(result.classes)} classes: {', '.join(result.classes)}. Test balanced "
+                f"accuracy {result.test['balanced_accuracy']:.3f}, accuracy "
+                f"{result.test['accuracy']:.3f} (uncalibrated; see the run for calibration, "
+                "export and explanations).",
+            )
+        tracking.update_run_file(
+            model_uri=model_uri, model_version=model_version, registered_model=model_name
+        )
+    console.print(
+        f"train: test balanced accuracy {result.test['balanced_accuracy']:.3f} "
+        f"(accuracy {result.test['accuracy']:.3f}, chance {1 / len(result.classes):.3f}); "
+        f"MLflow run {mlrun.info.run_id}, {model_name} v{model_version}"
+    )
+    return final["summary"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("train"))

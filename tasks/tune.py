@@ -1,4 +1,7 @@
-"""Tune: an Optuna search over params keys, one MLflow child run per trial, the best as a preset.
+"""Tune's pure pieces: the search space, sampler and pruner, the best trial as a preset, plots.
+
+The study itself (Optuna storage, MLflow parent and child runs, the report) is orchestration
+and lives in :mod:`flows.tune`.
 
 The search space lives in ``params.yaml`` (``tune.space``) as plain params keys, so a trial is
 nothing but the base params with a few ``key=value`` overrides: the same typed loading, the same
@@ -17,24 +20,15 @@ chosen params go through the normal pipeline, so the reported test score is not 
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import subprocess
-import sys
-import tempfile
 import warnings
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tasks.config import ConfigError, load_params, read_params_tree
-from tasks.io import atomic_dir, atomic_path
-from tasks.progress import progress_bar
+from tasks.io import atomic_path
 
 if TYPE_CHECKING:
     import optuna
@@ -297,37 +291,32 @@ def write_preset(path: str | Path, text: str) -> Path:
     return path
 
 
-def _last_intermediate(trial: optuna.trial.FrozenTrial) -> float | None:
-    values = trial.intermediate_values
-    return values[max(values)] if values else None
+def study_figures(study: optuna.Study, with_importances: bool, seed: int) -> dict[str, Figure]:
+    """Optuna's own matplotlib plots of the study: file name -> figure.
 
+    ``optimization_history.png`` (every trial and the best so far), ``intermediate_values.png``
+    (each trial's validation curve per epoch: pruned trials are the curves that stop early) and,
+    when importances could be computed, ``param_importances.png`` (fANOVA, seeded).
+    """
+    import matplotlib
+    import optuna
+    from optuna.visualization import matplotlib as plots
 
-def plot_history(trials: list[optuna.trial.FrozenTrial], title: str) -> Figure:
-    """Value per trial and the running best; pruned trials at the last value they reported."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    done = [t for t in trials if t.state.name == "COMPLETE"]
-    pruned = [(t.number, _last_intermediate(t)) for t in trials if t.state.name == "PRUNED"]
-    pruned = [(n, v) for n, v in pruned if v is not None]
-    if done:
-        numbers = [t.number for t in done]
-        values = [t.value for t in done]
-        running = [max(values[: i + 1]) for i in range(len(values))]
-        ax.scatter(numbers, values, color="tab:blue", label="complete trial", zorder=3)
-        ax.step(numbers, running, where="post", color="tab:red", label="best so far")
-    if pruned:
-        ax.scatter(*zip(*pruned, strict=True), marker="x", color="grey", label="pruned (last)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation balanced accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if done or pruned:
-        ax.legend(loc="lower right")
-    return fig
+    # Optuna's plots switch pyplot to its ggplot style for good: keep that inside this call.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        figures = {
+            "optimization_history.png": plots.plot_optimization_history(study).figure,
+            "intermediate_values.png": plots.plot_intermediate_values(study).figure,
+        }
+        if with_importances:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            axes = plots.plot_param_importances(study, evaluator=evaluator)
+            figures["param_importances.png"] = axes.figure
+    for fig in figures.values():
+        fig.set_size_inches(7, 4.5)
+        fig.set_layout_engine("constrained")
+    return figures
 
 
 def param_importances(study: optuna.Study, seed: int) -> tuple[dict[str, float] | None, str]:
@@ -348,18 +337,6 @@ def param_importances(study: optuna.Study, seed: int) -> tuple[dict[str, float] 
     if not found:
         return None, "no parameter varied across the complete trials"
     return dict(found), ""
-
-
-def plot_importances(importances: dict[str, float], title: str) -> Figure:
-    from matplotlib.figure import Figure
-
-    names = list(importances)[::-1]  # most important on top
-    fig = Figure(figsize=(7, 0.5 * len(names) + 1.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set_xlabel("importance (fANOVA, share of the variance of the objective)")
-    ax.set_title(title)
-    return fig
 
 
 def trials_table(trials: list[optuna.trial.FrozenTrial], best_number: int | None) -> Table:
@@ -403,310 +380,3 @@ def _short(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def repro_data(repo: str | Path = ".") -> str:
-    """``dvc repro prepare``: bring synth/ingest/validate/split/prepare up to date first.
-
-    Tuning on a stale cache would pick params for data the pipeline no longer trains on. The
-    venv's bin folder goes first on PATH so the stage commands (``dermaflow <stage>``) resolve
-    to this install, as in :func:`flows.pipeline.run_stage`.
-
-    Raises:
-        TuneError: with DVC's output when a data stage fails.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(
-        ["dvc", "repro", "prepare"], cwd=repo, env=env, capture_output=True, text=True
-    )
-    output = (proc.stdout + proc.stderr).strip()
-    if proc.returncode != 0:
-        raise TuneError(
-            "`dvc repro prepare` failed, so the data stages are not current (fix them, or pass "
-            f"--no-repro to tune on data/prepared as it is):\n{output[-4000:]}"
-        )
-    return output
-
-
-@dataclass
-class TuneResult:
-    """What a finished search hands to the CLI: the study's outcome and where it was written."""
-
-    study_name: str
-    storage: str
-    best_number: int
-    best_value: float
-    best_params: dict[str, Any]
-    counts: dict[str, int]  # this call's trials by final state
-    trials: list[Any]  # every FrozenTrial of the study, this call's and earlier ones
-    parent_run_id: str
-    preset: Path
-    report_dir: Path
-    importance_note: str = ""
-    importances: dict[str, float] = field(default_factory=dict)
-
-
-def run_tune(
-    params_path: str | Path,
-    overrides: list[str] | None,
-    prepared_dir: str | Path,
-    repo: str | Path = ".",
-    data_version: str = "",
-    show_progress: bool = True,
-    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
-) -> TuneResult:
-    """Run (or continue) the study; log it to MLflow; write the report and the best preset.
-
-    The parent run's ``trials_*`` counts are this call's trials; ``best_value``, the
-    ``best.*`` params, the report and the preset describe the whole study, whose best trial
-    may come from an earlier call.
-
-    Args:
-        params_path: the base params file; trials override the ``tune.space`` keys on it.
-        overrides: ``key=value`` overrides for this call (the CLI's ``--set``).
-        prepared_dir: the prepare stage's cache; every trial trains on it.
-        repo: the project folder: ``mlruns/`` (MLflow store and the study), ``tune.preset``
-            and ``reports/tune/`` are relative to it.
-        data_version: recorded on the runs (and in the trials' checkpoint fingerprints).
-        show_progress: a rich progress bar over the trials.
-        on_trial: called with each finished trial (e.g. to print it).
-
-    Raises:
-        ConfigError: a bad ``tune.space`` (before any trial starts).
-        FileNotFoundError: no prepared cache.
-        TuneError: no trial of the study completed.
-    """
-    overrides = list(overrides or [])
-    base = load_params(params_path, overrides)
-    cfg = base.tune
-    dims = check_space(cfg.space, params_path, overrides)
-    repo = Path(repo)
-    prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "meta.json").exists():
-        raise FileNotFoundError(
-            f"{prepared_dir}: no prepared cache; run `dvc repro prepare` (or `dermaflow tune` "
-            "without --no-repro) first"
-        )
-    # Heavy imports only once the cheap checks passed: a typo in the space fails in a blink.
-    import mlflow
-    import optuna
-    import torch
-
-    from tasks import tracking
-    from tasks.train import TrainingError, train
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _quiet_tracebacks()
-
-    experiment = base.tracking.experiment or base.dataset.name
-    name = study_name(experiment, base.model.arch)
-    storage_url = storage_uri(repo)
-    # A killed run leaves its trial RUNNING; the heartbeat lets the next call mark it FAIL.
-    with warnings.catch_warnings():  # the heartbeat is flagged experimental; it is what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180)
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True
-    )
-    before = len(study.trials)
-    # Offsetting the seed by the trials already stored keeps a continued random search from
-    # replaying the first call's draws.
-    study.sampler = make_sampler(cfg.sampler, cfg.seed + before)
-    study.pruner = make_pruner(cfg.pruner)
-
-    experiment_id = tracking.ensure_experiment(experiment, repo)
-    tags = {
-        "dermaflow_command": "tune",
-        "optuna_study": name,
-        "dataset": base.dataset.name,
-        "arch": base.model.arch,
-        "data_version": data_version,
-        "git_commit": tracking.git_commit(repo),
-        **tracking.environment_tags(),
-    }
-    catch = (TrainingError, torch.cuda.OutOfMemoryError)  # a bad corner of the space, not a bug
-
-    with (
-        mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"tune-{base.model.arch}", tags=tags
-        ) as parent,
-        tempfile.TemporaryDirectory(prefix="dermaflow-tune-") as scratch,
-        progress_bar(show_progress) as bar,
-    ):
-        tracking.log_params(
-            {**base.as_flat_dict(), "study_name": name, "study_storage": storage_url}
-        )
-        task = bar.add_task(f"tune {name}", total=cfg.trials)
-
-        def objective(trial: optuna.Trial) -> float:
-            sampled = suggest(trial, dims)
-            p = load_params(params_path, [*overrides, *trial_overrides(sampled, cfg.epochs)])
-            # A fresh path per trial: train() resumes from a checkpoint whose configs match.
-            checkpoint = Path(scratch) / f"trial-{trial.number}.pt"
-            child = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=f"trial-{trial.number}",
-                nested=True,
-                tags={"optuna_study": name, "trial_number": str(trial.number)},
-            )
-            trial.set_user_attr("mlflow_run_id", child.info.run_id)
-            state, status = "FAIL", "FAILED"
-
-            def on_epoch(record: dict) -> None:
-                step = record["epoch"]
-                tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step)
-                trial.report(record[OBJECTIVE], step)
-                # Pruning at the last epoch saves nothing and would only discard its value.
-                if step < cfg.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {step}")
-
-            try:
-                tracking.log_params({**sampled, "train.epochs": cfg.epochs})
-                result = train(
-                    p.model,
-                    p.train,
-                    prepared_dir,
-                    checkpoint,
-                    data_version,
-                    on_epoch=on_epoch,
-                    show_progress=False,
-                )
-                value = float(result.val["balanced_accuracy"])
-                if not math.isfinite(value):
-                    raise TrainingError(f"validation balanced accuracy is {value}")
-                tracking.log_metrics({f"best_{OBJECTIVE}": value, "train_seconds": result.seconds})
-                mlflow.set_tag("best_epoch", str(result.best_epoch))
-                state, status = "COMPLETE", "FINISHED"
-                return value
-            except optuna.TrialPruned:
-                state, status = "PRUNED", "FINISHED"  # a normal outcome, not a failed run
-                raise
-            except Exception as err:
-                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-                raise
-            finally:
-                mlflow.set_tag("trial_state", state)
-                mlflow.end_run(status)
-                checkpoint.unlink(missing_ok=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
-        def after_trial(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-            if frozen.state == optuna.trial.TrialState.COMPLETE:
-                tracking.log_metrics({"trial_value": frozen.value}, step=frozen.number)
-            best = _best_or_none(study)
-            bar.update(
-                task,
-                advance=1,
-                description=f"tune {name} (best {'-' if best is None else f'{best:.3f}'})",
-            )
-            if on_trial is not None:
-                on_trial(frozen)
-
-        study.optimize(
-            objective,
-            n_trials=cfg.trials,
-            timeout=cfg.timeout_s or None,
-            catch=catch,
-            callbacks=[after_trial],
-        )
-
-        trials = study.get_trials(deepcopy=True)
-        states = Counter(t.state.name for t in trials[before:])
-        counts = {s: states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        best_trial = _best_trial_or_none(study)
-        importances, note = param_importances(study, cfg.seed)
-        report_dir = repo / REPORT_DIR
-        with atomic_dir(report_dir) as tmp:
-            study.trials_dataframe().to_csv(tmp / "trials.csv", index=False)
-            from tasks.evaluate import save_figure
-
-            save_figure(plot_history(trials, name), tmp / "optimization_history.png")
-            if importances:
-                save_figure(plot_importances(importances, name), tmp / "param_importances.png")
-        tracking.log_metrics(
-            {
-                "trials_complete": counts["COMPLETE"],
-                "trials_pruned": counts["PRUNED"],
-                "trials_failed": counts["FAIL"],
-                "study_trials": len(trials),
-            }
-        )
-        if note:
-            mlflow.set_tag("importance_note", note[:5000])
-        if best_trial is None:
-            tracking.log_artifacts({"tune": report_dir})
-            raise TuneError(
-                f"no trial of study {name} completed ({counts['PRUNED']} pruned, "
-                f"{counts['FAIL']} failed in this call); see the MLflow run "
-                f"{parent.info.run_id} and {report_dir / 'trials.csv'}"
-            )
-        preset = write_preset(
-            repo / cfg.preset,
-            preset_text(
-                best_trial.params,
-                dims,
-                [
-                    f"Written by `dermaflow tune`: the best trial of Optuna study {name}",
-                    f"({storage_url}): trial {best_trial.number}, validation balanced accuracy "
-                    f"{best_trial.value:.4f}",
-                    f"after up to {cfg.epochs} epochs per trial; train.epochs is left as it is.",
-                    f"Apply with `dermaflow preset {cfg.preset}`; keys not listed keep "
-                    "params.yaml's values.",
-                ],
-            ),
-        )
-        tracking.log_metrics({"best_value": best_trial.value})
-        tracking.log_params(
-            {
-                "best_trial": best_trial.number,
-                **{f"best.{k}": v for k, v in best_trial.params.items()},
-            }
-        )
-        tracking.log_artifacts({"tune": report_dir, "preset": preset})
-
-    return TuneResult(
-        study_name=name,
-        storage=storage_url,
-        best_number=best_trial.number,
-        best_value=float(best_trial.value),
-        best_params=dict(best_trial.params),
-        counts=counts,
-        trials=trials,
-        parent_run_id=parent.info.run_id,
-        preset=preset,
-        report_dir=report_dir,
-        importance_note=note,
-        importances=importances or {},
-    )
-
-
-class _NoTraceback(logging.Filter):
-    """Keep Optuna's one-line "trial failed ... because of TrainingError('...')" warning but
-    drop the stack trace it attaches: a diverging corner of the space is a result, not a bug.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _quiet_tracebacks() -> None:
-    root = logging.getLogger("optuna")
-    for handler in root.handlers:
-        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
-            handler.addFilter(_NoTraceback())
-
-
-def _best_trial_or_none(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """``study.best_trial`` raises when nothing completed; the report wants None instead."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
-def _best_or_none(study: optuna.Study) -> float | None:
-    best = _best_trial_or_none(study)
-    return None if best is None else best.value

@@ -8,9 +8,16 @@ fix-one-rerun-find-the-next loop (a GX call costs seconds; a rerun of ingest cos
 Rules that are not a built-in check of one column (a path escaping the root, the same bytes
 under two labels, a class that is too small) are first turned into a derived column in pandas,
 so that GX still decides which rows fail and the report stays one uniform list of rules.
-Each failing rule names its offending rows (``row 12 (image_id=..., path=...)``, numbered 0-based
-as in the manifest) and the value that broke it, because "3 rows failed" alone sends a person
-hunting through a 25 000-row table.
+Each failing rule names its offending rows (``row 12 (image_id=..., path=..., <csv> line 14)``:
+the 0-based manifest row, and the line of the CSV the row came from, which is what a person
+opens) and the value that broke it, because "3 rows failed" alone sends a person hunting
+through a 25 000-row table.
+
+Some rules judge the whole set rather than a row: at least ``min_images`` images and
+``min_classes`` classes (a header-only CSV or a one-class set stops here, not three stages
+later in split or train), image files no ground-truth row lists, and a missing metadata CSV
+(lesion grouping off, so the split can leak). The last two come from the facts ingest records
+with the manifest (``manifest.attrs["ingest"]``).
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
+from rich.markup import escape
 
-from tasks.config import ValidateConfig
-from tasks.ingest import MANIFEST_COLUMNS
+from tasks import paths
+from tasks.config import Params, ValidateConfig
+from tasks.ingest import MANIFEST_COLUMNS, ingest_facts, label_vocabulary
 from tasks.labels import ISIC_CLASSES
+from tasks.stage import console, main
 
 E = gx.expectations
 
@@ -42,19 +52,47 @@ MAX_OFFENDERS = 1000  # offenders kept per rule in the report (the count is alwa
 ROW_KEYS = ["row", "image_id", "path"]  # GX returns these columns for every unexpected row
 
 
+class ManifestError(ValueError):
+    """The manifest cannot be read or lacks columns: it is not the current ingest's output."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One data rule: how GX checks it and how an offending row is described to a person.
 
     ``expect`` builds the expectation from the config (on the manifest plus the derived
     columns of :func:`derive_columns`); ``show`` turns an offending row into the short text
-    after its row reference, e.g. ``truncated`` or ``age 150 outside [0, 120]``.
+    after its row reference, e.g. ``truncated`` or ``age 150 outside [0, 120]``. ``source``
+    says which CSV an offending row's line refers to: the ground truth (``label``) or the
+    metadata (``meta``: age, sex, site). A table rule judges the whole set: ``show`` then
+    gets GX's observed value instead of a row.
     """
 
     name: str
     description: str
     expect: Callable[[ValidateConfig], Any]
-    show: Callable[[pd.Series, ValidateConfig], str]
+    show: Callable[[Any, ValidateConfig], str]
+    source: str = "label"
+    table: bool = False
+
+
+def _image_problem(r: Any, c: ValidateConfig) -> str:
+    if r.file_error == "too_large":
+        pixels = int(r.width) * int(r.height)
+        return (
+            f"larger than the decompression-bomb limit ({r.width}x{r.height} = {pixels} pixels "
+            f"> {c.max_pixels}; validate.max_pixels)"
+        )
+    return str(r.file_error)
+
+
+def _mask_size_problem(r: Any, c: ValidateConfig) -> str:
+    mask, image = r.mask_width / r.mask_height, r.width / r.height
+    return (
+        f"mask {r.mask_width}x{r.mask_height} px vs image {r.width}x{r.height} px: aspect "
+        f"{mask:.3f} vs {image:.3f}, more than {c.mask_aspect_tolerance:g} apart "
+        f"(validate.mask_aspect_tolerance): {_text(r.mask_path)}"
+    )
 
 
 def _text(value: Any) -> str:
@@ -86,9 +124,10 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "image_readable",
-        "the image file exists, is non-empty, decodes and is not truncated",
+        "the image file exists, is non-empty, decodes, is not truncated and has at most "
+        "max_pixels pixels",
         lambda c: E.ExpectColumnValuesToBeNull(column="file_error"),
-        lambda r, c: str(r.file_error),
+        _image_problem,
     ),
     Rule(
         "path_inside_root",
@@ -109,6 +148,14 @@ RULES: tuple[Rule, ...] = (
             column="age", min_value=c.age_range[0], max_value=c.age_range[1]
         ),
         lambda r, c: f"age {r.age:g} outside [{c.age_range[0]}, {c.age_range[1]}]",
+        source="meta",
+    ),
+    Rule(
+        "age_numeric",
+        "a given age is a number (text is reported, never read as a missing age)",
+        lambda c: E.ExpectColumnValuesToBeNull(column="age_text"),
+        lambda r, c: f"age {r.age_text!r} is not a number",
+        source="meta",
     ),
     Rule(
         "hash_label_conflict",
@@ -129,24 +176,66 @@ RULES: tuple[Rule, ...] = (
         lambda r, c: f"mask {r.mask_error}: {_text(r.mask_path)}",
     ),
     Rule(
+        "mask_size",
+        "a mask has its image's size, or its aspect ratio within mask_aspect_tolerance",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="mask_size_ok", value_set=[True]),
+        _mask_size_problem,
+    ),
+    Rule(
+        "mask_nonempty",
+        "a mask marks at least one lesion pixel (an empty mask breaks the localisation metrics)",
+        lambda c: E.ExpectColumnValuesToBeInSet(column="mask_has_lesion", value_set=[True]),
+        lambda r, c: f"mask marks no lesion pixel: {_text(r.mask_path)}",
+    ),
+    Rule(
         "sex_known",
         "sex in known_sex (missing allowed)",
         lambda c: E.ExpectColumnValuesToBeInSet(column="sex", value_set=list(c.known_sex)),
         lambda r, c: f"sex {r.sex!r}",
+        source="meta",
     ),
     Rule(
         "site_known",
         "anatomical site in known_sites (missing allowed)",
         lambda c: E.ExpectColumnValuesToBeInSet(column="site", value_set=list(c.known_sites)),
         lambda r, c: f"site {r.site!r}",
+        source="meta",
+    ),
+    Rule(
+        "min_images",
+        "the set has at least min_images images",
+        lambda c: E.ExpectTableRowCountToBeBetween(min_value=c.min_images),
+        lambda observed, c: (
+            f"{observed} image(s) in the manifest; at least {c.min_images} are needed to split "
+            "and train (validate.min_images)"
+        ),
+        table=True,
+    ),
+    Rule(
+        "min_classes",
+        "at least min_classes classes after dataset.label_map",
+        lambda c: E.ExpectColumnUniqueValueCountToBeBetween(
+            column="label", min_value=c.min_classes
+        ),
+        lambda observed, c: (
+            f"{observed} class(es) after the label map; a classifier needs at least "
+            f"{c.min_classes} (validate.min_classes)"
+        ),
+        table=True,
     ),
 )
-RULE_NAMES = tuple(rule.name for rule in RULES)
+# Judged from the facts ingest records with the manifest, not by GX: they concern files and
+# CSVs that have no manifest row.
+SET_RULES = {
+    "image_unlisted": "every image file under the root is listed by the ground truth",
+    "metadata_present": "the metadata CSV with lesion ids exists (else lesion grouping is off)",
+}
+RULE_NAMES = tuple(rule.name for rule in RULES) + tuple(SET_RULES)
 
 
 @dataclass
 class RuleResult:
-    """Outcome of one rule; ``offenders`` holds {row, image_id, path, value} per failing row."""
+    """Outcome of one rule; ``offenders`` holds {row, csv, image_id, path, value} per row."""
 
     rule: str
     severity: str
@@ -166,6 +255,8 @@ class ValidationReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # rules with severity off
     gx_seconds: float = 0.0  # wall time of the one GX validate call
+    layout: str | None = None  # the adapter ingest used, and why (auto-detection says)
+    layout_reason: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -208,6 +299,8 @@ class ValidationReport:
             "skipped": list(self.skipped),
             "class_counts": dict(self.class_counts),
             "gx_seconds": round(self.gx_seconds, 3),
+            "layout": self.layout,
+            "layout_reason": self.layout_reason,
             "rules": [dataclasses.asdict(r) for r in self.results],
         }
 
@@ -218,6 +311,10 @@ class ValidationReport:
             "",
             f"**{'PASSED' if self.passed else 'FAILED'}**: {self._counts()}.",
             "",
+        ]
+        if self.layout:
+            lines += [f"Layout: **{self.layout}** ({_md(self.layout_reason)}).", ""]
+        lines += [
             "| rule | severity | passed | unexpected | checks |",
             "|---|---|---|---|---|",
         ]
@@ -234,10 +331,14 @@ class ValidationReport:
             if not r.offenders:
                 lines.append(_md(r.message))
                 continue
-            lines += ["| row | image_id | path | value |", "|---|---|---|---|"]
+            lines += [
+                "| row | csv line | image_id | path | value |",
+                "|---|---|---|---|---|",
+            ]
             for o in r.offenders[:max_rows]:
                 lines.append(
-                    f"| {o['row']} | {_md(o['image_id'])} | {_md(o['path'])} | {_md(o['value'])} |"
+                    f"| {_md(o['row'])} | {_md(o.get('csv'))} | {_md(o['image_id'])} | "
+                    f"{_md(o['path'])} | {_md(o['value'])} |"
                 )
             if r.unexpected_count > max_rows:
                 lines.append(f"\n… and {r.unexpected_count - max_rows} more (see the JSON report)")
@@ -306,19 +407,30 @@ def _rows_sharing(frame: pd.DataFrame, key: str, mask: pd.Series) -> dict[int, l
     }
 
 
+def _where(judged: pd.Series, ok: pd.Series) -> pd.Series:
+    """A nullable boolean: ``ok`` where the row is judged, NA where another rule owns it."""
+    out = pd.array(ok.fillna(False).to_numpy(dtype=bool), dtype="boolean")
+    out[~judged.to_numpy(dtype=bool)] = pd.NA
+    return pd.Series(out, index=judged.index)
+
+
 def derive_columns(
-    manifest: pd.DataFrame, root: Path, classes: list[str] | None = None
+    manifest: pd.DataFrame,
+    root: Path,
+    classes: list[str] | None = None,
+    tolerance: float = 0.02,
 ) -> pd.DataFrame:
     """The manifest (re-indexed 0..n-1) plus the columns that rules need beyond one field.
 
     Added: ``row``, ``label_ok``, ``inside_root`` / ``resolved_path``, ``min_side``,
-    ``hash_conflict`` / ``same_hash_rows``, ``class_count`` and ``same_id_rows``. A column is
+    ``hash_conflict`` / ``same_hash_rows``, ``mask_size_ok`` (sizes equal, or aspect ratios
+    within ``tolerance``), ``mask_has_lesion``, ``class_count`` and ``same_id_rows``. A column is
     NA where another rule owns the defect (no size for an undecodable image, no label check for
     a row whose one-hot ground truth is broken), so one defect fails one rule.
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
-        raise ValueError(f"manifest lacks column(s) {missing}; rebuild it with the ingest stage")
+        raise ManifestError(f"manifest lacks column(s) {missing}; rebuild it with the ingest stage")
     frame = manifest.reset_index(drop=True).copy()
     frame.insert(0, "row", np.arange(len(frame), dtype=np.int64))
     frame["label_ok"] = _label_vocabulary_ok(frame, classes)
@@ -338,6 +450,19 @@ def derive_columns(
         ", ".join(f"row {o} (label {frame.at[o, 'label']!r})" for o in twins.get(i, []))
         for i in range(len(frame))
     ]
+
+    mask_w = pd.to_numeric(frame["mask_width"], errors="coerce").astype(float)
+    mask_h = pd.to_numeric(frame["mask_height"], errors="coerce").astype(float)
+    judged = (
+        frame["mask_path"].notna() & frame["mask_error"].isna() & frame["file_error"].isna()
+    ) & (mask_w * mask_h * width * height > 0).fillna(False)
+    same = (mask_w == width) & (mask_h == height)
+    aspect_gap = ((mask_w / mask_h) / (width / height) - 1.0).abs()
+    fits = same | (aspect_gap <= tolerance + 1e-12)
+    frame["mask_size_ok"] = _where(judged, fits)
+    has_mask = frame["mask_path"].notna() & frame["mask_error"].isna()
+    foreground = pd.to_numeric(frame["mask_foreground"], errors="coerce").astype(float)
+    frame["mask_has_lesion"] = _where(has_mask & foreground.notna(), foreground > 0)
 
     frame["class_count"] = frame["label"].map(frame["label"].value_counts()).astype(float)
     dups = _rows_sharing(frame, "image_id", frame["image_id"].notna())
@@ -386,14 +511,53 @@ def _exception_message(info: dict[str, Any]) -> str | None:
     return None
 
 
+def _csv_ref(row: Any, rule: Rule, facts: dict[str, Any]) -> str | None:
+    """``<file> line <n>`` for the CSV an offending row came from (None for folder sets)."""
+    column, name = (
+        ("meta_line", facts.get("meta_csv"))
+        if rule.source == "meta"
+        else (
+            "csv_line",
+            facts.get("label_csv"),
+        )
+    )
+    line = getattr(row, column, None)
+    if _missing(line):
+        line, name = getattr(row, "csv_line", None), facts.get("label_csv")
+    if _missing(line):
+        return None
+    return f"{name or 'CSV'} line {int(line)}"
+
+
+def _offender_text(o: dict[str, Any]) -> str:
+    where = f"image_id={o['image_id']}, path={o['path']}"
+    if o.get("csv"):
+        where += f", {o['csv']}"
+    return f"row {o['row']} ({where}): {o['value']}"
+
+
 def _rule_result(
-    rule: Rule, severity: str, gx_result: Any, frame: pd.DataFrame, cfg: ValidateConfig
+    rule: Rule,
+    severity: str,
+    gx_result: Any,
+    frame: pd.DataFrame,
+    cfg: ValidateConfig,
+    facts: dict[str, Any] | None = None,
 ) -> RuleResult:
     n = len(frame)
+    facts = facts or {}
     crashed = _exception_message(gx_result.exception_info or {})
     if crashed is not None:
         message = f"[{severity}] {rule.name}: the check itself failed: {crashed}"
         return RuleResult(rule.name, severity, False, rule.description, 0, [], message)
+    success = bool(gx_result.success)
+    if rule.table:
+        observed = gx_result.result.get("observed_value")
+        text = rule.show(observed, cfg)
+        message = f"[{severity}] {rule.name}: " + ("ok" if success else text)
+        return RuleResult(
+            rule.name, severity, success, rule.description, 0 if success else 1, [], message
+        )
     unexpected = gx_result.result.get("unexpected_index_list") or []
     count = int(gx_result.result.get("unexpected_count") or len(unexpected))
     offenders = []
@@ -402,22 +566,52 @@ def _rule_result(
         offenders.append(
             {
                 "row": int(entry["row"]),
+                "csv": _csv_ref(row, rule, facts),
                 "image_id": _text(row.image_id),
                 "path": _text(row.path),
                 "value": rule.show(row, cfg),
             }
         )
-    success = bool(gx_result.success)
     if success:
         message = f"[{severity}] {rule.name}: ok ({n} rows)"
     else:
-        listed = "; ".join(
-            f"row {o['row']} (image_id={o['image_id']}, path={o['path']}): {o['value']}"
-            for o in offenders[:MAX_LISTED]
-        )
+        listed = "; ".join(_offender_text(o) for o in offenders[:MAX_LISTED])
         more = f"; and {count - MAX_LISTED} more" if count > MAX_LISTED else ""
         message = f"[{severity}] {rule.name}: {count} of {n} rows — {listed}{more}"
     return RuleResult(rule.name, severity, success, rule.description, count, offenders, message)
+
+
+def _set_rule(name: str, severity: str, facts: dict[str, Any]) -> RuleResult:
+    """``image_unlisted`` / ``metadata_present`` from ingest's facts (pass without facts)."""
+    description = SET_RULES[name]
+    if name == "image_unlisted":
+        unlisted = facts.get("unlisted_images") or {}
+        count, files = int(unlisted.get("count", 0)), list(unlisted.get("paths", []))
+        where = facts.get("label_csv") or "a class folder"
+        offenders = [
+            {"row": None, "csv": None, "image_id": Path(f).stem, "path": f,
+             "value": f"no row in {where}; not in the manifest"}
+            for f in files[:MAX_OFFENDERS]
+        ]  # fmt: skip
+        if not count:
+            return RuleResult(name, severity, True, description, 0, [], f"[{severity}] {name}: ok")
+        shown = ", ".join(files[:MAX_LISTED])
+        more = f"; and {count - MAX_LISTED} more" if count > MAX_LISTED else ""
+        message = (
+            f"[{severity}] {name}: {count} image file(s) under the root have no row in {where} "
+            f"and were left out of the manifest — {shown}{more}"
+        )
+        return RuleResult(name, severity, False, description, count, offenders, message)
+    metadata = facts.get("metadata") or {}
+    if not metadata or metadata.get("lesion_ids", True):
+        return RuleResult(name, severity, True, description, 0, [], f"[{severity}] {name}: ok")
+    note = metadata.get("note") or f"{metadata.get('file')} has no lesion ids"
+    lost = "" if metadata.get("present") else "; age, sex and site are unknown too"
+    message = (
+        f"[{severity}] {name}: {note}: lesion grouping is off, so images of one lesion can "
+        f"land in different splits (only byte-identical files stay together){lost}"
+    )
+    return RuleResult(name, severity, False, description, 1, [], message)
 
 
 def validate_manifest(
@@ -425,6 +619,7 @@ def validate_manifest(
     root: str | Path,
     cfg: ValidateConfig,
     classes: list[str] | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Check every rule on the manifest in one GX run and return the full report.
 
@@ -434,14 +629,21 @@ def validate_manifest(
         cfg: thresholds and the severity (error | warning | off) of each rule.
         classes: the class vocabulary to enforce. By default ISIC/HAM rows must use the ISIC
             2019 names and a folder dataset's folder names are its vocabulary.
+        facts: ingest's dataset-level facts; by default those recorded with the manifest
+            (``manifest.attrs["ingest"]``).
 
     Returns:
         The report; it never raises on bad data, so a caller can write the report first and
         then call :func:`raise_for_errors`.
+
+    Raises:
+        ManifestError: the manifest lacks columns (an older ingest's output).
+        ValueError: an unknown rule in ``cfg.severity``.
     """
     root = Path(root)
+    facts = ingest_facts(manifest) if facts is None else facts
     severity = _severities(cfg)
-    frame = derive_columns(manifest, root, classes)
+    frame = derive_columns(manifest, root, classes, cfg.mask_aspect_tolerance)
     active = [rule for rule in RULES if severity[rule.name] != "off"]
     expectations = []
     for rule in active:
@@ -450,13 +652,51 @@ def validate_manifest(
         expectations.append(expectation)
     by_rule, elapsed = _run_suite(frame, expectations) if active else ({}, 0.0)
     counts = frame["label"].fillna("(no label)").value_counts()
+    results = [
+        _rule_result(rule, severity[rule.name], by_rule[rule.name], frame, cfg, facts)
+        for rule in active
+    ]
+    results += [
+        _set_rule(name, severity[name], facts) for name in SET_RULES if severity[name] != "off"
+    ]
     return ValidationReport(
-        results=[
-            _rule_result(rule, severity[rule.name], by_rule[rule.name], frame, cfg)
-            for rule in active
-        ],
+        results=results,
         n_rows=len(frame),
         class_counts={str(k): int(v) for k, v in counts.items()},
-        skipped=[rule.name for rule in RULES if severity[rule.name] == "off"],
+        skipped=[name for name in RULE_NAMES if severity[name] == "off"],
         gx_seconds=elapsed,
+        layout=facts.get("layout"),
+        layout_reason=facts.get("layout_reason"),
     )
+
+
+def read_manifest(path: str | Path = paths.MANIFEST) -> pd.DataFrame:
+    """The manifest file, or a :class:`ManifestError` naming it (never a parquet traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run the ingest stage first")
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a broken file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ManifestError(f"{path}: not a readable manifest ({reason}); re-run ingest") from None
+
+
+def run(p: Params) -> dict[str, Any]:
+    """The ``validate`` stage: check the manifest, write the reports, stop on any error."""
+    from tasks.report import contact_sheet, write_reports  # it imports this module
+
+    manifest = read_manifest(paths.MANIFEST)
+    classes = label_vocabulary(p.dataset.label_map)  # None: the source's own vocabulary
+    report = validate_manifest(manifest, Path(p.dataset.root), p.validate, classes)
+    write_reports(report, paths.VALIDATION_JSON, paths.VALIDATION_MD)
+    contact_sheet(manifest, Path(p.dataset.root), paths.CONTACT_SHEET)
+    for warning in report.warnings():
+        console.print(f"[yellow]{escape(warning.message)}[/]", highlight=False)
+    raise_for_errors(report)
+    console.print(f"validate: {report.n_rows} rows passed; report {paths.VALIDATION_MD}")
+    return {"rows": report.n_rows, "warnings": len(report.warnings())}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("validate"))

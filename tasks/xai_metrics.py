@@ -38,9 +38,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy import ndimage, stats
+from scipy.sparse import coo_matrix, csc_matrix
+from scipy.sparse.linalg import spsolve
 from skimage.metrics import structural_similarity
 
-from tasks.models import eval_mode
+from tasks.forward import batch_size as sized_batch
+from tasks.forward import inference_twin, run_batched
 
 ClassIndex = int | Sequence[int] | np.ndarray | torch.Tensor
 ExplainFn = Callable[[torch.nn.Module, torch.Tensor, ClassIndex], np.ndarray]
@@ -114,20 +117,6 @@ def _on_model_device(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Move the images to the model's device (a parameter-free model keeps them where they are)."""
     param = next(model.parameters(), None)
     return x if param is None else x.to(param.device)
-
-
-def _target_probs(
-    model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """Softmax probability of each row's target class, in chunks of ``batch_size``."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            logits = model(x[start : start + batch_size])
-            probs = torch.softmax(logits.float(), dim=1)
-            idx = classes[start : start + batch_size, None].to(probs.device)
-            out.append(probs.gather(1, idx)[:, 0].cpu())
-    return torch.cat(out)
 
 
 def _top_region(heatmap: np.ndarray, top_k_percent: float) -> np.ndarray:
@@ -250,6 +239,250 @@ def _baseline(x: torch.Tensor, kind: str, blur_sigma: float | None) -> torch.Ten
     raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
 
 
+class Perturbations:
+    """Target-class probabilities of perturbed copies of one batch of images, scored in bulk.
+
+    Every faithfulness metric asks the same question many times: the softmax probability of
+    the target class on a perturbed copy of an image. This object holds what all the maps
+    scored on one batch share: the images on the model's device, the target classes, the
+    probability on each clean image (deletion's first point, insertion's last, ROAD's and
+    Average Drop's reference) and on its baseline (deletion's last point, insertion's first),
+    each computed once instead of once per map and metric. Every perturbed copy of every map
+    is then scored in passes of a device-sized batch (:func:`tasks.forward.batch_size`) on the
+    model's inference twin (BatchNorm folded, channels-last; :func:`tasks.forward.
+    inference_twin`), whose probabilities equal the model's to float32 rounding.
+
+    Args:
+        model: classifier returning logits; it is not modified.
+        images: (N, 3, H, W) normalised images (a single (3, H, W) image gains a batch axis).
+        class_idx: target class, one int for all images or one per image.
+        baseline: what a removed pixel becomes for deletion / insertion: ``"blur"`` (RISE's
+            Gaussian-blurred image) or ``"mean"`` (the per-image, per-channel mean colour).
+        blur_sigma: Gaussian sigma in pixels; default ``max(1, min(H, W) / 32)``.
+        batch_size: images per forward pass; 0 sizes it to the device.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        class_idx: ClassIndex,
+        *,
+        baseline: str = "blur",
+        blur_sigma: float | None = None,
+        batch_size: int = 0,
+    ) -> None:
+        self.x = _on_model_device(model, _as_images(images))
+        self.n, _, self.height, self.width = self.x.shape
+        self.classes = torch.tensor(_class_indices(class_idx, self.n), device=self.x.device)
+        self.model = inference_twin(model)
+        self.base = _baseline(self.x, baseline, blur_sigma)
+
+        def forward(batch: torch.Tensor) -> None:
+            self.model(batch.contiguous(memory_format=torch.channels_last))
+
+        key = ("forward", type(model).__name__, sum(p.numel() for p in model.parameters()))
+        self.batch = sized_batch(forward, self.x[:1], key, requested=batch_size) if self.n else 1
+        clean_and_base = self.probabilities(
+            torch.cat([self.x, self.base]), torch.cat([self.classes, self.classes])
+        )
+        self.clean, self.at_baseline = clean_and_base[: self.n], clean_and_base[self.n :]
+
+    def head(self, n: int) -> Perturbations:
+        """The same scorer restricted to the first ``n`` images (nothing is recomputed)."""
+        if n == self.n:
+            return self
+        part = copy.copy(self)
+        part.n = n
+        for name in ("x", "classes", "base", "clean", "at_baseline"):
+            setattr(part, name, getattr(self, name)[:n])
+        return part
+
+    def maps(self, heatmaps: Any) -> np.ndarray:
+        """(N, H, W) float32 maps at the image size (see ``_as_maps``)."""
+        return _as_maps(heatmaps, self.n, (self.height, self.width))
+
+    def probabilities(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Softmax probability of ``classes[i]`` on ``x[i]``, in device-sized passes (CPU)."""
+        out = torch.empty(len(x))
+
+        def keep(logits: torch.Tensor, rows: slice) -> None:
+            probs = torch.softmax(logits.float(), dim=1)
+            out[rows] = probs.gather(1, classes[rows, None].to(probs.device))[:, 0].cpu()
+
+        run_batched(self.model, x, self.batch, keep)
+        return out
+
+    def deletion_insertion(
+        self, heatmaps: Any, steps: int = 16, seed: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Deletion and insertion curves of one map per image (:func:`deletion_insertion`)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        n, height, width = self.n, self.height, self.width
+        maps = self.maps(heatmaps)
+        pixels = height * width
+        # Sort by heat, ties in a seeded random order: CAMs are often exactly 0 over much of
+        # the image, and a row-major tie-break would always remove the top rows first.
+        tie_break = np.random.default_rng(seed).random((n, pixels))
+        order = np.lexsort((tie_break, -maps.reshape(n, pixels)), axis=-1)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(pixels), (n, pixels)), axis=1)
+        rank_t = torch.from_numpy(rank).to(self.x.device)
+        fractions = np.linspace(0.0, 1.0, steps + 1)
+        counts = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(self.x.device)
+
+        # The first and last points are the clean image and the baseline, scored once for
+        # every map; row r of the inner (steps - 1) * N perturbed copies is step 1 + r // N of
+        # image r % N, and each pass builds its rows with one vectorised `where`.
+        curves = {
+            name: torch.empty(steps + 1, n, dtype=torch.float32)
+            for name in ("deletion", "insertion")
+        }
+        curves["deletion"][0], curves["deletion"][steps] = self.clean, self.at_baseline
+        curves["insertion"][0], curves["insertion"][steps] = self.at_baseline, self.clean
+        inner = (steps - 1) * n
+        with torch.no_grad():
+            for start in range(0, inner, self.batch):
+                rows = torch.arange(start, min(start + self.batch, inner), device=self.x.device)
+                step, image = 1 + rows // n, rows % n
+                chosen = (rank_t[image] < counts[step, None]).view(-1, 1, height, width)
+                both = torch.cat(
+                    [
+                        torch.where(chosen, self.base[image], self.x[image]),
+                        torch.where(chosen, self.x[image], self.base[image]),
+                    ]
+                )
+                probs = self.probabilities(both, torch.cat([self.classes[image]] * 2))
+                cells = (step.cpu(), image.cpu())
+                curves["deletion"][cells] = probs[: len(rows)]
+                curves["insertion"][cells] = probs[len(rows) :]
+        out = {name: c.T.numpy().astype(np.float64) for name, c in curves.items()}
+        return {
+            "deletion_auc": np.trapezoid(out["deletion"], fractions, axis=1),
+            "insertion_auc": np.trapezoid(out["insertion"], fractions, axis=1),
+            "deletion_curve": out["deletion"],
+            "insertion_curve": out["insertion"],
+            "fractions": fractions,
+        }
+
+    def road(
+        self,
+        heatmaps: Any,
+        percentiles: Sequence[float] = (20, 40, 60, 80),
+        variant: str = "combined",
+        seed: int = 0,
+    ) -> np.ndarray:
+        """ROAD scores of one map per image (:func:`road_scores`)."""
+        from pytorch_grad_cam.metrics.perturbation_confidence import (
+            RemoveLeastRelevantFirst,
+            RemoveMostRelevantFirst,
+        )
+
+        if variant not in ROAD_VARIANTS:
+            raise ValueError(f"variant must be one of {ROAD_VARIANTS}, got {variant!r}")
+        maps = self.maps(heatmaps)
+        # The library's order (ROADCombined: every LeRF percentile, then every MoRF one; image
+        # by image inside each), so the imputer's noise comes out of the RNG identically.
+        kinds = {"combined": ("lerf", "morf"), "lerf": ("lerf",), "morf": ("morf",)}[variant]
+        removers = {"lerf": RemoveLeastRelevantFirst, "morf": RemoveMostRelevantFirst}
+        imputer = FastNoisyLinearImputer()
+        images = self.x.cpu()
+        perturbed = []
+        with torch.random.fork_rng(devices=[]):  # the imputer runs on the CPU
+            torch.manual_seed(seed)
+            for kind in kinds:
+                for p in percentiles:
+                    remove = removers[kind](p, imputer)
+                    perturbed += [
+                        remove(images[i], torch.from_numpy(maps[i])) for i in range(self.n)
+                    ]
+        x = torch.stack(perturbed).to(self.x.device)
+        classes = self.classes.repeat(len(kinds) * len(percentiles))
+        after = self.probabilities(x, classes).numpy().astype(np.float32)
+        change = after.reshape(len(kinds), len(percentiles), self.n) - self.clean.numpy()
+        mean = np.mean(change, axis=1)  # per kind, over the percentiles (the averagers)
+        if variant == "combined":
+            return ((mean[0] - mean[1]) / 2).astype(np.float64)
+        return mean[0].astype(np.float64)
+
+    def average_drop(self, heatmaps: Any) -> dict[str, np.ndarray]:
+        """Average Drop and Increase in Confidence of one map per image."""
+        from pytorch_grad_cam.metrics.cam_mult_image import multiply_tensor_with_cam
+
+        maps = torch.from_numpy(self.maps(heatmaps)).to(self.x.device)
+        masked = multiply_tensor_with_cam(self.x, maps[:, None])
+        y = self.clean.numpy().astype(np.float64)
+        o = self.probabilities(masked, self.classes).numpy().astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drop = np.where(y > 0, np.maximum(0.0, y - o) / y, 0.0)
+        return {"average_drop": drop, "increase": o > y, "score": y, "masked_score": o}
+
+
+def _road_system(mask: np.ndarray, img: np.ndarray) -> tuple[csc_matrix, np.ndarray]:
+    """pytorch-grad-cam's ROAD equation system, with the matrix assembled in one go.
+
+    ``NoisyLinearImputer.setup_sparse_system`` fills a ``lil_matrix`` entry group by entry
+    group and converts it, which is most of ROAD's time; this builds the same entries (each
+    (row, column) once, the diagonal last) as one COO -> CSC matrix, so ``spsolve`` sees the
+    identical system. Arguments as the library's: ``mask`` (H, W), 1 where the pixel is kept;
+    ``img`` (C, H, W).
+    """
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+
+    maskflt = mask.flatten()
+    imgflat = img.reshape((img.shape[0], -1))
+    indices = np.argwhere(maskflt == 0).flatten()
+    coords_to_vidx = np.zeros(len(maskflt), dtype=int)
+    coords_to_vidx[indices] = np.arange(len(indices))
+    equations = len(indices)
+    b = np.zeros((equations, img.shape[0]))
+    sum_neighbors = np.ones(equations)
+    rows, cols, values = [], [], []
+    for offset, weight in neighbors_weights:
+        valid, new_coords = NoisyLinearImputer.add_offset_to_indices(indices, offset, mask.shape)
+        valid_coords = new_coords[valid]
+        valid_ids = np.argwhere(valid == 1).flatten()
+        known = maskflt[valid_coords] > 0.5
+        b[valid_ids[known], :] -= weight * imgflat[:, valid_coords[known]].T
+        unknown = maskflt[valid_coords] < 0.5
+        rows.append(valid_ids[unknown])
+        cols.append(coords_to_vidx[valid_coords[unknown]])
+        values.append(np.full(int(unknown.sum()), weight))
+        sum_neighbors[np.argwhere(valid == 0).flatten()] -= weight
+    diagonal = np.arange(equations)
+    matrix = coo_matrix(
+        (
+            np.concatenate([*values, -sum_neighbors]),
+            (np.concatenate([*rows, diagonal]), np.concatenate([*cols, diagonal])),
+        ),
+        shape=(equations, equations),
+    )
+    return matrix.tocsc(), b
+
+
+class FastNoisyLinearImputer:
+    """pytorch-grad-cam's ``NoisyLinearImputer`` with :func:`_road_system` building the system.
+
+    ``__call__`` is the library's line for line (the library names its own class for the
+    system setup, so a subclass overriding only that would not take effect): the same solve
+    and the same noise draws from torch's RNG, so ROAD scores equal the library's.
+    """
+
+    def __init__(self, noise: float = 0.01) -> None:
+        self.noise = noise
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        imgflt = img.reshape(img.shape[0], -1)
+        maskflt = mask.reshape(-1)
+        indices_linear = np.argwhere(maskflt == 0).flatten()
+        matrix, b = _road_system(mask.numpy(), img.numpy())
+        res = torch.tensor(spsolve(matrix, b), dtype=torch.float)
+        img_infill = imgflt.clone()
+        img_infill[:, indices_linear] = res.t() + self.noise * torch.randn_like(res.t())
+        return img_infill.reshape_as(img)
+
+
 def deletion_insertion(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -258,7 +491,7 @@ def deletion_insertion(
     steps: int = 16,
     baseline: str = "blur",
     blur_sigma: float | None = None,
-    batch_size: int = 64,
+    batch_size: int = 0,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Deletion and insertion curves and their AUCs (Petsiuk et al. 2018, RISE).
@@ -272,12 +505,13 @@ def deletion_insertion(
 
     Pixels are ranked per image by decreasing heat, ties in a random order drawn from
     ``seed``; step ``s`` of ``steps`` has ``round(s / steps * H * W)`` pixels removed (deletion)
-    or revealed (insertion), all channels at once. The (steps + 1) x N perturbed images are
-    built chunk by chunk with a vectorised ``where`` (no per-pixel Python loops) and scored in
-    ``2 * ceil((steps + 1) * N / batch_size)`` forward passes.
+    or revealed (insertion), all channels at once. The inner steps of both curves are built
+    chunk by chunk with a vectorised ``where`` (no per-pixel Python loops) and scored in
+    device-sized passes; the end points (the clean image and the baseline) are scored once.
+    To score many maps of the same images, use one :class:`Perturbations`.
 
     Args:
-        model: classifier returning logits; put in eval mode for the call and restored after.
+        model: classifier returning logits; it is not modified.
         images: (N, 3, H, W) normalised images.
         heatmaps: (N, H, W) maps; resized bilinearly when their size differs from the images.
         class_idx: target class, one int for all images or one per image.
@@ -286,7 +520,7 @@ def deletion_insertion(
             adding the sharp edges a constant fill would) or ``"mean"`` (per-image, per-channel
             mean colour).
         blur_sigma: Gaussian sigma in pixels; default ``max(1, min(H, W) / 32)``.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; 0 sizes it to the device.
         seed: seeds the order among pixels of equal heat.
 
     Returns:
@@ -297,49 +531,15 @@ def deletion_insertion(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    x = _on_model_device(model, _as_images(images))
-    n, _, height, width = x.shape
-    maps = _as_maps(heatmaps, n, (height, width))
-    classes = torch.tensor(_class_indices(class_idx, n))
-    base = _baseline(x, baseline, blur_sigma)
-
-    pixels = height * width
-    # Sort by heat, ties in a seeded random order: CAMs are often exactly 0 over much of the
-    # image, and a row-major tie-break would always remove the top rows first.
-    tie_break = np.random.default_rng(seed).random((n, pixels))
-    order = np.lexsort((tie_break, -maps.reshape(n, pixels)), axis=-1)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(pixels), (n, pixels)), axis=1)
-    rank_t = torch.from_numpy(rank).to(x.device)
-    fractions = np.linspace(0.0, 1.0, steps + 1)
-    counts = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(x.device)
-
-    # Row r of the (steps + 1) * N perturbed images is step r // N of image r % N; each chunk
-    # is built with one vectorised `where`, so memory stays at batch_size images.
-    total = (steps + 1) * n
-    probs = {"deletion": [], "insertion": []}
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, total, batch_size):
-            rows = torch.arange(start, min(start + batch_size, total), device=x.device)
-            step, image = rows // n, rows % n
-            chosen = (rank_t[image] < counts[step, None]).view(-1, 1, height, width)
-            target = classes[image.cpu()]
-            deleted = torch.where(chosen, base[image], x[image])
-            inserted = torch.where(chosen, x[image], base[image])
-            probs["deletion"].append(_target_probs(model, deleted, target, batch_size))
-            probs["insertion"].append(_target_probs(model, inserted, target, batch_size))
-    curves = {
-        name: torch.cat(chunks).view(steps + 1, n).T.numpy().astype(np.float64)
-        for name, chunks in probs.items()
-    }
-
-    return {
-        "deletion_auc": np.trapezoid(curves["deletion"], fractions, axis=1),
-        "insertion_auc": np.trapezoid(curves["insertion"], fractions, axis=1),
-        "deletion_curve": curves["deletion"],
-        "insertion_curve": curves["insertion"],
-        "fractions": fractions,
-    }
+    scorer = Perturbations(
+        model,
+        images,
+        class_idx,
+        baseline=baseline,
+        blur_sigma=blur_sigma,
+        batch_size=batch_size,
+    )
+    return scorer.deletion_insertion(heatmaps, steps, seed)
 
 
 def road_scores(
@@ -351,12 +551,12 @@ def road_scores(
     variant: str = "combined",
     seed: int = 0,
 ) -> np.ndarray:
-    """ROAD scores (Rong et al. 2022) from pytorch-grad-cam, with softmax-probability targets.
+    """ROAD scores (Rong et al. 2022) as pytorch-grad-cam computes them, batched.
 
     ROAD removes pixels by noisy linear imputation from their neighbours instead of a constant
     fill, so the score measures lost information rather than the model's reaction to an
     out-of-distribution grey patch. Each percentile ``p`` removes the pixels above (MoRF) or
-    below (LeRF) the p-th percentile of the map; the library averages over ``percentiles``.
+    below (LeRF) the p-th percentile of the map; the scores are averaged over ``percentiles``.
 
     Sign conventions (all differences of the target-class probability, after - before):
 
@@ -364,41 +564,21 @@ def road_scores(
     - ``"lerf"``: removing the least relevant pixels; closer to 0 = more faithful.
     - ``"combined"``: ``(lerf - morf) / 2``; HIGHER = more faithful (the library's score).
 
-    The imputer draws noise from torch's global RNG; it is run under a forked RNG seeded with
-    ``seed`` so scores are reproducible and the caller's RNG state is left alone. Maps with
-    many equal values (e.g. a large all-zero area) make the percentile cuts degenerate, as in
-    the library; CAMs and gradients rarely have exact ties outside their zero region.
+    The perturbations are the library's own (``RemoveMostRelevantFirst`` /
+    ``RemoveLeastRelevantFirst``, its imputation with a faster system setup, in the order of
+    its ``ROADCombined``); what changes is the scoring: the library runs one forward pass of
+    the clean images and one of the imputed ones per percentile and direction, here the clean
+    probabilities are computed once and every imputed copy goes through one batched stream
+    (:class:`Perturbations`). The imputer draws noise from torch's global RNG; it runs under a
+    forked RNG seeded with ``seed``, so scores are reproducible and the caller's RNG state is
+    left alone. Maps with many equal values (e.g. a large all-zero area) make the percentile
+    cuts degenerate, as in the library.
 
     Returns:
         (N,) float array of scores.
     """
-    # pytorch-grad-cam imports torchvision's model zoo and scikit-learn (seconds); only the two
-    # functions that use it pay for that, so the text engine and the map metrics stay light.
-    from pytorch_grad_cam.metrics.road import (
-        ROADCombined,
-        ROADLeastRelevantFirstAverage,
-        ROADMostRelevantFirstAverage,
-    )
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
-
-    x = _on_model_device(model, _as_images(images))
-    n, _, height, width = x.shape
-    maps = _as_maps(heatmaps, n, (height, width))
-    targets = [ClassifierOutputSoftmaxTarget(c) for c in _class_indices(class_idx, n)]
-    percentiles = list(percentiles)
-    metrics = {
-        "combined": ROADCombined,
-        "morf": ROADMostRelevantFirstAverage,
-        "lerf": ROADLeastRelevantFirstAverage,
-    }
-    if variant not in metrics:
-        raise ValueError(f"variant must be one of {ROAD_VARIANTS}, got {variant!r}")
-    metric = metrics[variant](percentiles=percentiles)
-    # The imputer runs on the CPU, so forking the CPU generator is enough.
-    with eval_mode(model), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        scores = metric(x, maps, targets, model)
-    return np.asarray(scores, dtype=np.float64).reshape(n)
+    scorer = Perturbations(model, images, class_idx)
+    return scorer.road(heatmaps, percentiles, variant, seed)
 
 
 def average_drop_increase(
@@ -409,11 +589,11 @@ def average_drop_increase(
 ) -> dict[str, np.ndarray]:
     """Average Drop and Increase in Confidence (Chattopadhyay et al. 2018, Grad-CAM++).
 
-    The image is multiplied by its map (pytorch-grad-cam's ``CamMultImageConfidenceChange``,
-    i.e. ``multiply_tensor_with_cam``), keeping only what the map highlights. Because images are
-    normalised, a zeroed pixel becomes the dataset's mean colour. ``Y`` is the target-class
-    softmax probability on the image and ``O`` on the masked image; a map that keeps the
-    evidence loses little confidence.
+    The image is multiplied by its map (pytorch-grad-cam's ``multiply_tensor_with_cam``, what
+    its ``CamMultImageConfidenceChange`` does), keeping only what the map highlights. Because
+    images are normalised, a zeroed pixel becomes the dataset's mean colour. ``Y`` is the
+    target-class softmax probability on the image and ``O`` on the masked image; a map that
+    keeps the evidence loses little confidence.
 
     Returns:
         ``average_drop``: (N,) per-image ``max(0, Y - O) / Y`` as a fraction (the paper reports
@@ -421,22 +601,7 @@ def average_drop_increase(
         reports the share of True; higher is better). ``score`` (N,) and ``masked_score`` (N,)
         carry Y and O.
     """
-    from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
-
-    x = _on_model_device(model, _as_images(images))
-    n, _, height, width = x.shape
-    maps = _as_maps(heatmaps, n, (height, width))
-    indices = _class_indices(class_idx, n)
-    targets = [ClassifierOutputSoftmaxTarget(c) for c in indices]
-    with eval_mode(model):
-        y = _target_probs(model, x, torch.tensor(indices), batch_size=max(1, n)).numpy()
-        o = CamMultImageConfidenceChange()(x, maps, targets, model, return_diff=False)
-    y = y.astype(np.float64)
-    o = np.asarray(o, dtype=np.float64).reshape(n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        drop = np.where(y > 0, np.maximum(0.0, y - o) / y, 0.0)
-    return {"average_drop": drop, "increase": o > y, "score": y, "masked_score": o}
+    return Perturbations(model, images, class_idx).average_drop(heatmaps)
 
 
 # --------------------------------------------------------------------------- agreement

@@ -23,7 +23,7 @@ def test_broken_dataset_stops_validate_naming_rows(tmp_path):
     write_params(tmp_path / "params.yaml", ["dataset.root=ds", "dataset.layout=folder"])
     run(["dermaflow", "ingest"], tmp_path)
     proc = run(["dermaflow", "validate"], tmp_path, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # EXIT_BAD_INPUT
     message = proc.stdout + proc.stderr
     assert "Traceback" not in message
     assert "image_readable" in message
@@ -33,7 +33,7 @@ def test_broken_dataset_stops_validate_naming_rows(tmp_path):
     report = json.loads((tmp_path / "data/reports/validation.json").read_text())
     assert report["passed"] is False
     blocked = run(["dermaflow", "split"], tmp_path, check=False)
-    assert blocked.returncode == 1 and "failed validation" in blocked.stdout + blocked.stderr
+    assert blocked.returncode == 2 and "failed validation" in blocked.stdout + blocked.stderr
 
 
 def test_unknown_param_is_a_clear_error(tmp_path):
@@ -41,7 +41,7 @@ def test_unknown_param_is_a_clear_error(tmp_path):
         (REPO / "params.yaml").read_text().replace("  count: 1500", "  cuont: 1500")
     )
     proc = run(["dermaflow", "synth"], tmp_path, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # EXIT_BAD_INPUT
     assert "unknown key(s) ['cuont']" in proc.stdout + proc.stderr
 
 
@@ -85,3 +85,66 @@ def test_preset_replaces_whole_values_instead_of_merging(tmp_path):
     assert p.compare.variants == {"a": ["model.arch=resnet18"]}
     assert p.synth.class_mix == {"NV": 0.6, "MEL": 0.4}
     assert p.train.epochs == 3 and p.train.batch_size == 64  # the rest of train is kept
+
+
+def test_ingest_and_validate_say_what_they_chose_and_what_they_left_out(tmp_path):
+    """Auto-detection names its layout and why; unlisted files and lost metadata are warned."""
+    from tests.datasets import make_isic, write_image
+
+    rows = [{"image": f"ISIC_{i}", "label": ["MEL", "NV"][i % 2]} for i in range(12)]
+    root = make_isic(tmp_path / "ds", rows)
+    (root / "ISIC_2019_Training_Metadata.csv").unlink()
+    write_image(root / "ISIC_2019_Training_Input" / "ISIC_orphan.jpg")
+    write_params(tmp_path / "params.yaml", ["dataset.root=ds", "ingest.workers=1"])
+    ingest = run(["dermaflow", "ingest"], tmp_path)
+    said = ingest.stdout + ingest.stderr
+    assert "layout isic2019 (ISIC_2019_Training_GroundTruth.csv found at the root)" in said
+    assert "1 image file(s) have no ground-truth row" in said
+    summary = json.loads((tmp_path / "metrics/ingest.json").read_text())
+    assert summary["unlisted_examples"] == ["ISIC_2019_Training_Input/ISIC_orphan.jpg"]
+    assert summary["lesion_grouping"] is False
+    validate = run(["dermaflow", "validate"], tmp_path)  # warnings by default: it passes
+    said = validate.stdout + validate.stderr
+    assert "[warning] metadata_present:" in said and "lesion grouping is off" in said
+    assert "[warning] image_unlisted: 1 image file(s)" in said and "Traceback" not in said
+    strict = run(
+        ["dermaflow", "validate", "--set", "validate.severity.metadata_present=error"],
+        tmp_path,
+        check=False,
+    )
+    assert strict.returncode == 2 and "[error] metadata_present" in strict.stdout + strict.stderr
+
+
+def test_predict_gives_every_file_one_row_and_counts_the_skipped(tmp_path):
+    """The same rule for a folder and for files named one by one (tasks.predict.scan_inputs)."""
+    import pandas as pd
+
+    from tasks.export import export_onnx
+    from tasks.models import build_model
+    from tasks.train import MEAN, STD
+    from tests.datasets import write_image
+
+    meta = {
+        "arch": "custom_cnn", "classes": ["a", "b"], "input_size": 32,
+        "normalization": {"mean": list(MEAN), "std": list(STD)},
+    }  # fmt: skip
+    export_onnx(build_model("custom_cnn", 2).eval(), meta, tmp_path / "m.onnx", 17, 1.0, "r")
+    d = tmp_path / "in"
+    write_image(d / "a.jpg")
+    (d / "notes.txt").write_text("x")
+    write_image(d / "a_segmentation.png")
+    (d / ".DS_Store").write_bytes(b"\0")
+    (d / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    folder = run(["dermaflow", "predict", "in", "-m", "m.onnx", "-o", "f.csv"], tmp_path)
+    named = run(
+        ["dermaflow", "predict", "in/a.jpg", "in/notes.txt", "in/gone.jpg", "in/a_segmentation.png",
+         "-m", "m.onnx", "-o", "n.csv"], tmp_path,
+    )  # fmt: skip
+    a, b = pd.read_csv(tmp_path / "f.csv"), pd.read_csv(tmp_path / "n.csv")
+    assert sorted(a["image"]) == ["in/a.jpg", "in/gone.jpg", "in/notes.txt"]
+    assert sorted(b["image"]) == sorted(a["image"])  # named or found: the same rows
+    assert a.set_index("image")["error"].notna().to_dict() == {
+        "in/a.jpg": False, "in/gone.jpg": True, "in/notes.txt": True,
+    }  # fmt: skip
+    assert "1 mask(s) and 1 hidden file(s) skipped" in folder.stdout + folder.stderr
+    assert "1 mask(s) skipped" in named.stdout + named.stderr

@@ -19,9 +19,6 @@ from tasks.compare import (
     ablation_table,
     agreement_across,
     agreement_within,
-    compute_maps,
-    explain_views,
-    method_plan,
     pick_images,
     resolve_variants,
     variant_params,
@@ -143,23 +140,30 @@ def test_picked_images_are_stratified_and_fixed():
 
 @pytest.mark.parametrize("arch", ["custom_cnn", "resnet18"])
 def test_fusion_models_are_explained_one_image_at_a_time(arch):
-    """Grad-CAM, IG and DeepLIFT on a fusion model, each image with its own metadata."""
-    from tasks.fusion import EMBED, FusionNet
+    """Grad-CAM, IG and DeepLIFT on a fusion model through the engine: each image with its own
+    metadata, the same maps as the image-only view of that case."""
+    from tasks import engine
+    from tasks.cams import explain_batch
+    from tasks.fusion import EMBED, FusionNet, ImageOnly
     from tasks.models import build_model
 
     torch.manual_seed(0)
     model = FusionNet(build_model(arch, EMBED), 5, 3).eval()
     x, meta = torch.randn(2, 3, 32, 32), np.random.default_rng(0).random((2, 5))
-    views = explain_views(model, 2, meta)
-    assert len(views) == 2
-    with torch.no_grad():
-        expected = model(x[1:], torch.as_tensor(meta[1:], dtype=torch.float32))
-        assert torch.allclose(views[1][1](x[1:]), expected)
-    plan = method_plan(["gradcam", "cam", "ig", "deeplift"], "middle", arch, fusion=True)
+    plan = engine.plan(["gradcam", "cam", "ig", "deeplift"], ["middle"], arch, fusion=True)
     assert [m for m, _ in plan] == ["gradcam", "ig", "deeplift"]  # exact CAM is not exact here
-    maps = compute_maps(model, arch, x, np.array([0, 2]), plan, meta, ig_steps=4)
-    for heat in maps.values():
+    opts = engine.Options(ig_steps=4)
+    result = engine.explain(
+        model, arch, x, [0, 2], plan, options=opts, scores=["deletion_insertion"], metadata=meta
+    )
+    for heat in result.maps.values():
         assert heat.shape == (2, 32, 32) and heat.min() >= 0.0 and heat.max() <= 1.0
+    second = explain_batch(ImageOnly(model, meta[1]), arch, "gradcam", x[1:], [2], "middle")
+    np.testing.assert_array_equal(result.maps[("gradcam", "middle")][1:], second)
+    assert len(result.table) == 2 * len(plan)
+    assert result.table["deletion_auc"].between(0, 1).all()
+    with pytest.raises(ValueError, match="one metadata row per explained image"):
+        engine.explain(model, arch, x, [0, 2], plan, options=opts)
 
 
 def test_cli_refuses_an_unknown_model_before_anything_runs(tmp_path):
@@ -167,7 +171,7 @@ def test_cli_refuses_an_unknown_model_before_anything_runs(tmp_path):
 
     params = write_params(tmp_path / "params.yaml", TINY)
     result = CliRunner().invoke(app, ["compare", "--models", "resnet19", "--params", str(params)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # EXIT_BAD_INPUT
     assert "dermaflow compare failed" in result.output and "custom_cnn_metadata" in result.output
     assert not (tmp_path / "mlruns").exists()
 
@@ -216,6 +220,12 @@ def test_compare_three_models_then_load_bundles(tmp_path):
         assert "compare/reliability.png" in {
             a.path for a in client.list_artifacts(child.info.run_id, "compare")
         }
+        # Like a pipeline run: the raw model in the bundle, its fitted calibrator beside it.
+        calibrator = client.download_artifacts(
+            child.info.run_id, "calibrate/calibrator.json", str(tmp_path / child.info.run_id)
+        )
+        fitted = json.loads(Path(calibrator).read_text())
+        assert fitted["temperature"] == pytest.approx(child.data.metrics["temperature"])
     reported = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
     for name in (
         "comparison.csv",

@@ -180,3 +180,31 @@ def test_a_learned_marker_shows_as_attention_outside_the_lesion(tmp_path):
     before = clean["summary"]["inside_share_by_class"]["MEL"]
     after = marked["summary"]["inside_share_by_class"]["MEL"]
     assert after < 0.75 * before, (before, after)
+
+
+def test_one_gallery_template_escapes_and_marks_missing_maps(tmp_path):
+    """The gallery writer the explain stage and explain-batch share (tasks/gallery.py)."""
+    from tasks.gallery import write_gallery
+
+    table = pd.DataFrame(
+        {
+            "image_id": ["a", "a", "b"],
+            "method": ["gradcam", "ig", "gradcam"],
+            "layer": ["deep", "input", "deep"],
+            "text": ["Predicted <b>melanoma</b>.", "IG text", "second"],
+        }
+    )
+    path = tmp_path / "gallery.html"
+    write_gallery(
+        path,
+        table,
+        "deep",
+        heading="Heading & more",
+        caption=lambda first: [f"id {first['image_id']}"],
+        errors=["broken.jpg: <not an image>"],
+    )
+    page = path.read_text()
+    assert page.count("<tr") == 3  # header + two images
+    assert "&lt;b&gt;melanoma&lt;/b&gt;" in page and "<b>melanoma" not in page
+    assert 'src="overlays/a__ig__input.png"' in page and "<td>-</td>" in page  # b has no IG
+    assert "Heading &amp; more" in page and "broken.jpg: &lt;not an image&gt;" in page

@@ -216,11 +216,11 @@ def test_cli_exits_non_zero_naming_the_problem(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     empty = tmp_path / "nothing_here"
     empty.mkdir()
-    (empty / "notes.txt").write_text("no images")
+    (empty / ".DS_Store").write_bytes(b"\0")  # hidden: skipped (any other file gets a row)
     result = CliRunner().invoke(app, ["explain-batch", str(empty)])
-    assert result.exit_code == 1 and str(empty) in result.output.replace("\n", "")
+    assert result.exit_code == 2 and str(empty) in result.output.replace("\n", "")
 
     write_image(empty / "x.jpg")
     missing = tmp_path / "no_model.pt"
     result = CliRunner().invoke(app, ["explain-batch", str(empty), "--model", str(missing)])
-    assert result.exit_code == 1 and str(missing) in result.output.replace("\n", "")
+    assert result.exit_code == 2 and str(missing) in result.output.replace("\n", "")

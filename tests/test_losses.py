@@ -95,7 +95,8 @@ def test_focal_with_gamma_zero_is_cross_entropy(smoothing: float, weighted: bool
     assert focal.item() == pytest.approx(ce.item(), rel=1e-6)
     (grad_focal,) = torch.autograd.grad(focal, logits)
     (grad_ce,) = torch.autograd.grad(ce, logits)
-    assert torch.allclose(grad_focal, grad_ce, atol=1e-7)
+    # Gradients of O(1/N) computed through two op sequences: a few float32 ulps apart.
+    torch.testing.assert_close(grad_focal, grad_ce, rtol=1e-5, atol=1e-6)
 
 
 def test_focal_downweights_easy_examples() -> None:

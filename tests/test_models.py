@@ -226,7 +226,9 @@ def test_imagenet_offline_fails_fast_naming_both_remedies(
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as error:
         build_model("resnet18", 3, pretrained="imagenet")
-    assert time.monotonic() - start < 5
+    # No network wait: it fails at once. 30 s is far above the ~1 s it takes on a busy
+    # 2-core CI box and far below a socket timeout, so load cannot flip it.
+    assert time.monotonic() - start < 30
     message = str(error.value)
     assert "model.weights_path" in message
     assert str(cache_file) in message

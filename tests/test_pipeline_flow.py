@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
-import torch
+import yaml
 
 from tasks import tracking
-from tasks.config import GateConfig
-from tasks.gate import decide
-from tests.helpers import TINY, make_project, run
-
-GATE = GateConfig(
-    metric="test_balanced_accuracy", min_gain=0.0, max_ece_increase=0.02, champion_alias="champion"
+from tasks.gate import Score, Significance, decide
+from tests.helpers import REPO, TINY, make_project, run
+from tests.test_gate import (
+    CLASSES,
+    GATE,
+    MODEL,
+    open_test_split,
+    prepared_project,
+    register,
+    run_bundle,
+    tiny_cnn,
+    write_candidate,
 )
+
+DVC_YAML = (REPO / "dvc.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -26,64 +36,74 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="module")
+def gate_data(tmp_path_factory):
+    return prepared_project(tmp_path_factory.mktemp("gate-data"))
+
+
+def _score(balanced_accuracy: float, ece: float) -> Score:
+    return Score(balanced_accuracy, ece, np.zeros(1, dtype=np.int64))
+
+
+def _significance(gain: float, p_value: float) -> Significance:
+    return Significance(gain, gain - 0.05, gain + 0.05, p_value, 0.95, 1000)
+
+
 @pytest.mark.parametrize(
-    ("candidate", "champion", "promote", "why"),
+    ("candidate", "champion", "significance", "promote", "why"),
     [
-        ({"test_balanced_accuracy": 0.7}, None, True, "first model"),
-        (
-            {"test_balanced_accuracy": 0.8, "test_ece_after": 0.05},
-            {"test_balanced_accuracy": 0.7, "test_ece_after": 0.05},
-            True,
-            "ECE within bound",
-        ),
-        ({"test_balanced_accuracy": 0.6}, {"test_balanced_accuracy": 0.7}, False, "-0.1000"),
-        (
-            {"test_balanced_accuracy": 0.9, "test_ece_after": 0.20},
-            {"test_balanced_accuracy": 0.7, "test_ece_after": 0.05},
-            False,
-            "ECE 0.2000",
-        ),
-        ({}, None, False, "no test_balanced_accuracy"),
+        (_score(0.7, 0.05), None, None, True, "first model"),
+        (_score(0.8, 0.05), _score(0.7, 0.06), _significance(0.1, 0.001), True, "within bound"),
+        (_score(0.72, 0.05), _score(0.7, 0.05), _significance(0.02, 0.2), False, "p = 0.2"),
+        (_score(0.72, 0.05), _score(0.7, 0.05), _significance(0.02, 0.05), False, "p >= 0.05"),
+        (_score(0.6, 0.05), _score(0.7, 0.05), _significance(-0.1, 1.0), False, "-0.1000"),
+        (_score(0.9, 0.20), _score(0.7, 0.05), _significance(0.2, 0.001), False, "ECE 0.2000"),
     ],
 )
-def test_gate_rule(candidate, champion, promote, why):
-    decision = decide(candidate, champion, GATE)
+def test_gate_rule(candidate, champion, significance, promote, why):
+    decision = decide(candidate, champion, significance, GATE)
     assert decision.promote is promote and why in decision.reason
 
 
-def _register(repo, bacc: float, ece: float) -> str:
-    """A real lineage run with a registered (tiny) model version and its test metrics."""
-    with tracking.lineage_run("gate", "gate-run", {}, repo):
-        tracking.log_metrics({"test_balanced_accuracy": bacc, "test_ece_after": ece})
-        example = torch.zeros(1, 4).numpy()
-        _, version = tracking.log_pytorch_model(torch.nn.Linear(4, 2), example, "gate-model")
-    tracking.update_run_file(repo, model_version=version, registered_model="gate-model")
-    return version
-
-
-def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tmp_path, prefect_harness):
+def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tmp_path, gate_data):
+    """Each candidate's test logits are its own model's, as the train stage writes them."""
     from flows.pipeline import promotion_gate
 
-    v1 = _register(tmp_path, 0.70, 0.05)
-    first = promotion_gate.fn(str(tmp_path), GATE, "flow-1")
-    assert first["promote"] and tracking.alias_version("gate-model", "champion") == v1
-    v2 = _register(tmp_path, 0.80, 0.05)
-    assert promotion_gate.fn(str(tmp_path), GATE, "flow-2")["promote"]
-    assert tracking.alias_version("gate-model", "champion") == v2
-    _register(tmp_path, 0.60, 0.04)
-    worse = promotion_gate.fn(str(tmp_path), GATE, "flow-3")
-    assert not worse["promote"] and "0.6000 vs 0.8000" in worse["reason"]
-    assert tracking.alias_version("gate-model", "champion") == v2
+    repo = shutil.copytree(gate_data, tmp_path / "repo")
+    split = open_test_split(repo)
+
+    def candidate(seed: int) -> str:
+        version, bundle = register(repo, tiny_cnn(CLASSES, seed))
+        write_candidate(repo, run_bundle(bundle, split))
+        return version
+
+    v1 = candidate(2)  # one class for every image
+    first = promotion_gate.fn(str(repo), GATE, "flow-1")
+    assert first["promote"] and "first model" in first["reason"]
+    assert tracking.alias_version(MODEL, "champion") == v1
+    v2 = candidate(0)  # tells the classes apart better
+    better = promotion_gate.fn(str(repo), GATE, "flow-2")
+    assert better["promote"] and better["champion_version"] == v1 and better["p_value"] < 0.05
+    assert tracking.alias_version(MODEL, "champion") == v2
+    candidate(1)
+    worse = promotion_gate.fn(str(repo), GATE, "flow-3")
+    assert not worse["promote"] and worse["gain"] < 0 and "not significant" in worse["reason"]
+    assert tracking.alias_version(MODEL, "champion") == v2
     # The decision and the flow run id are on the candidate's MLflow run.
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient().get_run(worse["run_id"]).data.tags
     assert tags["promotion"] == "refused" and tags["prefect_flow_run_id"] == "flow-3"
 
+    tracking.update_run_file(repo, model_version=v2)
+    write_candidate(repo, run_bundle(repo / "registered/1/model.pt", split))
+    again = promotion_gate.fn(str(repo), GATE, "flow-4")
+    assert not again["promote"] and "already champion" in again["reason"]
+
 
 @pytest.mark.slow
 def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
-    from flows.pipeline import STAGES, pipeline
+    from flows.pipeline import pipeline
 
     overrides = TINY + [
         "explain.methods=[gradcam, ig]",
@@ -95,7 +115,8 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     ]
     project = make_project(tmp_path / "proj", overrides)
     first = pipeline(repo=str(project))
-    assert [s["stage"] for s in first["stages"]] == list(STAGES)
+    # The flow runs what dvc.yaml defines, in the order of its deps.
+    assert [s["stage"] for s in first["stages"]] == list(yaml.safe_load(DVC_YAML)["stages"])
     assert all(s["ran"] for s in first["stages"])
     assert first["gate"]["promote"] and "first model" in first["gate"]["reason"]
 
@@ -137,13 +158,21 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     assert {"train", "calibrate", "explain", "data"} <= {
         a.path for a in client.list_artifacts(info["run_id"])
     }
+    # One registered name per task: dataset + label set (tracking.registered_model: null).
+    name = info["registered_model"]
+    assert name.startswith("dermaflow-synthetic-3cls-")
     registration = json.loads((project / "models/onnx.json").read_text())
-    onnx = client.get_model_version_by_alias("dermaflow-classifier-onnx", "champion")
+    assert registration["registered_model"] == f"{name}-onnx"
+    onnx = client.get_model_version_by_alias(f"{name}-onnx", "champion")
     assert str(onnx.version) == registration["version"]
-    assert (
-        client.get_model_version_by_alias("dermaflow-classifier", "candidate").run_id
-        == (info["run_id"])
-    )
+    import mlflow.models
+
+    onnx_info = mlflow.models.get_model_info(f"models:/{name}-onnx/{onnx.version}")
+    assert onnx_info.signature is not None and onnx_info.saved_input_example_info is not None
+    assert {"logits", "probabilities"} <= set(onnx_info.signature.outputs.input_names())
+    assert json.loads(onnx_info.metadata["classes"]) == ["MEL", "NV", "BCC"]
+    assert onnx_info.metadata["probabilities_output"] == "probabilities"
+    assert client.get_model_version_by_alias(name, "candidate").run_id == info["run_id"]
 
     # Batch prediction through the registry alias, over a folder with one corrupt file.
     images = project / "new"
@@ -151,7 +180,7 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     for src in sorted((project / "data/raw/synthetic/ISIC_2019_Training_Input").glob("*.jpg"))[:3]:
         (images / src.name).write_bytes(src.read_bytes())
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    model = "models:/dermaflow-classifier-onnx@champion"
+    model = f"models:/{name}-onnx@champion"
     run(["dermaflow", "predict", str(images), "--model", model, "-o", "pred.csv"], project)
     pred = pd.read_csv(project / "pred.csv")
     assert len(pred) == 4 and pred["error"].notna().sum() == 1
@@ -159,3 +188,11 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     good = pred[pred["error"].isna()]
     probs = good[[c for c in good.columns if c.startswith("p_")]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-5).all()
+
+
+def test_run_link_points_at_the_tracking_server(monkeypatch):
+    """The Prefect artifact links to the team's MLflow server when there is one."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.lab.example:8443/")
+    assert tracking.ui_url("3", "abc") == "https://mlflow.lab.example:8443/#/experiments/3/runs/abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
+    assert tracking.ui_url("3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"

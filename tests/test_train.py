@@ -95,8 +95,23 @@ def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
             "train.class_weights=inverse",
         ],
     )
-    for stage in ("ingest", "validate", "split", "prepare", "train"):
+    for stage in ("ingest", "validate", "split", "prepare"):
         run(["dermaflow", stage], tmp_path)
+    # Training reports live: each epoch's line reaches the terminal, and train.log, while the
+    # stage still runs (epoch 2 and the MLflow logging are still ahead).
+    proc = subprocess.Popen(
+        ["dermaflow", "train"], cwd=tmp_path, env=env(), stderr=subprocess.PIPE, text=True
+    )
+    seen: list[str] = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "train: epoch 1/2" in line:
+            assert proc.poll() is None, "the epoch line arrived only after the stage ended"
+            assert "epoch=1 " in (tmp_path / "reports/train/train.log").read_text()
+            break
+    rest = proc.communicate()[1]
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "ETA" in "".join(seen)
 
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -110,6 +125,15 @@ def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
     assert r.data.params["dataset.root"] == str(mednode)
     for tag in ("git_commit", "data_version", "dataset", "device", "torch_version"):
         assert r.data.tags[tag]
+    # The run page shows its data: each split as an MLflow dataset with its context.
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in r.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"train", "validation", "test"}
+    assert inputs["test"].source and r.data.tags["data_version"] in inputs["test"].digest
+    split_sizes = json.loads((tmp_path / "metrics/split.json").read_text())["images"]
+    assert json.loads(inputs["train"].profile)["num_rows"] == split_sizes["train"]
     history = client.get_metric_history(r.info.run_id, "val_balanced_accuracy")
     assert [m.step for m in history] == [1, 2]
     for key in (
@@ -139,14 +163,38 @@ def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
     assert "data/split/split.json" in listed("data/split")
     assert "bundle/model.pt" in listed("bundle")
 
-    version = client.get_model_version("dermaflow-classifier", info["model_version"])
+    name = info["registered_model"]  # one name per task: MED-NODE's two folder classes
+    assert name.startswith("dermaflow-") and "-2cls-" in name
+    version = client.get_model_version(name, info["model_version"])
+    assert json.loads(version.tags["classes"]) == ["melanoma", "naevus"]
+    assert version.tags["dataset"] == "mednode" and version.tags["data_version"]
+    assert "custom_cnn trained on mednode" in version.description
     assert version.run_id == r.info.run_id
     mlflow.set_tracking_uri(info["tracking_uri"])
-    model = mlflow.pytorch.load_model(f"models:/dermaflow-classifier/{info['model_version']}")
+    model = mlflow.pytorch.load_model(f"models:/{name}/{info['model_version']}")
     import torch
 
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
     assert hasattr(model, "register_forward_hook")  # hookable for the CAM stage
+    # A fresh process that never imported dermaflow loads the registered model by name: the
+    # classes it pickles come with it (code_paths), not from this checkout.
+    script = textwrap.dedent(f"""
+        import sys
+        import mlflow.pytorch, torch
+        assert "tasks" not in sys.modules
+        m = mlflow.pytorch.load_model("models:/{name}/{info["model_version"]}")
+        print(m(torch.zeros(1, 3, 32, 32)).shape[1], sys.modules["tasks"].__file__)
+    """)
+    fresh = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path / "data",  # no tasks/ here, and the repo is not on sys.path
+        env={**env(), "MLFLOW_TRACKING_URI": info["tracking_uri"]},
+        capture_output=True,
+        text=True,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    classes_out, tasks_file = fresh.stdout.split()
+    assert classes_out == "2" and str(REPO) not in tasks_file
     preds = np.load(tmp_path / "data/predictions/test.npz")
     assert preds["logits"].shape[1] == 2 and len(preds["labels"]) == len(preds["image_ids"])
 

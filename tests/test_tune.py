@@ -10,12 +10,12 @@ import optuna
 import pandas as pd
 import pytest
 
+from flows.tune import run_tune
 from tasks.config import ConfigError, Params, apply_preset, load_params
 from tasks.tune import (
     check_space,
     parse_space,
     preset_text,
-    run_tune,
     suggest,
     to_override,
     trial_overrides,
@@ -193,6 +193,7 @@ def test_tune_parent_and_child_runs_report_and_preset(tmp_path):
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "tune")}
     assert {
         "tune/optimization_history.png",
+        "tune/intermediate_values.png",
         "tune/param_importances.png",
         "tune/trials.csv",
     } <= artifacts

@@ -319,3 +319,164 @@ def test_dotdot_path_escapes_root(folder, cfg):
     assert not result.success
     assert [o["row"] for o in result.offenders] == [5]
     assert "/etc/passwd" in result.offenders[0]["value"]
+
+
+# --------------------------------------------------------------------------------------------
+# New rules: values never changed without a word, masks that fit, degenerate sets, set facts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, cfg) -> Built:
+    """ISIC set with one defect per new rule: text age, bad masks, unlisted image, no metadata."""
+    from tests.datasets import write_mask
+
+    root = tmp_path_factory.mktemp("planted")
+    rows = [{"image": f"ISIC_{i}", "label": ["MEL", "NV", "BCC"][i % 3]} for i in range(12)]
+    rows[1]["age"] = "abc"
+    for i in (2, 3, 4, 5):
+        rows[i]["mask"] = True
+    make_isic(root, rows)
+    masks = root / ISIC_MASKS
+    write_mask(masks / "ISIC_3_segmentation.png", (64, 32))  # aspect 2 vs 1: misaligned
+    write_mask(masks / "ISIC_4_segmentation.png", (96, 96))  # twice the size: same aspect, fine
+    Image.new("L", (48, 48), 0).save(masks / "ISIC_5_segmentation.png")  # marks nothing
+    write_image(root / ISIC_INPUT / "ISIC_orphan.jpg")  # no ground-truth row
+    meta = root / "ISIC_2019_Training_Metadata.csv"
+    text = meta.read_text()
+    manifest_with_meta = _ingest(root)
+    meta.unlink()
+    manifest = _ingest(root)
+    meta.write_text(text)
+    built = Built(root, manifest_with_meta, validate_manifest(manifest_with_meta, root, cfg))
+    built.no_meta = validate_manifest(manifest, root, cfg)  # type: ignore[attr-defined]
+    return built
+
+
+def test_text_age_is_reported_with_row_and_csv_line(planted):
+    result = planted.report.result("age_numeric")
+    assert not result.success and result.severity == "error"
+    (o,) = result.offenders
+    assert o["row"] == 1 and o["csv"] == "ISIC_2019_Training_Metadata.csv line 3"
+    assert o["value"] == "age 'abc' is not a number"
+    assert (
+        "row 1 (image_id=ISIC_1, path=ISIC_2019_Training_Input/ISIC_1.jpg, "
+        "ISIC_2019_Training_Metadata.csv line 3): age 'abc' is not a number" in result.message
+    )
+
+
+def test_misaligned_and_empty_masks_fail_their_rules(planted):
+    size = planted.report.result("mask_size")
+    assert [o["image_id"] for o in size.offenders] == ["ISIC_3"]
+    assert "mask 64x32 px vs image 48x48 px: aspect 2.000 vs 1.000" in size.offenders[0]["value"]
+    assert size.offenders[0]["csv"] == "ISIC_2019_Training_GroundTruth.csv line 5"
+    empty_mask = planted.report.result("mask_nonempty")
+    assert [o["image_id"] for o in empty_mask.offenders] == ["ISIC_5"]
+    assert "marks no lesion pixel" in empty_mask.offenders[0]["value"]
+    assert {r.rule for r in planted.report.errors()} == {
+        "age_numeric",
+        "mask_size",
+        "mask_nonempty",
+    }
+
+
+def test_unlisted_images_and_missing_metadata_are_warnings_naming_them(planted):
+    unlisted = planted.report.result("image_unlisted")
+    assert (unlisted.severity, unlisted.success, unlisted.unexpected_count) == ("warning", False, 1)
+    assert unlisted.offenders[0]["path"] == "ISIC_2019_Training_Input/ISIC_orphan.jpg"
+    assert "left out of the manifest" in unlisted.message
+    assert planted.report.result("metadata_present").success
+    meta = planted.no_meta.result("metadata_present")
+    assert (meta.severity, meta.success) == ("warning", False)
+    assert "ISIC_2019_Training_Metadata.csv is missing: lesion grouping is off" in meta.message
+    md = planted.no_meta.to_markdown()
+    assert "## [warning] metadata_present" in md and "## [warning] image_unlisted" in md
+    assert "Layout: **isic2019** (ISIC_2019_Training_GroundTruth.csv found at the root)." in md
+
+
+def test_set_rules_follow_their_severity(planted, cfg):
+    strict = dataclasses.replace(
+        cfg, severity={**cfg.severity, "image_unlisted": "error", "metadata_present": "error"}
+    )
+    manifest = _ingest(planted.root)
+    report = validate_manifest(manifest, planted.root, strict, facts={
+        **manifest.attrs["ingest"], "metadata": {"file": "m.csv", "present": False,
+                                                  "lesion_ids": False, "note": "m.csv is missing"}
+    })  # fmt: skip
+    assert {"image_unlisted", "metadata_present"} <= {r.rule for r in report.errors()}
+    off = dataclasses.replace(cfg, severity={**cfg.severity, "image_unlisted": "off"})
+    assert "image_unlisted" in validate_manifest(manifest, planted.root, off).skipped
+
+
+def test_markdown_and_json_carry_the_csv_line(planted, tmp_path):
+    write_reports(planted.report, tmp_path / "v.json", tmp_path / "v.md")
+    md = (tmp_path / "v.md").read_text()
+    assert "| row | csv line | image_id | path | value |" in md
+    assert "| 1 | ISIC_2019_Training_Metadata.csv line 3 | ISIC_1 |" in md
+    data = json.loads((tmp_path / "v.json").read_text())
+    age = next(r for r in data["rules"] if r["rule"] == "age_numeric")
+    assert age["offenders"][0]["csv"] == "ISIC_2019_Training_Metadata.csv line 3"
+    assert data["layout"] == "isic2019"
+
+
+def test_mask_aspect_tolerance_is_a_param(tmp_path, cfg):
+    from tests.datasets import write_mask
+
+    root = make_isic(tmp_path / "s", [{"image": "ISIC_0", "label": "NV", "mask": True}])
+    write_mask(root / ISIC_MASKS / "ISIC_0_segmentation.png", (50, 48))  # 4 % wider
+    manifest = _ingest(root)
+    loose = dataclasses.replace(cfg, mask_aspect_tolerance=0.05)
+    tight = dataclasses.replace(cfg, mask_aspect_tolerance=0.01)
+    assert validate_manifest(manifest, root, loose).result("mask_size").success
+    assert not validate_manifest(manifest, root, tight).result("mask_size").success
+
+
+@pytest.mark.parametrize("kind", ["header_only", "one_class", "mapped_to_one"])
+def test_degenerate_sets_stop_at_validate(tmp_path, cfg, kind):
+    """Header-only CSVs crashed split (ZeroDivisionError), one class crashed train."""
+    classes = None
+    if kind == "header_only":
+        root = make_isic(tmp_path / "s", [{"image": "ISIC_0", "label": "NV"}])
+        (root / "ISIC_2019_Training_GroundTruth.csv").write_text("image,MEL,NV\n")
+        expected = {"min_images", "min_classes"}
+    elif kind == "one_class":
+        root = tmp_path / "s"
+        make_folder(root, {"naevus": 12})
+        expected = {"min_classes"}
+    else:
+        root = make_isic(tmp_path / "s", [{"image": f"I{i}", "label": "NV"} for i in range(12)])
+        classes = ["benign"]
+        expected = {"min_classes"}
+    manifest = (
+        _ingest(root)
+        if kind != "mapped_to_one"
+        else build_manifest(root, progress=False, label_map={"NV": "benign"})
+    )
+    report = validate_manifest(manifest, root, cfg, classes)
+    assert {r.rule for r in report.errors()} == expected
+    text = report.message()
+    assert (
+        "min_classes: " in text and "a classifier needs at least 2 (validate.min_classes)" in text
+    )
+    if kind == "header_only":
+        assert "min_images: 0 image(s) in the manifest; at least 10" in text
+        assert report.n_rows == 0
+
+
+def test_too_large_image_names_the_limit_param(tmp_path, cfg):
+    root = tmp_path / "s"
+    make_folder(root, {"a": 3, "b": 3})
+    manifest = build_manifest(root, progress=False, max_pixels=2000)  # 48 x 48 = 2304 > 2000
+    report = validate_manifest(manifest, root, dataclasses.replace(cfg, max_pixels=2000))
+    value = report.result("image_readable").offenders[0]["value"]
+    assert value == (
+        "larger than the decompression-bomb limit (48x48 = 2304 pixels > 2000; validate.max_pixels)"
+    )
+
+
+def test_an_old_manifest_is_a_clear_error(folder, cfg):
+    from tasks.validate import ManifestError
+
+    old = folder.manifest.drop(columns=["age_text", "mask_foreground"])
+    with pytest.raises(ManifestError, match=r"lacks column\(s\) \['age_text', 'mask_foreground'\]"):
+        validate_manifest(old, folder.root, cfg)

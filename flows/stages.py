@@ -1,0 +1,104 @@
+"""DVC as the flows see it: the stage list from dvc.yaml and one way to reproduce a stage.
+
+Every flow (pipeline, compare, tune, recipe) and the pipeline benchmark run stages through
+:func:`reproduce`, which calls DVC's own ``Repo.reproduce`` in-process instead of parsing what
+``dvc repro`` prints:
+
+- which stages ran is DVC's return value (an unchanged stage is not in it);
+- why a stage failed is its command's exit status, carried on DVC's ``StageCmdFailedError``:
+  :data:`tasks.stage.EXIT_BAD_INPUT` means bad data or config (never worth a retry), anything
+  else a crash.
+
+The stage commands' own output goes straight to this process's stdout and stderr, so a long
+training shows its epochs live.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from tasks.stage import EXIT_BAD_INPUT
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; ``bad_input`` when it rejected its data or config."""
+
+    def __init__(self, stage: str, output: str, status: int | None) -> None:
+        super().__init__(f"stage {stage} failed: {output}")
+        self.stage, self.output, self.status = stage, output, status
+        self.bad_input = status == EXIT_BAD_INPUT
+
+
+def _venv_first_on_path() -> None:
+    """Stage commands are ``python -m tasks.<stage>``: make ``python`` this interpreter."""
+    bin_dir = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
+
+
+def pipeline_stages(repo: str | Path = ".") -> list[str]:
+    """The stages dvc.yaml defines, in an order that runs every stage after its deps.
+
+    DVC builds the graph from the stages' deps and outs; among stages that do not depend on
+    each other, dvc.yaml's own order decides. A stage added to dvc.yaml alone is therefore
+    run by the flows as well.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+
+    defined = list(yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"])
+    with Repo(str(repo)) as dvc:
+        graph = dvc.index.graph.reverse()  # DVC's edges point from a stage to its deps
+        names = {node: getattr(node, "name", None) for node in graph.nodes}
+        pipeline = graph.subgraph([n for n, name in names.items() if name in defined])
+        order = nx.lexicographical_topological_sort(
+            pipeline, key=lambda node: defined.index(names[node])
+        )
+        return [names[node] for node in order]
+
+
+def reproduce(repo: str | Path, target: str, single_item: bool = True) -> list[str]:
+    """``dvc repro [--single-item] <target>`` in-process; the names of the stages that ran.
+
+    Args:
+        repo: the project folder (a git + DVC repo).
+        target: a stage name.
+        single_item: run only ``target`` (its deps must be current); False also brings every
+            upstream stage up to date, as plain ``dvc repro <target>`` does.
+
+    Raises:
+        StageFailed: a stage's command failed (``bad_input`` tells bad data from a crash), or
+            DVC refused (e.g. a missing dep), with DVC's message.
+    """
+    from dvc.exceptions import DvcException, ReproductionError
+    from dvc.repo import Repo
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    _venv_first_on_path()
+    with Repo(str(repo)) as dvc:
+        try:
+            ran = dvc.reproduce(target, single_item=single_item)
+        except ReproductionError as err:
+            cause = err.__cause__
+            status = None
+            if isinstance(cause, StageCmdFailedError):
+                status = _exit_status(cause)
+            failed = str(err).rsplit(" ", 1)[-1].strip("'")
+            raise StageFailed(failed, f"{err}: {cause}", status) from None
+        except DvcException as err:
+            raise StageFailed(target, str(err), None) from None
+    return [stage.name for stage in ran if hasattr(stage, "name")]
+
+
+def _exit_status(err: Exception) -> int | None:
+    """The command's exit status from DVC's ``failed to run: <cmd>, exited with <status>``."""
+    tail = str(err).rsplit("exited with", 1)
+    try:
+        return int(tail[1]) if len(tail) == 2 else None
+    except ValueError:
+        return None

@@ -1,0 +1,191 @@
+"""Forward passes sized to the device: how many images per pass, and a fast no-grad twin.
+
+Explanations are mostly forward passes: Score-CAM scores every channel with one masked
+forward, and deletion / insertion / ROAD score every perturbed copy of every image. How many
+images to put in one pass is not a constant: on a GPU a bigger batch is nearly free until
+memory runs out, while on a CPU a batch that no longer fits the caches is *slower* per image
+(ResNet-50 at 224 px on two cores: 35 images/s at batch 16, 20 at batch 64). So the batch is
+
+- **measured once** on the CPU: the candidates of :data:`CPU_CANDIDATES` are timed on the
+  model itself and the fastest per image wins (about a hundred forwards, cached per process);
+- **derived from free memory** on CUDA: the peak memory of a one- and a two-image pass gives
+  the cost per image, and the batch takes :data:`CUDA_MEMORY_SHARE` of what is free.
+
+:func:`inference_twin` is the model the no-grad passes run on: a copy in eval mode with every
+BatchNorm folded into the convolution before it (``torch.nn.utils.fusion``) and the weights
+in channels-last layout, which the oneDNN and cuDNN convolutions prefer. Its logits equal the
+model's to float32 rounding (about 1e-7), and the gradient-based methods keep using the
+original model, whose hooks they need.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Batches timed on the CPU, smallest first.
+CPU_CANDIDATES: tuple[int, ...] = (4, 8, 16, 32, 64)
+#: A candidate whose single pass takes longer than this ends the CPU search (big models).
+CPU_PROBE_SECONDS = 2.0
+#: Share of the free CUDA memory one batch may take (the rest: hooks, copies, other work).
+CUDA_MEMORY_SHARE = 0.5
+#: Never more images per pass than this (beyond it no device gets faster).
+MAX_BATCH = 1024
+
+_SIZES: dict[tuple, int] = {}
+_TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a parameter-free model)."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def inference_twin(model: nn.Module) -> nn.Module:
+    """A faster copy of ``model`` for no-grad forward passes (the module docstring says how).
+
+    The copy shares no storage with ``model`` and carries none of its hooks (an explainer's
+    recorder on the original must not see the twin's passes). It is made once per model and
+    state: the cache is keyed by the model and the version counters of its parameters and
+    buffers, so an optimiser step (or ``load_state_dict``) in between makes a fresh twin.
+    """
+    state = tuple(t._version for t in (*model.parameters(), *model.buffers()))
+    state = (*state, str(device_of(model)))
+    cached = _TWINS.get(model)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    twin = copy.deepcopy(model).eval()
+    for module in twin.modules():  # a copied CAM hook would record every masked pass
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):
+            hooks.clear()
+    _fold_batchnorm(twin)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    twin = twin.to(memory_format=torch.channels_last)
+    _TWINS[model] = (state, twin)
+    return twin
+
+
+def _fold_batchnorm(module: nn.Module) -> None:
+    """Fold each BatchNorm into the convolution right before it in a ``Sequential``, in place.
+
+    torch's own ``fuse_conv_bn_eval`` does the arithmetic. The pairs are found by walking the
+    ``Sequential`` containers rather than by tracing with ``torch.fx``: fx tracing patches
+    ``nn.Module.__call__`` for every thread while it runs, and explain-batch explains chunks in
+    concurrent threads. A BatchNorm elsewhere (a ResNet block's ``bn1`` attribute, a
+    pre-activation DenseNet layer) stays as it is.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        _fold_batchnorm(child)
+    if not isinstance(module, nn.Sequential):
+        return
+    names = list(module._modules)
+    for first, second in zip(names, names[1:], strict=False):
+        conv, norm = module._modules[first], module._modules[second]
+        if (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(norm, nn.BatchNorm2d)
+            and norm.track_running_stats
+            and norm.running_mean is not None
+        ):
+            module._modules[first] = fuse_conv_bn_eval(conv, norm)
+            module._modules[second] = nn.Identity()
+
+
+def batch_size(
+    fn: Callable[[torch.Tensor], object],
+    sample: torch.Tensor,
+    key: tuple,
+    *,
+    requested: int | None = None,
+) -> int:
+    """Images per pass of ``fn`` on inputs shaped like ``sample`` (``(1, C, H, W)``).
+
+    Args:
+        fn: the pass to size (e.g. a model's no-grad forward); called on random inputs.
+        sample: one input, on the device the passes run on.
+        key: what makes two calls the same question (model, input shape, kind of pass); the
+            answer is cached for the process under ``key`` plus device and threads.
+        requested: a fixed batch from the config; ``None`` or ``0`` means size it.
+
+    Returns:
+        A batch in ``[1, MAX_BATCH]``.
+    """
+    if requested:
+        return int(requested)
+    device = sample.device
+    full = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads())
+    if full not in _SIZES:
+        probe = _from_free_memory if device.type == "cuda" else _fastest
+        with torch.no_grad():
+            size = probe(fn, sample)
+        log.info("batch %d for %s on %s", size, key, device)
+        _SIZES[full] = size
+    return _SIZES[full]
+
+
+def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
+    generator = torch.Generator(device=sample.device).manual_seed(0)
+    shape = (n, *sample.shape[1:])
+    return torch.randn(shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+
+def _fastest(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:
+    """The CPU candidate with the most images per second (each timed twice, best kept)."""
+    fn(_batch_of(sample, CPU_CANDIDATES[0]))  # warm-up: allocator, oneDNN primitives
+    best, best_rate = CPU_CANDIDATES[0], 0.0
+    for b in CPU_CANDIDATES:
+        x = _batch_of(sample, b)
+        seconds = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            fn(x)
+            seconds = min(seconds, time.perf_counter() - start)
+        if b / seconds > best_rate:
+            best, best_rate = b, b / seconds
+        if seconds > CPU_PROBE_SECONDS:
+            break
+    return best
+
+
+def _from_free_memory(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:
+    """``CUDA_MEMORY_SHARE`` of the free memory over the measured memory per image."""
+    device = sample.device
+    peaks = []
+    for n in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(_batch_of(sample, n))
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_image = max(peaks[1] - peaks[0], peaks[0] // 2, 1)
+    free, _total = torch.cuda.mem_get_info(device)
+    fit = int(CUDA_MEMORY_SHARE * free // per_image)
+    return max(1, min(MAX_BATCH, 2 ** int(math.log2(max(fit, 1)))))
+
+
+def run_batched(
+    model: nn.Module, x: torch.Tensor, batch: int, out: Callable[[torch.Tensor, slice], None]
+) -> None:
+    """``model`` over ``x`` in passes of ``batch`` rows (channels-last, no grad).
+
+    ``out(logits, rows)`` receives each pass's logits and the rows of ``x`` they belong to,
+    so callers reduce on the device (gather a target, a softmax) before anything moves.
+    """
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            rows = slice(start, min(start + batch, len(x)))
+            out(model(x[rows].contiguous(memory_format=torch.channels_last)), rows)

@@ -1,0 +1,108 @@
+"""The training augmentations: the batched (GPU) path draws from the CPU path's distributions.
+
+The CPU path is torchvision v2 one image at a time (its exact RNG use is what a resumed run
+replays); the batched path is kornia with per-sample parameters, the one CUDA runs. Both run
+here on the CPU over many copies of one asymmetric test image, and two-sample Kolmogorov-
+Smirnov tests compare what the augmentations change: the position of a bright marker (crop,
+flips, rotation), the brightness and the contrast (colour jitter) and the share of pixels a
+rotation fills with black. A deliberately wrong batched pipeline fails the same comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from tasks.config import load_params
+from tasks.train import BatchAugment, build_augment
+from tests.helpers import REPO
+
+SIZE = 32
+COPIES = 400
+P_MIN = 1e-3  # KS p-value below which two samples count as different distributions
+
+
+def _image() -> torch.Tensor:
+    """A mid-grey image with a bright square off-centre (top-left) and a colour gradient."""
+    x = torch.full((3, SIZE, SIZE), 0.45)
+    x[0] += torch.linspace(-0.2, 0.2, SIZE)[None, :]
+    x[2] += torch.linspace(-0.2, 0.2, SIZE)[:, None]
+    x[:, 5:11, 7:13] = 0.95
+    return x.clamp(0, 1)
+
+
+def _statistics(out: torch.Tensor) -> dict[str, np.ndarray]:
+    bright = (out.mean(dim=1) > 0.8).float()  # the marker
+    weight = bright.sum(dim=(1, 2)).clamp(min=1)
+    rows = torch.arange(SIZE, dtype=torch.float32)[None, :, None]
+    cols = torch.arange(SIZE, dtype=torch.float32)[None, None, :]
+    return {
+        "marker_row": ((bright * rows).sum(dim=(1, 2)) / weight).numpy(),
+        "marker_col": ((bright * cols).sum(dim=(1, 2)) / weight).numpy(),
+        "brightness": out.mean(dim=(1, 2, 3)).numpy(),
+        "contrast": out.std(dim=(1, 2, 3)).numpy(),
+        "black": (out.amax(dim=1) < 0.02).float().mean(dim=(1, 2)).numpy(),
+    }
+
+
+def _both(augment: BatchAugment) -> tuple[dict, dict]:
+    batch = _image()[None].repeat(COPIES, 1, 1, 1)
+    torch.manual_seed(0)
+    per_image = augment(batch, batched=False)
+    torch.manual_seed(1)
+    batched = augment(batch, batched=True)
+    assert per_image.shape == batched.shape == batch.shape
+    assert batched.min() >= 0 and batched.max() <= 1
+    return _statistics(per_image), _statistics(batched)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_params(REPO / "params.yaml").train  # rotation 20, crop 0.75-1, flips, jitter 0.1
+
+
+def test_batched_augmentations_match_the_per_image_distributions(cfg) -> None:
+    cpu, gpu = _both(build_augment(cfg, SIZE))
+    for name in cpu:
+        p = ks_2samp(cpu[name], gpu[name]).pvalue
+        assert p > P_MIN, f"{name}: KS p = {p:.2g}"
+    assert cpu["marker_col"].std() > 3  # flips move the marker: the test sees the geometry
+    assert cpu["brightness"].std() > 0.01  # and the jitter
+
+
+def test_a_different_pipeline_fails_the_comparison(cfg) -> None:
+    """Power check: the batched path without rotation is told apart from the real one."""
+    no_rotation = dataclasses.replace(cfg.augment, rotation=0.0)
+    wrong = BatchAugment(dataclasses.replace(cfg, augment=no_rotation), SIZE)
+    right = build_augment(cfg, SIZE)
+    batch = _image()[None].repeat(COPIES, 1, 1, 1)
+    torch.manual_seed(0)
+    reference = _statistics(right(batch, batched=False))
+    torch.manual_seed(1)
+    changed = _statistics(wrong(batch, batched=True))
+    assert ks_2samp(reference["black"], changed["black"]).pvalue < P_MIN
+
+
+def test_the_cpu_path_is_the_per_image_loop_and_reproducible(cfg) -> None:
+    augment = build_augment(cfg, SIZE)
+    batch = _image()[None].repeat(4, 1, 1, 1)
+    torch.manual_seed(5)
+    expected = torch.stack([augment.per_image(img) for img in batch])
+    torch.manual_seed(5)
+    assert torch.equal(augment(batch), expected)  # a CPU tensor takes the per-image path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_batch_takes_the_batched_path(cfg) -> None:
+    augment = build_augment(cfg, SIZE)
+    batch = _image()[None].repeat(64, 1, 1, 1).cuda()
+    out = augment(batch)
+    assert out.is_cuda and out.shape == batch.shape
+    assert augment._batched is not None  # noqa: SLF001 - built on first CUDA use
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - batch).abs().flatten(1).amax(1).min() > 0  # every image was changed

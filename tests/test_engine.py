@@ -1,0 +1,133 @@
+"""The explanation engine: one call from (model, images, targets, methods, layers) to maps and
+scores, on a tiny random-init CNN (the numbers mean nothing; the scheduling is tested)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from rich.progress import Progress
+
+from tasks import engine
+from tasks.cams import explain_batch
+from tasks.models import build_model
+from tests.tolerances import assert_maps_match
+
+SIZE = 32
+FAST = engine.Options(ig_steps=4, lime_samples=20, lime_segments=9)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def case() -> tuple[torch.nn.Module, torch.Tensor, list[int], np.ndarray]:
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", 3).eval()
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = model(images).argmax(1).tolist()
+    masks = np.zeros((4, SIZE, SIZE), dtype=np.uint8)
+    masks[:3, 8:24, 8:24] = 1  # the last image has no mask
+    return model, images, targets, masks
+
+
+class Recorder(Progress):
+    """A silent progress display that remembers its tasks and advances."""
+
+    def __init__(self) -> None:
+        super().__init__(disable=True)
+        self.events: list[tuple] = []
+
+    def add_task(self, description: str, total: float | None = None, **kw) -> int:  # noqa: ANN003
+        task = super().add_task(description, total=total, **kw)
+        self.events.append(("task", description, total))
+        return task
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.events.append(("advance", task_id))
+        super().advance(task_id, advance)
+
+
+@pytest.fixture(scope="module")
+def result(case) -> tuple[engine.Explanations, Recorder]:
+    model, images, targets, masks = case
+    pairs = engine.plan(["gradcam", "scorecam", "ig", "lime"], ["middle", "deep"], "custom_cnn")
+    with Recorder() as progress:
+        out = engine.explain(
+            model,
+            "custom_cnn",
+            images,
+            targets,
+            pairs,
+            options=FAST,
+            budgets={"scorecam": 2, "lime": 0},
+            scores=list(engine.SCORES),
+            masks=masks,
+            reference=("gradcam", "deep"),
+            perturbation_steps=4,
+            progress=progress,
+        )
+        return out, progress
+
+
+def test_plan_budgets_and_maps(case, result) -> None:
+    model, images, targets, _ = case
+    out, _ = result
+    assert set(out.maps) == {
+        ("gradcam", "middle"),
+        ("gradcam", "deep"),
+        ("scorecam", "middle"),
+        ("scorecam", "deep"),
+        ("ig", None),
+    }  # LIME's budget of 0 switches it off
+    assert out.maps[("scorecam", "deep")].shape == (2, SIZE, SIZE)  # its budget: 2 images
+    assert out.maps[("gradcam", "deep")].shape == (4, SIZE, SIZE)
+    alone = explain_batch(model, "custom_cnn", "gradcam", images, targets, "middle")
+    assert_maps_match(out.maps[("gradcam", "middle")], alone, "shared pass vs one method")
+
+
+def test_table_has_a_row_per_image_and_map_with_every_score(result) -> None:
+    out, _ = result
+    table = out.table
+    assert len(table) == 4 + 4 + 2 + 2 + 4
+    for column in ("deletion_auc", "insertion_auc", "average_drop", "road", "flat"):
+        assert table[column].notna().all(), column
+    assert table["layer"].isin(["middle", "deep", "input"]).all()
+    no_mask = table[table["index"] == 3]
+    assert no_mask["pointing_game"].isna().all() and no_mask["iou"].isna().all()
+    masked = table[table["index"] < 3]
+    assert masked["energy_pointing_game"].between(0, 1).all()
+    reference = table[(table["method"] == "gradcam") & (table["layer"] == "deep")]
+    assert reference["agree_ssim"].isna().all()  # the reference is not compared with itself
+    others = table[table["method"] != "gradcam"]
+    assert others["agree_pearson"].notna().all()
+
+
+def test_progress_covers_maps_then_scoring(result) -> None:
+    _, progress = result
+    kinds = [e[0] for e in progress.events]
+    assert progress.events[0] == ("task", "explaining", 5)
+    assert progress.events[6] == ("task", "scoring", 5)  # scoring no longer runs silently
+    assert kinds == ["task"] + ["advance"] * 5 + ["task"] + ["advance"] * 5
+    assert progress.task_ids == []  # both removed when done
+
+
+def test_bad_requests_name_the_problem(case) -> None:
+    model, images, targets, _ = case
+    pairs = [("gradcam", "deep")]
+    with pytest.raises(ValueError, match="unknown score"):
+        engine.explain(model, "custom_cnn", images, targets, pairs, scores=["rise"])
+    with pytest.raises(ValueError, match="need lesion masks"):
+        engine.explain(model, "custom_cnn", images, targets, pairs, scores=["localisation"])
+    with pytest.raises(ValueError, match="need a reference"):
+        engine.explain(model, "custom_cnn", images, targets, pairs, scores=["agreement"])
+    with pytest.raises(ValueError, match="unknown explanation method"):
+        engine.plan(["gradcam", "blur"], ["deep"], "custom_cnn")
