@@ -45,7 +45,8 @@ def prefect_server() -> Iterator[None]:
 
     patch = pytest.MonkeyPatch()
     patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network: no telemetry
-    with prefect_test_harness():
+    # The temporary server can take over 30 s (the default) to start on a busy 2-core machine.
+    with prefect_test_harness(server_startup_timeout=120):
         yield
     patch.undo()
 
