@@ -319,6 +319,18 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     )
     if not sc_equal:
         sc_bound = f"heatmaps differ (max {sc_diff:.3g} > {tolerance:g}); " + sc_bound
+    device_word = "GPU" if on_cuda else "CPU"
+    other = "CPU" if on_cuda else "GPU"
+    gc = r["gradcam_batched"] / r["gradcam_loop"]
+    part.notes.append(
+        "issue 15 table (this run): "
+        f"Score-CAM vs pytorch-grad-cam ({device_word}) {speedup:.2f}x "
+        f"(target {'>= 5' if on_cuda else '>= 1.0'}x; bound {s_library / floor:.2f}x; "
+        f"max |diff| {sc_diff:.1e}); batched Grad-CAM vs the per-image loop ({device_word}) "
+        f"{gc:.2f}x (target {'>= 20x' if on_cuda else f'the {batching_bound:.2f}x bound'}; "
+        f"max |diff| {float(np.abs(maps['gradcam_batched'] - maps['gradcam_loop']).max()):.1e}); "
+        f"{other} rows: not measured in this run"
+    )
     for target_id, threshold, scope, text in (
         ("scorecam_vs_library", SCORECAM_SPEEDUP_TARGET, "gpu", ">= 5x faster than"),
         ("scorecam_vs_library_cpu", SCORECAM_CPU_TARGET, "cpu", "at least as fast as"),

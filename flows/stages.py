@@ -15,6 +15,7 @@ training shows its epochs live.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def reproduce(repo: str | Path, target: str, single_item: bool = True) -> list[s
     from dvc.stage.exceptions import StageCmdFailedError
 
     _venv_first_on_path()
-    with Repo(str(repo)) as dvc:
+    # DVC's in-process API resolves some paths against the working directory (an out would
+    # otherwise look "external" to the repo): run it from the repo, as `dvc repro` would be.
+    with contextlib.chdir(repo), Repo(".") as dvc:
         try:
             ran = dvc.reproduce(target, single_item=single_item)
         except ReproductionError as err:

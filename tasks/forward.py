@@ -7,7 +7,8 @@ memory runs out, while on a CPU a batch that no longer fits the caches is *slowe
 (ResNet-50 at 224 px on two cores: 35 images/s at batch 16, 20 at batch 64). So the batch is
 
 - **measured once** on the CPU: the candidates of :data:`CPU_CANDIDATES` are timed on the
-  model itself and the fastest per image wins (about a hundred forwards, cached per process);
+  model itself, each on the same number of images, and the fastest per image wins (a few
+  hundred forwards, cached per process);
 - **derived from free memory** on CUDA: the peak memory of a one- and a two-image pass gives
   the cost per image, and the batch takes :data:`CUDA_MEMORY_SHARE` of what is free.
 
@@ -33,9 +34,13 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 #: Batches timed on the CPU, smallest first.
-CPU_CANDIDATES: tuple[int, ...] = (4, 8, 16, 32, 64)
-#: A candidate whose single pass takes longer than this ends the CPU search (big models).
-CPU_PROBE_SECONDS = 2.0
+CPU_CANDIDATES: tuple[int, ...] = (8, 16, 32, 64)
+#: Images each CPU candidate runs per round (so every candidate is timed on the same work).
+CPU_PROBE_IMAGES = 64
+#: A first round longer than this (seconds) is not repeated (big models at big inputs).
+CPU_PROBE_SECONDS = 10.0
+#: Candidates within this share of the fastest time per image count as tied.
+CPU_TIE = 0.03
 #: Share of the free CUDA memory one batch may take (the rest: hooks, copies, other work).
 CUDA_MEMORY_SHARE = 0.5
 #: Never more images per pass than this (beyond it no device gets faster).
@@ -143,21 +148,29 @@ def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _fastest(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:
-    """The CPU candidate with the most images per second (each timed twice, best kept)."""
+    """The CPU candidate with the least time per image.
+
+    Each candidate runs :data:`CPU_PROBE_IMAGES` images (several passes for a small batch),
+    twice, interleaved, and keeps its best round: on a machine shared with other work a
+    single pass per candidate is mostly noise. Within :data:`CPU_TIE` of the best, the larger
+    batch wins (fewer passes, less Python per image). A second round is skipped when the first
+    took longer than :data:`CPU_PROBE_SECONDS` (a big model at a big input).
+    """
     fn(_batch_of(sample, CPU_CANDIDATES[0]))  # warm-up: allocator, oneDNN primitives
-    best, best_rate = CPU_CANDIDATES[0], 0.0
-    for b in CPU_CANDIDATES:
-        x = _batch_of(sample, b)
-        seconds = math.inf
-        for _ in range(2):
+    inputs = {b: _batch_of(sample, b) for b in CPU_CANDIDATES}
+    per_image = dict.fromkeys(CPU_CANDIDATES, math.inf)
+    for round_ in range(2):
+        started = time.perf_counter()
+        for b in CPU_CANDIDATES:
+            passes = max(1, CPU_PROBE_IMAGES // b)
             start = time.perf_counter()
-            fn(x)
-            seconds = min(seconds, time.perf_counter() - start)
-        if b / seconds > best_rate:
-            best, best_rate = b, b / seconds
-        if seconds > CPU_PROBE_SECONDS:
+            for _ in range(passes):
+                fn(inputs[b])
+            per_image[b] = min(per_image[b], (time.perf_counter() - start) / (passes * b))
+        if round_ == 0 and time.perf_counter() - started > CPU_PROBE_SECONDS:
             break
-    return best
+    fastest = min(per_image.values())
+    return max(b for b, t in per_image.items() if t <= (1 + CPU_TIE) * fastest)
 
 
 def _from_free_memory(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:

@@ -295,7 +295,11 @@ def test_dvc_repro_fails_on_a_bad_enum_before_any_stage_works(tmp_path):
     assert "unknown calibrate.method 'bar'" in out and "Traceback" not in out
     assert "Running stage 'synth'" in out and "Running stage 'train'" not in out
     assert not (project / "data").exists() and not (project / "models").exists()
-    assert seconds < 5.0, f"dvc repro took {seconds:.1f} s to refuse"
+    # The property is asserted above: the first stage refuses at its params check and no
+    # stage works. ~3 s of this is DVC's own start-up, which a busy 2-core CI machine can
+    # stretch past 5 s, so the bound only guards against work done before the check
+    # (importing torch and training take far longer).
+    assert seconds < 15.0, f"dvc repro took {seconds:.1f} s to refuse"
 
 
 # Distributions that are declared without a direct import, each for a stated reason.

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.cams import explain_batch
 from tasks.fusion import EMBED, FusionNet, ImageOnly, feature_names, metadata_features
+from tasks.io import file_digest, write_json
 from tasks.models import build_model, load_bundle, save_bundle, target_layers
 from tasks.prepare import open_split
 from tasks.train import MEAN, STD, train
@@ -123,8 +124,12 @@ def test_export_refuses_a_fusion_bundle_naming_the_way_out(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", TINY)
-    save_bundle(
-        tmp_path / "models" / "model.pt", _fusion(), "custom_cnn", ["a", "b", "c"], 32, MEAN, STD
+    bundle = tmp_path / "models" / "model.pt"
+    save_bundle(bundle, _fusion(), "custom_cnn", ["a", "b", "c"], 32, MEAN, STD)
+    # The run file a successful training leaves beside its bundle: the lineage check passes,
+    # so the refusal below is the fusion one.
+    write_json(
+        tmp_path / "models" / "run.json", {"run_id": "r1", "bundle_sha256": file_digest(bundle)}
     )
     result = CliRunner().invoke(app, ["export"])
     assert result.exit_code == 2  # EXIT_BAD_INPUT
