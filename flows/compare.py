@@ -250,9 +250,9 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     from tasks import compare as cmp
     from tasks import engine, tracking
     from tasks.calibrate import calibrate, flat_calibration_metrics, plot_reliability
-    from tasks.evaluate import classification_metrics, flat_metrics, save_figure
     from tasks.fusion import metadata_features
     from tasks.io import write_json
+    from tasks.metrics import classification_metrics, flat_metrics, save_figure
     from tasks.models import count_parameters
     from tasks.prepare import open_split
     from tasks.train import normalize, pick_device, save_model_bundle

@@ -232,7 +232,7 @@ def run_tune(
         report_dir = repo / REPORT_DIR
         with atomic_dir(report_dir) as tmp:
             study.trials_dataframe().to_csv(tmp / "trials.csv", index=False)
-            from tasks.evaluate import save_figure
+            from tasks.metrics import save_figure
 
             for file, figure in study_figures(study, bool(importances), cfg.seed).items():
                 save_figure(figure, tmp / file)

@@ -16,7 +16,7 @@ Three calibrators, all fitted by minimising the negative log-likelihood on valid
   renormalised (Zadrozny & Elkan, 2002). Non-parametric; may change the argmax.
 
 Everything is a pure function of arrays, except :func:`write_outputs`, which writes the stage's
-files (atomically, through :mod:`tasks.io` and :func:`tasks.evaluate.save_figure`). Metrics that
+files (atomically, through :mod:`tasks.io` and :func:`tasks.metrics.save_figure`). Metrics that
 scikit-learn has (log loss, Brier, accuracy) come from scikit-learn; only the ECE family, which
 it lacks, is written here.
 """
@@ -37,8 +37,8 @@ from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
 
 from tasks import paths
 from tasks.config import ConfigError, Params
-from tasks.evaluate import DPI, _check_labels, save_figure, softmax
 from tasks.io import write_json
+from tasks.metrics import DPI, _check_labels, save_figure, softmax
 from tasks.stage import console, main
 
 METHODS: tuple[str, ...] = ("temperature", "vector", "isotonic")
@@ -783,7 +783,7 @@ def flat_calibration_metrics(result: CalibrationResult) -> dict[str, float]:
     ``test_{metric}_{before|after}`` for every metric of :data:`REPORT_KEYS`, ``aurc_*``,
     ``referral_*`` (``referral_reachable`` as 1.0 / 0.0) and, for temperature scaling,
     ``temperature``. Undefined values (the test accuracy when the threshold keeps no case) are
-    left out rather than logged as NaN, as in :func:`tasks.evaluate.flat_metrics`.
+    left out rather than logged as NaN, as in :func:`tasks.metrics.flat_metrics`.
     """
     flat: dict[str, float] = {}
     for stage, report in (("before", result.before), ("after", result.after)):
@@ -876,7 +876,7 @@ def read_calibrator(out_dir: str | Path = paths.CALIBRATION) -> Calibrator:
 def run(p: Params) -> dict:
     """The ``calibrate`` stage: fit on validation logits, measure on test, set the referral."""
     from tasks import tracking
-    from tasks.evaluate import load_predictions
+    from tasks.metrics import load_predictions
 
     val = load_predictions(paths.PREDICTIONS / "val.npz")
     test = load_predictions(paths.PREDICTIONS / "test.npz")

@@ -41,8 +41,8 @@ from matplotlib.figure import Figure
 from tasks import xai_metrics as xm
 from tasks.cams import method_layers
 from tasks.config import ConfigError, Params, flatten, load_params
-from tasks.evaluate import DPI, save_figure
 from tasks.io import write_json, write_text
+from tasks.metrics import DPI, save_figure
 from tasks.models import ARCHITECTURES, arch_spec
 
 # Sections that define the images and the split: every model of a comparison must share them.

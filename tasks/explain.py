@@ -242,8 +242,8 @@ def run(p: Params) -> dict:
     """The ``explain`` stage: explain sampled test images; heatmaps, metrics, text, gallery."""
     from tasks import tracking
     from tasks.calibrate import read_calibrator
-    from tasks.evaluate import load_predictions
     from tasks.io import atomic_dir, write_json
+    from tasks.metrics import load_predictions
     from tasks.models import load_image_bundle
     from tasks.prepare import open_split
     from tasks.train import pick_device

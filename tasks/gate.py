@@ -29,7 +29,7 @@ from sklearn.metrics import balanced_accuracy_score
 from tasks import paths
 from tasks.calibrate import Calibrator, calibrator_from_dict, expected_calibration_error
 from tasks.config import GateConfig
-from tasks.evaluate import classification_metrics, load_predictions
+from tasks.metrics import classification_metrics, load_predictions
 from tasks.prepare import PreparedSplit, open_split
 
 if TYPE_CHECKING:

@@ -29,10 +29,10 @@ from torchvision.transforms import v2
 
 from tasks import paths
 from tasks.config import ModelConfig, Params, TrainConfig
-from tasks.evaluate import classification_metrics
 from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
 from tasks.losses import class_weights, make_loss, sampler_weights
+from tasks.metrics import classification_metrics
 from tasks.models import build_model, set_backbone_frozen
 from tasks.prepare import PreparedSplit, open_split
 from tasks.progress import progress_bar
@@ -624,7 +624,7 @@ def save_outputs(
         ``summary`` (the DVC metrics JSON), ``flat`` (scalars for MLflow) and
         ``input_example`` (two normalised test images, for the MLflow model signature).
     """
-    from tasks import evaluate as ev
+    from tasks import metrics as ev
     from tasks.io import write_json, write_text
 
     save_model_bundle(bundle, result, arch, data_version)

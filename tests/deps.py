@@ -53,3 +53,54 @@ def module_closure(root: Path, entry: str) -> set[str]:
                 if found is not None and found not in seen:
                     todo.append(found)
     return {p.relative_to(root).as_posix() for p in seen}
+
+
+def rewrite_dvc_yaml(root: Path) -> list[str]:
+    """Rewrite each stage's ``- tasks|flows|bench/*.py`` dep lines in dvc.yaml to its closure.
+
+    Edits the text line by line (not a YAML round trip) so the file's comments and layout stay.
+    Returns the names of the stages whose list changed.
+    """
+    import yaml
+
+    path = root / "dvc.yaml"
+    stages = yaml.safe_load(path.read_text())["stages"]
+    lines = path.read_text().splitlines(keepends=True)
+    out: list[str] = []
+    changed: list[str] = []
+    stage = None
+    in_deps = False
+    for line in lines:
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if indent == 2 and stripped.endswith(":") and stripped[:-1] in stages:
+            stage, in_deps = stripped[:-1], False
+        elif stage and indent == 4:
+            if in_deps and stripped != "deps:":
+                in_deps = False
+            if stripped == "deps:":
+                in_deps = True
+                out.append(line)
+                closure = sorted(module_closure(root, f"tasks/{stage}.py"))
+                old = [
+                    d for d in stages[stage]["deps"] if d.startswith(PACKAGES) and d.endswith(".py")
+                ]
+                if sorted(old) != closure:
+                    changed.append(stage)
+                out.extend(f"      - {d}\n" for d in closure)
+                continue
+        if (
+            in_deps
+            and stripped.startswith("- ")
+            and stripped[2:].startswith(PACKAGES)
+            and stripped.endswith(".py")
+        ):
+            continue  # replaced by the closure written after `deps:`
+        out.append(line)
+    path.write_text("".join(out))
+    return changed
+
+
+if __name__ == "__main__":  # python -m tests.deps: bring dvc.yaml's code deps up to date
+    root = Path(__file__).resolve().parents[1]
+    print("updated:", ", ".join(rewrite_dvc_yaml(root)) or "nothing")

@@ -35,7 +35,7 @@ from tasks.calibrate import (
     risk_coverage,
     write_outputs,
 )
-from tasks.evaluate import softmax
+from tasks.metrics import softmax
 
 # 6 samples, 4 classes. Confidence / prediction / label, with equal-width bins of 1/3:
 #   0.30 pred 0 label 0 right  | bin 0

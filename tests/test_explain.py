@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tasks.config import load_params
-from tasks.evaluate import softmax
 from tasks.explain import explained_classes, run_explain, sample_indices
 from tasks.ingest import build_manifest
+from tasks.metrics import softmax
 from tasks.models import build_model
 from tasks.prepare import open_split, prepare
 from tasks.split import split_manifest, write_splits

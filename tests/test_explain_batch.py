@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.explain_batch import run_explain_batch
 from tasks import tracking
-from tasks.evaluate import softmax
 from tasks.export import normalize
+from tasks.metrics import softmax
 from tasks.models import build_model, load_bundle, save_bundle
 from tasks.predict import load_image
 from tasks.train import MEAN, STD

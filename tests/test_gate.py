@@ -22,9 +22,9 @@ from sklearn.metrics import balanced_accuracy_score
 from tasks import paths, tracking
 from tasks.calibrate import expected_calibration_error
 from tasks.config import GateConfig, load_params
-from tasks.evaluate import save_predictions, softmax
 from tasks.gate import mcnemar_p_value, paired_bootstrap
 from tasks.io import write_json
+from tasks.metrics import save_predictions, softmax
 from tasks.models import build_model, load_bundle, save_bundle
 from tasks.prepare import PreparedSplit, open_split
 from tasks.train import MEAN, STD

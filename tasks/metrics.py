@@ -1,7 +1,7 @@
 """Classification metrics, plots and plot data from a model's logits and the true labels.
 
 Everything here is a pure function of arrays (plus ``save_*`` helpers that write one file
-atomically), so the evaluate entry, the training loop's validation step and the tests all score
+atomically), so the stages, the training loop's validation step and the tests all score
 a model the same way. Metrics come from scikit-learn rather than hand-written formulas, so the
 numbers match what anyone else computes from the same predictions.
 

@@ -1,4 +1,4 @@
-"""Metrics, plot data, pictures and the predictions file of tasks.evaluate, on tiny hand cases.
+"""Metrics, plot data, pictures and the predictions file of tasks.metrics, on tiny hand cases.
 
 The expected numbers are worked out by hand in each test, so a test checks the definition of
 a metric (and which classes it averages over), not just that sklearn agrees with itself.
@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from tasks.evaluate import (
+from tasks.labels import ISIC_CLASSES
+from tasks.metrics import (
     classification_metrics,
     confusion_rows,
     flat_metrics,
@@ -30,7 +31,6 @@ from tasks.evaluate import (
     save_predictions,
     softmax,
 )
-from tasks.labels import ISIC_CLASSES
 
 ABC = ["A", "B", "C"]
 
