@@ -99,6 +99,12 @@ def explain(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     _dispatch("explain", params, set_)
 
 
+@app.command()
+def card(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """The model card of the registered version: reports/card/model_card.{md,html} + registry."""
+    _dispatch("card", params, set_)
+
+
 @contextlib.contextmanager
 def command(name: str) -> Iterator[None]:
     """Run a non-stage command body; a known error becomes a message and the bad-input code."""
@@ -132,6 +138,52 @@ def predict(
     with command("predict"):
         result = run_predict(inputs, model, out, batch_size=batch_size, provider=provider)
         console.print(result.summary(), highlight=False)
+
+
+@app.command("evaluate")
+def evaluate(
+    root: Path | None = typer.Argument(
+        None, help="labelled set (any layout ingest reads); none: the evaluate stage's sets"
+    ),
+    model: str = typer.Option(
+        str(paths.BUNDLE),
+        "--model",
+        "-m",
+        help="model.pt bundle, model.onnx or models:/<name>@<alias>",
+    ),
+    name: str | None = typer.Option(None, help="the set's name (default: the root's folder name)"),
+    layout: str = typer.Option("auto", help="auto | isic2019 | isic2018 | ham10000 | folder"),
+    label_map: str | None = typer.Option(
+        None, help="set label -> model class, e.g. common_nevus=NV,atypical_nevus=NV,melanoma=MEL"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="report folder (reports/external/<name>)"
+    ),
+    log: bool = typer.Option(True, help="log the evaluation to the model's MLflow run"),
+    params: Path = ParamsOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Score a model on a labelled set it never saw: balanced accuracy (CI), recall, AUROC, ECE,
+    referral share and melanoma sensitivity/specificity (tasks/evaluate.py).
+
+    Without ROOT it runs the evaluate stage on every set of evaluate.external.
+    """
+    if root is None:
+        _dispatch("evaluate", params, set_)
+        return
+    from tasks.evaluate import run_cli
+
+    with command("evaluate"):
+        run_cli(
+            root, model, load_params(params, set_ or []), name=name, layout=layout,
+            label_map=label_map, out=out, log=log,
+        )  # fmt: skip
+
+
+@app.command()
+def subgroups(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Metrics per sex, age band, site and skin tone (ITA) on test and the external sets."""
+    _dispatch("subgroups", params, set_)
 
 
 @app.command("explain-batch")
@@ -347,6 +399,11 @@ def run(
         )
     console.print(f"  pictures         {paths.TRAIN_REPORTS}/*.png, {paths.CALIBRATION}/*.png")
     console.print(f"  gallery          {paths.EXPLAIN / 'gallery.html'}")
+    if result.get("card"):  # the local card; the registry's copy carries the gate's decision
+        where = result["card"]
+        console.print(
+            f"  model card       {where['card']} (with the decision: {where['registry_url']})"
+        )
     console.print("  MLflow UI        make ui   (or: dermaflow ui) -> http://127.0.0.1:5000")
 
 

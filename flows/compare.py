@@ -176,8 +176,11 @@ def _load(bundle: str, name: str, splits: dict, p: Params, job: CompareJob, devi
         s: None if sites is None else metadata_features(split.rows, sites)
         for s, split in splits.items()
     }
+    from tasks.models import with_tta
+
+    scored = with_tta(model, (meta.get("extra") or {}).get("tta"))  # as it was evaluated
     logits = {
-        s: _predict(model, splits[s], metadata[s], p.train.batch_size, device)
+        s: _predict(scored, splits[s], metadata[s], p.train.batch_size, device)
         for s in ("val", "test")
     }
     return {
@@ -213,6 +216,7 @@ def _train(p: Params, name: str, prepared: Path, work: Path, data_version: str) 
         data_version,
         on_epoch=on_epoch,
         show_progress=False,
+        color=p.prepare.color_constancy,
     )
     if bar is not None:
         bar.remove_task(task_id)
@@ -289,6 +293,10 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
 
     idx = np.asarray(job.image_indices, dtype=int)
     raw = np.array(test.images[idx])
+    if p.prepare.color_constancy != test.color_constancy:  # applied on load, as in training
+        from tasks.prepare import color_constancy
+
+        raw = color_constancy(raw, p.prepare.color_constancy)
     x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(255.0)
     x = normalize(x).to(device)
     targets = test.labels[idx]
@@ -324,6 +332,8 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         "metadata": fusion,
         **{k: _finite(metrics[k]) for k in cmp.HEADLINE},
     }
+    low, high = cmp.balanced_accuracy_ci(got["logits"]["test"], test.labels)
+    row |= {"balanced_accuracy_ci_low": low, "balanced_accuracy_ci_high": high}
     for key in cmp.CALIBRATION:
         row[f"{key}_before"] = float(cal.before[key])
         row[f"{key}_after"] = float(cal.after[key])
@@ -332,6 +342,7 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         row |= {f"{q['method']}_{k}": float(q[k]) for k in cmp.QUALITY}
     row |= {
         "train_seconds": float(got["seconds"]),
+        "train_minutes": float(got["seconds"]) / 60.0,
         "best_epoch": got["best_epoch"] if got["best_epoch"] is not None else float("nan"),
         "parameters": int(count_parameters(model)),
         "data_version_match": bool(got["data_version_match"]),

@@ -232,6 +232,35 @@ def resolve_calibration(
     return found({"method": "temperature", "temperature": bundled}, "bundle temperature")
 
 
+def resolve_guards(ref: ModelRef, tracking_uri: str) -> dict[str, Any]:
+    """The OOD guard and conformal sets of the model's lineage (``ood`` / ``conformal``: None
+    where the run or the project has none): the run's ``ood_guard`` and ``conformal_sets``
+    artifacts, or ``models/ood.json`` and ``models/conformal.json`` beside the local bundle."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from tasks.conformal import SETS_FILE
+    from tasks.ood import GUARD_FILE
+
+    found: dict[str, Any] = {"ood": None, "conformal": None}
+    for key, local, artifact in (
+        ("ood", GUARD_FILE, "ood_guard/ood.json"),
+        ("conformal", SETS_FILE, "conformal_sets/conformal.json"),
+    ):
+        if ref.run_id:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    got = mlflow.artifacts.download_artifacts(
+                        f"runs:/{ref.run_id}/{artifact}", dst_path=tmp, tracking_uri=tracking_uri
+                    )
+                    found[key] = json.loads(Path(got).read_text())
+                except (MlflowException, OSError):
+                    pass  # a run from before the guard existed: no flag, no set
+        elif Path(ref.bundle) == paths.BUNDLE.resolve() and local.is_file():
+            found[key] = json.loads(local.read_text())
+    return found
+
+
 def image_ids(files: list[Path]) -> list[str]:
     """File stems, made unique across folders with a short hash of the path where they clash."""
     counts = Counter(f.stem for f in files)
@@ -257,11 +286,12 @@ def explain_images(
     from tasks import engine
     from tasks.calibrate import calibrator_from_dict
     from tasks.export import normalize
+    from tasks.models import with_tta
 
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     x = torch.from_numpy(normalize(raw, mean, std)).to(next(model.parameters()).device)
-    with torch.no_grad():
-        logits = model(x).float().cpu().numpy()
+    with torch.no_grad():  # the bundle's train.tta, as calibrated, evaluated and exported
+        logits = with_tta(model, (meta.get("extra") or {}).get("tta"))(x).float().cpu().numpy()
     probs = calibrator_from_dict(calibrator).probabilities(logits)
     classes = list(meta["classes"])
     targets = probs.argmax(axis=1)
@@ -280,6 +310,31 @@ def explain_images(
 
 
 @task(name="explain-chunk", cache_policy=NO_CACHE)  # it writes files: never skip it from cache
+def guard_referral(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    images: dict[str, np.ndarray],
+    probs: np.ndarray,
+    calibration: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Per image: OOD score and flag, conformal set and referral, by predict's rule
+    (:func:`tasks.predict.referral_columns`); the guard needs the logits, one more forward."""
+    from tasks.conformal import sets_from_dict
+    from tasks.models import with_tta
+    from tasks.ood import guard_from_dict, model_logits
+    from tasks.predict import referral_columns
+
+    guard, sets = calibration.get("ood"), calibration.get("conformal")
+    guard = None if guard is None else guard_from_dict(guard, "ood guard")
+    sets = None if sets is None else sets_from_dict(sets, "conformal sets")
+    norm = meta["normalization"]
+    tta = with_tta(model, (meta.get("extra") or {}).get("tta"))
+    raw = np.stack(list(images.values()))
+    logits = model_logits(tta, raw, norm["mean"], norm["std"]) if guard else probs
+    threshold = calibration["referral_threshold"]
+    return referral_columns(logits, probs, list(meta["classes"]), threshold, guard, sets)
+
+
 def explain_chunk(
     items: list[tuple[str, str]],
     index: int,
@@ -312,7 +367,8 @@ def explain_chunk(
     images, errors = {}, {}
     for path, image_id in items:
         try:
-            images[image_id] = load_image(path, size, resize)
+            color = (meta.get("extra") or {}).get("color_constancy", "none")  # as trained
+            images[image_id] = load_image(path, size, resize, color=color)
         except _DECODE_ERRORS as err:
             errors[image_id] = str(err) if isinstance(err, PrepareError) else f"{path}: {err}"
     probs, targets, maps, scores = (
@@ -320,7 +376,8 @@ def explain_chunk(
         if images
         else (None, None, {}, None)
     )
-    out, classes, threshold = Path(staging), meta["classes"], calibration["referral_threshold"]
+    out, classes = Path(staging), meta["classes"]
+    referral = guard_referral(model, meta, images, probs, calibration) if images else []
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "_shards").mkdir(exist_ok=True)
     rows, predictions, arrays, scale = [], [], {}, max(1, 256 // size)
@@ -335,9 +392,8 @@ def explain_chunk(
         k = int(probs[i].argmax())
         head = {"image_id": image_id, "image": path, "predicted": classes[k]}
         head["confidence"] = float(probs[i, k])
-        refer = None if threshold is None else bool(probs[i, k] < threshold)
         probabilities = {f"p_{c}": float(p) for c, p in zip(classes, probs[i], strict=True)}
-        predictions.append({**head, **probabilities, "refer": refer, "error": None})
+        predictions.append({**head, **probabilities, **referral[i], "error": None})
         save_png(raw, out / "overlays" / f"{image_id}.png", scale)
         for (method, layer), heat in maps.items():
             name = overlay_name(image_id, method, layer)
@@ -390,7 +446,7 @@ def write_outputs(
     shutil.rmtree(tmp / "_shards")
     table = pd.DataFrame([r for res in results for r in res["rows"]], columns=TABLE)
     columns = ["image_id", "image", "predicted", "confidence", *[f"p_{c}" for c in classes]]
-    columns += ["refer", "error"]
+    columns += ["ood_score", "ood", "prediction_set", "refer", "error"]
     preds = pd.DataFrame([r for res in results for r in res["predictions"]], columns=columns)
     table.to_parquet(tmp / "explanations.parquet", index=False)
     table.to_csv(tmp / "explanations.csv", index=False)
@@ -452,6 +508,7 @@ def explain_batch_flow(
     ref, meta = open_model(model, uri)
     pairs = method_layers(cfg.methods, cfg.layers, meta["arch"])
     calibration = resolve_calibration(ref, meta, temperature, uri)
+    calibration.update(resolve_guards(ref, uri))
     calibrator_from_dict(calibration["calibrator"])  # a broken calibrator fails here, not per chunk
     items = list(zip(map(str, files), image_ids(files), strict=True))
     chunks = [items[i : i + size] for i in range(0, len(items), size)]

@@ -19,10 +19,14 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
 from flows.stages import StageFailed, pipeline_stages, reproduce
-from tasks import gate, paths, tracking
+from tasks import card, gate, paths, tracking
 from tasks.config import GateConfig, apply_overrides, load_params
 
 
@@ -145,8 +149,11 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def report_markdown(stages: list[dict], gate: dict, cfg: GateConfig) -> str:
-    """The flow run's summary for the Prefect UI: stages, both scores, decision, MLflow link."""
+def report_markdown(
+    stages: list[dict], gate: dict, cfg: GateConfig, model_card: dict | None = None
+) -> str:
+    """The flow run's summary for the Prefect UI: stages, both scores, decision, MLflow link,
+    and where the model card is (:func:`tasks.card.record_decision`)."""
     rows = "\n".join(f"| {s['stage']} | {'ran' if s['ran'] else 'skipped'} |" for s in stages)
     link = tracking.ui_url(gate["experiment_id"], gate["run_id"])
     local_hint = " (`make ui`)" if link.startswith("http://127.0.0.1:") else ""
@@ -171,6 +178,13 @@ def report_markdown(stages: list[dict], gate: dict, cfg: GateConfig) -> str:
         f"{significance}"
         f"Decision: {verdict} to `{cfg.champion_alias}`: {gate['reason']}\n\n"
         f"MLflow run: [{gate['run_id']}]({link}){local_hint}\n"
+        + (
+            f"\nModel card: `{model_card['card']}`; with the decision: artifact "
+            f"`{model_card['artifact']}` of the run and the [registry page]"
+            f"({model_card['registry_url']})\n"
+            if model_card
+            else ""
+        )
     )
 
 
@@ -234,6 +248,9 @@ def save_experiment(repo: str, name: str | None = None) -> str:
     return ref_name or json.loads(proc.stdout)["ref"]
 
 
+PROGRESS_KEY = "dermaflow-pipeline-progress"  # the flow run's progress artifact
+
+
 @flow(name="dermaflow-pipeline", log_prints=True)
 def pipeline(
     overrides: list[str] | None = None,
@@ -263,14 +280,28 @@ def pipeline(
     stage = stage_task.with_options(
         retries=p.orchestration.retries, retry_delay_seconds=p.orchestration.retry_delay_s
     )
-    results = [stage(name, repo) for name in pipeline_stages(root)]
+    names = pipeline_stages(root)
+    # The flow run's page shows how far the stages are (one step per stage).
+    progress = create_progress_artifact(
+        progress=0.0, key=PROGRESS_KEY, description=f"stages done, of {len(names)}"
+    )
+    results = []
+    for done, name in enumerate(names, start=1):
+        results.append(stage(name, repo))
+        update_progress_artifact(
+            progress, 100.0 * done / len(names), description=f"{done}/{len(names)}: {name}"
+        )
     gate = promotion_gate(repo, p.gate, str(flow_run.id) if flow_run.id else None)
+    model_card = card.record_decision(repo, gate)  # the verdict into the version's card
     create_markdown_artifact(
-        markdown=report_markdown(results, gate, p.gate),
+        markdown=report_markdown(results, gate, p.gate, model_card),
         key="dermaflow-pipeline",
         description="stages, metrics and the promotion decision",
     )
     logger.info("gate: %s (%s)", "promoted" if gate["promote"] else "refused", gate["reason"])
+    if model_card:
+        where = (model_card["card"], model_card["artifact"], model_card["registry_url"])
+        logger.info("model card: %s (with the decision: MLflow artifact %s, %s)", *where)
     experiment = None
     if p.orchestration.save_experiment:
         try:
@@ -278,7 +309,7 @@ def pipeline(
             logger.info("saved as DVC experiment %s (compare runs: dvc exp show)", experiment)
         except RuntimeError as err:  # e.g. no git commit yet: the run itself succeeded
             logger.warning("not saved as a DVC experiment: %s", str(err).splitlines()[-1])
-    return {"stages": results, "gate": gate, "experiment": experiment}
+    return {"stages": results, "gate": gate, "experiment": experiment, "card": model_card}
 
 
 if __name__ == "__main__":

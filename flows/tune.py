@@ -33,6 +33,7 @@ from tasks.tune import (
     make_sampler,
     param_importances,
     preset_text,
+    report_epoch,
     storage_uri,
     study_figures,
     study_name,
@@ -125,7 +126,7 @@ def run_tune(
     # Offsetting the seed by the trials already stored keeps a continued random search from
     # replaying the first call's draws.
     study.sampler = make_sampler(cfg.sampler, cfg.seed + before)
-    study.pruner = make_pruner(cfg.pruner)
+    study.pruner = make_pruner(cfg.pruner, cfg.prune_startup_trials, cfg.prune_warmup_epochs)
 
     experiment_id = tracking.ensure_experiment(experiment, repo)
     tags = {
@@ -168,10 +169,7 @@ def run_tune(
             def on_epoch(record: dict) -> None:
                 step = record["epoch"]
                 tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step)
-                trial.report(record[OBJECTIVE], step)
-                # Pruning at the last epoch saves nothing and would only discard its value.
-                if step < cfg.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {step}")
+                report_epoch(trial, record[OBJECTIVE], step, cfg.epochs)
 
             try:
                 tracking.log_params({**sampled, "train.epochs": cfg.epochs})

@@ -154,8 +154,44 @@ def _unique_names(variants: list[Variant]) -> list[Variant]:
     return out
 
 
+# Data keys a variant may change: training applies them on top of the shared cache (colour
+# constancy is a pure function of the cached pixels, see tasks.train.train).
+PER_MODEL_DATA_KEYS: tuple[str, ...] = ("prepare.color_constancy",)
+BOOTSTRAP = 1000  # resamples of the test images for the balanced-accuracy interval
+BOOTSTRAP_SEED = 0
+
+
 def _data_keys(p: Params) -> dict[str, Any]:
-    return flatten({name: dataclasses.asdict(getattr(p, name)) for name in DATA_SECTIONS})
+    keys = flatten({name: dataclasses.asdict(getattr(p, name)) for name in DATA_SECTIONS})
+    return {k: v for k, v in keys.items() if k not in PER_MODEL_DATA_KEYS}
+
+
+def balanced_accuracy_ci(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    resamples: int = BOOTSTRAP,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy over the test images.
+
+    Vectorised over resamples (one bincount for all of them): sklearn's scorer in a Python
+    loop would cost seconds per model. As sklearn's balanced accuracy, each resample averages
+    the recall of the classes present in it.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n, k = len(labels), int(max(labels.max(initial=0) + 1, logits.shape[1]))
+    hit = np.asarray(logits).argmax(axis=1) == labels
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    flat = (labels[idx] + k * np.arange(resamples)[:, None]).ravel()
+    total = np.bincount(flat, minlength=resamples * k).reshape(resamples, k)
+    correct = np.bincount(flat, weights=hit[idx].ravel(), minlength=resamples * k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(total > 0, correct.reshape(resamples, k) / total, np.nan)
+    scores = np.nanmean(recall, axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(scores, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def check_same_data(base: Params, other: Params, what: str) -> None:
@@ -549,10 +585,13 @@ MAIN_COLUMNS = [
     "metadata",
     "source",
     *HEADLINE,
+    "balanced_accuracy_ci_low",
+    "balanced_accuracy_ci_high",
     "ece_before",
     "ece_after",
     "nll_after",
     "train_seconds",
+    "train_minutes",
     "parameters",
 ]
 

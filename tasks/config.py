@@ -62,7 +62,7 @@ class ConfigError(ValueError):
 # tasks.validate.RULE_NAMES, ...).
 # --------------------------------------------------------------------------------------------
 
-LAYOUTS = ("auto", "isic2019", "ham10000", "folder")
+LAYOUTS = ("auto", "isic2019", "isic2018", "ham10000", "folder")
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "efficientnet_b0", "densenet121", "densenet201",
     "mobilenet_v3_large", "convnext_tiny", "custom_cnn",
@@ -74,7 +74,9 @@ EXPLAIN_METHODS = (
 LAYERS = ("early", "middle", "deep")
 CALIBRATION_METHODS = ("temperature", "vector", "isotonic")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective_number")
-LOSSES = ("ce", "focal")
+LOSSES = ("ce", "focal", "logit_adjusted")
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+TTA_MODES = ("none", "flips", "flips_rot90")
 SEVERITIES = ("error", "warning", "off")
 RECIPE_STEPS = ("pipeline", "compare", "tune")
 SPLIT_NAMES = ("train", "val", "test")
@@ -148,7 +150,7 @@ def _non_empty(values: list[Any]) -> list[Any]:
 @dataclass(frozen=True, config=_SECTION)
 class DatasetConfig:
     name: Name  # dataset id: names the MLflow experiment and the reports
-    layout: Literal[LAYOUTS]  # auto | isic2019 | ham10000 | folder
+    layout: Literal[LAYOUTS]  # auto | isic2019 | isic2018 | ham10000 | folder
     root: Name  # dataset root folder (relative to the repo or absolute)
     masks: Str | None = None  # optional folder of <image_id>_segmentation.png masks
     label_map: dict[Str, Str | None] = field(default_factory=dict)  # old -> new label; None drops
@@ -210,6 +212,7 @@ class PrepareConfig:
     size: Annotated[int, Strict(), Ge(8)]  # side of the square cached images
     resize: Literal["squash", "center_crop"]  # center_crop: crop the long side, then resize
     workers: PosInt  # decode processes
+    color_constancy: Literal[COLOR_CONSTANCY] = "none"  # none | shades_of_gray (p = 6)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -250,7 +253,7 @@ class TrainConfig:
     class_weights: Literal[CLASS_WEIGHTS]  # none | inverse | sqrt_inverse | effective_number
     beta: Annotated[float, Strict(), Ge(0), Lt(1)]  # effective_number: beta of Cui et al. 2019
     weighted_sampler: Bool  # sample classes evenly instead of (or besides) reweighting
-    loss: Literal[LOSSES]  # ce | focal
+    loss: Literal[LOSSES]  # ce | focal | logit_adjusted
     focal_gamma: NonNegFloat  # focal loss focusing parameter
     augment: AugmentConfig  # training-time augmentations (torchvision.transforms.v2)
     device: Literal["auto", "cpu", "cuda"]  # auto | cpu | cuda
@@ -260,6 +263,15 @@ class TrainConfig:
     workers: NonNegInt  # DataLoader worker processes
     seed: NonNegInt  # seeds python, numpy and torch
     deterministic: Bool  # deterministic kernels (exactly resumable; slower on GPU)
+    logit_tau: NonNegFloat = 1.0  # logit_adjusted: tau of Menon et al. 2021 (1 = balanced softmax)
+    drw_epoch: NonNegInt = (
+        0  # deferred re-weighting: class weights from this 0-based epoch (0 = off)
+    )
+    ema_decay: Annotated[float, Strict(), Ge(0), Lt(1)] = 0.0  # EMA of the weights (0 = off)
+    mixup_alpha: NonNegFloat = 0.0  # Mixup Beta(alpha, alpha) (0 = off)
+    cutmix_alpha: NonNegFloat = 0.0  # CutMix Beta(alpha, alpha) (0 = off)
+    mix_prob: Probability = 1.0  # share of batches mixed when Mixup or CutMix is on
+    tta: Literal[TTA_MODES] = "none"  # none | flips | flips_rot90: views averaged at evaluation
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -271,7 +283,7 @@ class CalibrateConfig:
 
 @dataclass(frozen=True, config=_SECTION)
 class ExportConfig:
-    opset: Annotated[int, Strict(), Ge(7)]  # ONNX opset version
+    opset: Annotated[int, Strict(), Ge(18)]  # ONNX opset (18+: the dynamo exporter's lowest)
     parity_tolerance: NonNegFloat  # max |p_onnx - p_torch| allowed on the test images
     provider: Literal["auto", "cuda", "cpu"]  # onnxruntime execution provider
     bench_batches: Annotated[list[PosInt], AfterValidator(_non_empty)]  # latency batch sizes
@@ -345,6 +357,8 @@ class TuneConfig:
     seed: NonNegInt  # sampler seed
     space: dict[Str, dict[Str, Any]]  # key -> {low, high[, log]} or {choices: [...]}
     preset: Name  # where the best trial's params are written as a preset
+    prune_startup_trials: NonNegInt = 3  # complete trials before the median pruner judges
+    prune_warmup_epochs: NonNegInt = 2  # epochs a trial always runs before it can be pruned
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -352,6 +366,106 @@ class RecipeConfig:
     name: Str | None  # the recipe's id (set by a recipe preset; null: none applied)
     steps: list[Literal[RECIPE_STEPS]]  # what `dermaflow recipe` runs: pipeline | compare | tune
     small: list[Str] = field(default_factory=list)  # key=value pinned on the embedded default
+
+
+@dataclass(frozen=True, config=_SECTION)
+class CardConfig:
+    intended_use: Name  # what the model is for: the card's first section, verbatim
+    out_of_scope: list[Name]  # uses the model is not for, one line each
+    bootstrap: PosInt  # bootstrap resamples of the test metrics' confidence intervals
+    confidence: Annotated[float, Strict(), Gt(0), Lt(1)]  # level of those intervals
+    seed: NonNegInt  # bootstrap RNG seed: the same predictions give the same intervals
+    external_gap: Probability  # limitation: an external set this far below test
+    subgroup_gap: Probability  # limitation: a group this far below its whole split
+    min_group_n: PosInt  # smaller groups are shown, never named as a limitation
+    coverage_tolerance: Probability  # limitation: conformal coverage below target - this
+    max_ece: Probability  # limitation: calibrated test ECE above this
+    max_referred: Probability  # limitation: the referral rule refers more test cases than this
+    min_recall: Probability  # limitation: a class's test recall below this
+    min_ood_auroc: Probability  # limitation: OOD detection AUROC on a set below this
+    min_tone_share: Probability  # limitation: a skin-tone category below this share of train
+    max_outside_share: Probability  # limitation: attention mostly off the lesion this often
+
+
+def _ascending(values: list[float]) -> list[float]:
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError("the edges must be strictly ascending")
+    return values
+
+
+def _folder_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError("use letters, digits, _ . - only (it names a folder and MLflow metrics)")
+    return name
+
+
+@dataclass(frozen=True, config=_SECTION)
+class ExternalSetConfig:
+    name: Annotated[Name, AfterValidator(_folder_name)]  # metric prefix and report folder
+    root: Name  # the set's root folder (any layout ingest reads)
+    layout: Literal[LAYOUTS] = "auto"  # auto | isic2019 | isic2018 | ham10000 | folder
+    label_map: dict[Str, Str | None] = field(default_factory=dict)  # set label -> model class
+
+
+@dataclass(frozen=True, config=_SECTION)
+class EvaluateConfig:
+    external: list[ExternalSetConfig] = field(default_factory=list)  # sets the model never saw
+    batch_size: PosInt = 64  # images per forward pass
+    bootstrap: PosInt = 1000  # bootstrap resamples of the balanced-accuracy CI
+    confidence: Annotated[float, Strict(), Gt(0), Lt(1)] = 0.95  # level of the CIs
+    seed: NonNegInt = 0  # bootstrap RNG seed
+
+
+SUBGROUP_ATTRIBUTES = ("sex", "age_band", "site", "skin_tone")
+
+
+@dataclass(frozen=True, config=_SECTION)
+class SubgroupsConfig:
+    attributes: Annotated[list[Literal[SUBGROUP_ATTRIBUTES]], AfterValidator(_non_empty)] = field(
+        default_factory=lambda: list(SUBGROUP_ATTRIBUTES)
+    )  # attributes to split by
+    age_bands: Annotated[list[NonNegFloat], AfterValidator(_ascending)] = field(
+        default_factory=lambda: [30.0, 45.0, 60.0, 75.0]
+    )  # age band edges in years
+    min_group_n: PosInt = 20  # smaller groups are shown, never flagged nor in the largest gap
+    max_gap: Probability = 0.1  # flag a group this far below the rest of its split
+    bootstrap: PosInt = 200  # bootstrap resamples of each group's CI
+    confidence: Annotated[float, Strict(), Gt(0), Lt(1)] = 0.95  # level of the CIs
+    seed: NonNegInt = 0  # bootstrap RNG seed
+
+
+OOD_METHODS = ("mahalanobis", "energy")
+CONFORMAL_METHODS = ("aps", "raps")
+
+
+@dataclass(frozen=True, config=_SECTION)
+class OodSetConfig:
+    name: Annotated[Name, AfterValidator(_folder_name)]  # key in detection_auroc
+    root: Name  # a folder of images from another distribution (skipped when absent)
+
+
+def _pass_rate(value: float) -> float:
+    if not 0.5 <= value < 1.0:
+        raise ValueError("must be in [0.5, 1): the share of in-distribution images that passes")
+    return value
+
+
+@dataclass(frozen=True, config=_SECTION)
+class OodConfig:
+    method: Literal[OOD_METHODS] = "mahalanobis"  # mahalanobis | energy (scores on the logits)
+    target_pass_rate: Annotated[Probability, AfterValidator(_pass_rate)] = 0.95  # val share passing
+    external: list[OodSetConfig] = field(default_factory=list)  # other-distribution folders
+    nonskin_count: PosInt = 32  # generated non-skin images per kind (noise, texture, document)
+    seed: NonNegInt = 0  # RNG seed of the generated images
+
+
+@dataclass(frozen=True, config=_SECTION)
+class ConformalConfig:
+    method: Literal[CONFORMAL_METHODS] = "aps"  # aps | raps (split-conformal score)
+    coverage: Annotated[float, Strict(), Gt(0), Lt(1)] = 0.90  # target coverage of the sets
+    class_conditional: bool = False  # one quantile per class (coverage per class)
+    raps_lambda: NonNegFloat = 0.01  # raps: penalty per class beyond raps_k_reg
+    raps_k_reg: NonNegInt = 1  # raps: set size allowed before the penalty
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -373,6 +487,11 @@ class Params:
     compare: CompareConfig
     tune: TuneConfig
     recipe: RecipeConfig
+    card: CardConfig
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    subgroups: SubgroupsConfig = field(default_factory=SubgroupsConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
+    conformal: ConformalConfig = field(default_factory=ConformalConfig)
 
     def as_flat_dict(self) -> dict[str, Any]:
         """Dotted key -> value, the form MLflow's log_params and DVC's params take."""
@@ -655,6 +774,14 @@ def _cross_checks(tree: dict[str, Any]) -> list[str]:
         problems.append(
             f"synth.marker.label: {label!r} is not a class of synth.class_mix ({', '.join(mix)})"
         )
+    train = _get(tree, "train")
+    if isinstance(train, dict) and train.get("loss") == "focal":
+        mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if train.get(k)]
+        if mixing and train.get("mix_prob", 1.0):
+            problems.append(
+                f"train.loss: focal takes class indices, but {' and '.join(mixing)} make soft "
+                "targets; use train.loss ce | logit_adjusted, or set them to 0"
+            )
     variants = _get(tree, "compare", "variants")
     if isinstance(variants, dict):
         for name, overrides in variants.items():

@@ -16,7 +16,9 @@ registration.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import statistics
@@ -119,7 +121,7 @@ def export_onnx(
         meta: the bundle meta from :func:`tasks.models.load_bundle` (arch, classes, input_size,
             normalization, data_version).
         path: target ``.onnx`` file.
-        opset: ONNX opset version.
+        opset: ONNX opset version (18 or later; the graph's own is what the metadata records).
         temperature: the fitted calibration temperature (scalar, or one per class).
         run_id: the MLflow run of this lineage, so a file found anywhere leads back to it.
         data_version: data lineage; defaults to ``meta["data_version"]``.
@@ -165,28 +167,63 @@ def export_onnx(
     }
     if referral_threshold is not None:
         props["referral_threshold"] = float(referral_threshold)
+    trained = meta.get("extra") or {}  # preprocessing that predict must repeat, from the bundle
+    props["color_constancy"] = trained.get("color_constancy", "none")
+    props["tta"] = trained.get("tta", "none")  # already inside the graph (run wraps the model)
     props.update(extra or {})
 
     target = Path(path)
-    with atomic_path(target) as tmp, eval_mode(wrapped), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(
-            wrapped,
-            (dummy,),
-            str(tmp),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    with atomic_path(target) as tmp, eval_mode(wrapped):
+        _export_graph(wrapped, dummy, tmp, opset)
         proto = onnx.load(str(tmp))
+        props["opset"] = graph_opset(proto)  # what the graph declares
         onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in props.items()})
         proto.doc_string = f"dermaflow {props['arch']} classifier: {', '.join(classes)}"
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
     return target
+
+
+def _export_graph(wrapped: nn.Module, example: torch.Tensor, out: Path, opset: int) -> None:
+    """torch.onnx's dynamo exporter (``torch.export`` + onnxscript), the batch axis dynamic.
+
+    The example batch has two images: ``torch.export`` specialises a dimension of size 0 or 1
+    into a constant, which would pin the graph's batch to one. The weights stay inside the
+    file (``external_data=False``): the file is written under a temp name and renamed, so a
+    side file named after the temp name would be lost. The exporter's own progress lines
+    (``[torch.onnx] Obtain model graph ...``) are kept off the stage's output.
+    """
+    example = example.expand(2, *example.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's notes on the traced code, not ours
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            str(out),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+        )
+
+
+def graph_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain (``ai.onnx``) opset a graph declares."""
+    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def graph_stats(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Opset, file size (bytes) and node count of an exported graph, for metrics/export.json."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {
+        "onnx_opset": graph_opset(proto),
+        "onnx_bytes": Path(path).stat().st_size,
+        "onnx_nodes": len(proto.graph.node),
+    }
 
 
 def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
@@ -465,14 +502,27 @@ def benchmark(
     return out
 
 
+def guard_metadata() -> dict[str, Any]:
+    """The OOD guard and the conformal sets, as the ``ood`` / ``conformal`` metadata keys.
+
+    Predict reads both from the file (threshold, class means and precision; the conformal
+    quantile), so the ``.onnx`` alone can flag out-of-distribution images and build sets.
+    """
+    from tasks.conformal import read_sets
+    from tasks.ood import read_guard
+
+    return {"ood": read_guard().to_dict(), "conformal": read_sets().to_dict()}
+
+
 def run(p: Params) -> dict:
     """The ``export`` stage: ONNX with calibration inside, parity, speed, registry alias."""
     from tasks import tracking
     from tasks.calibrate import read_calibrator
-    from tasks.models import load_image_bundle
+    from tasks.models import load_image_bundle, with_tta
     from tasks.prepare import open_split
 
     model, meta = load_image_bundle(paths.BUNDLE, "export")
+    model = with_tta(model, (meta.get("extra") or {}).get("tta"))  # the evaluated model
     calibrator = read_calibrator()
     temperature = calibrator.temperature or 1.0
     if calibrator.method != "temperature":
@@ -486,6 +536,7 @@ def run(p: Params) -> dict:
         model, meta, paths.ONNX_MODEL, p.export.opset, temperature, run_id=run_info["run_id"],
         data_version=meta.get("data_version"),
         referral_threshold=referral.get("referral_threshold"), resize=p.prepare.resize,
+        extra=guard_metadata(),
     )  # fmt: skip
     session, provider = ort_session(paths.ONNX_MODEL, p.export.provider)
     images = open_split(paths.PREPARED, "test").images  # normalised batch by batch
@@ -502,6 +553,7 @@ def run(p: Params) -> dict:
     metrics = {
         "parity_max_abs_diff": float(parity["max_abs_diff"]),
         "parity_images": float(parity["n"]),
+        **graph_stats(paths.ONNX_MODEL),
         **speed,
     }
     write_json(paths.METRICS / "export.json", {**metrics, "provider": provider})

@@ -71,6 +71,10 @@ MANIFEST_COLUMNS = [
 ]
 
 ISIC_GT = "ISIC_2019_Training_GroundTruth.csv"
+# ISIC 2018 Task 3 ground truth, one file per part (Training, Validation, Test).
+ISIC2018_GT_GLOB = "ISIC2018_Task3_*_GroundTruth.csv"
+ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+ISIC2018_TO_ISIC = {"AKIEC": "AK"}  # the 2018 AKIEC column is ISIC 2019's AK
 ISIC_META = "ISIC_2019_Training_Metadata.csv"
 ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
@@ -102,6 +106,9 @@ def choose_layout(root: Path) -> tuple[str, str]:
     """
     if (root / ISIC_GT).is_file():
         return "isic2019", f"{ISIC_GT} found at the root"
+    isic2018 = sorted(root.glob(ISIC2018_GT_GLOB))
+    if isic2018:
+        return "isic2018", f"{isic2018[0].name} found at the root"
     if (root / HAM_META).is_file() or (root / "HAM10000_metadata").is_file():
         return "ham10000", f"{HAM_META} found at the root"
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
@@ -347,7 +354,71 @@ def read_folder(root: Path) -> Adapted:
     return Adapted(frame, other_files=other)
 
 
-ADAPTERS = {"isic2019": read_isic2019, "ham10000": read_ham10000, "folder": read_folder}
+def read_isic2018(root: Path) -> Adapted:
+    """ISIC 2018 Task 3: ``ISIC2018_Task3_<Part>_GroundTruth.csv``, one-hot over 7 classes.
+
+    The columns are MEL NV BCC AKIEC BKL DF VASC; AKIEC becomes ISIC 2019's AK, so a model
+    trained on either vocabulary scores this set. The images (``<image>.jpg``) may sit
+    anywhere under the root (the archives nest them in ``..._Input`` folders); the set has no
+    metadata CSV, so every image is its own lesion. Exactly one ground-truth file must be at
+    the root: two parts in one root would silently merge two sets.
+
+    Raises:
+        IngestError: several ground-truth files, an unexpected column, or a class cell that
+            is not a number (naming the file, line and column).
+    """
+    found = sorted(root.glob(ISIC2018_GT_GLOB))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise IngestError(
+            f"{root}: expected one {ISIC2018_GT_GLOB} at the root, found {names}; "
+            "put each part in its own folder"
+        )
+    gt_path = found[0]
+    gt = read_table(gt_path, ["image"], dtype={"image": str})
+    classes = [c for c in gt.columns if c not in ("image", "_line")]
+    if sorted(classes) != sorted(ISIC2018_CLASSES):
+        raise IngestError(
+            f"{gt_path}: expected columns image + {', '.join(ISIC2018_CLASSES)}; "
+            f"found {', '.join(classes) or 'no class columns'}"
+        )
+    values = gt[classes].apply(pd.to_numeric, errors="coerce")
+    bad = values.isna() & gt[classes].notna()
+    if bad.to_numpy().any():
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise IngestError(
+            f"{gt_path} line {gt['_line'].iat[row]}: column {classes[col]} is "
+            f"{gt[classes[col]].iat[row]!r}, not 0 or 1"
+        )
+    hot = values.fillna(0).to_numpy() >= 0.5
+    sums = hot.sum(axis=1)
+    names = [ISIC2018_TO_ISIC.get(c, c) for c in classes]
+    frame = pd.DataFrame(
+        {
+            "image_id": gt["image"].astype(str).str.strip(),
+            "label": [
+                names[row.argmax()] if n == 1 else None for row, n in zip(hot, sums, strict=True)
+            ],
+            "onehot_sum": sums,
+            "csv_line": gt["_line"].to_numpy(),
+        }
+    )
+    frame["source"] = "isic2018"
+    metadata = {
+        "file": None,
+        "present": False,
+        "lesion_ids": False,
+        "note": "ISIC 2018 Task 3 ships no metadata CSV",
+    }
+    return Adapted(frame, gt_path.name, None, metadata)
+
+
+ADAPTERS = {
+    "isic2019": read_isic2019,
+    "isic2018": read_isic2018,
+    "ham10000": read_ham10000,
+    "folder": read_folder,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,9 +666,9 @@ def build_manifest(
         mask_index.update(index_images(Path(masks))[1])
 
     if "path" not in frame.columns:
-        default_dir = ISIC_INPUT if layout == "isic2019" else "images"
+        default_dir = {"isic2019": f"{ISIC_INPUT}/", "isic2018": ""}.get(layout, "images/")
         frame["path"] = [
-            _rel(images[i], root) if i in images else f"{default_dir}/{i}.jpg"
+            _rel(images[i], root) if i in images else f"{default_dir}{i}.jpg"
             for i in frame["image_id"]
         ]
     frame["mask_path"] = [_rel(mask_index.get(i), root) for i in frame["image_id"]]

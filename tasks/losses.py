@@ -1,9 +1,14 @@
 """Losses and re-balancing for imbalanced lesion classes.
 
 Dermoscopy sets are heavily skewed (ISIC 2019: half naevi, under 1 % dermatofibroma), so the
-trainer can counter the imbalance three ways, alone or together: per-class loss weights
-(:func:`class_weights`), a loss that focuses on hard examples (:class:`FocalLoss`), and a
-sampler that draws classes evenly (:func:`sampler_weights`).
+trainer can counter the imbalance several ways, alone or together: per-class loss weights
+(:func:`class_weights`), switched on late (deferred re-weighting, :func:`epoch_class_weights`),
+a loss that focuses on hard examples (:class:`FocalLoss`), a loss that shifts the logits by the
+class prior (:class:`LogitAdjustedLoss`), and a sampler that draws classes evenly
+(:func:`sampler_weights`).
+
+Targets are class indices ``(N,)`` or, after Mixup / CutMix, class probabilities ``(N, C)``;
+cross-entropy and the logit-adjusted loss take both, the focal loss only indices.
 
 Class weights are normalised so that the mean weight per *training sample* is 1. The loss
 therefore keeps the scale of the unweighted loss, and ``train.lr`` means the same whichever
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHT_MODES = ("none", "inverse", "sqrt_inverse", "effective_number")
-LOSSES = ("ce", "focal")
+LOSSES = ("ce", "focal", "logit_adjusted")
 
 
 def class_counts(labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int) -> list[int]:
@@ -124,6 +129,12 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits``: (N, C) raw scores; ``target``: (N,) class indices."""
+        if target.ndim != 1:
+            raise ValueError(
+                "train.loss=focal takes class indices, not the soft targets of Mixup / CutMix; "
+                "set train.mixup_alpha=0 and train.cutmix_alpha=0, or use train.loss=ce | "
+                "logit_adjusted"
+            )
         num_classes = logits.shape[1]
         log_p = F.log_softmax(logits.float(), dim=1)
         per_class = -log_p  # (N, C): cross-entropy of each class as the target
@@ -153,18 +164,97 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma}, label_smoothing={self.label_smoothing}"
 
 
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted cross-entropy (Menon et al. 2021, "Long-tail learning via logit adjustment").
+
+    The loss is cross-entropy on ``logits + tau * log(prior)``: rare classes must win by a
+    margin that grows as their prior shrinks, which makes the *unadjusted* logits (used at
+    inference, unchanged) consistent for the balanced error. ``tau = 1`` is the balanced
+    softmax of Ren et al. (2020). Hand-written because torch has no prior-shifted
+    cross-entropy; the shift is one addition before ``F.cross_entropy``, which keeps class
+    weights, label smoothing and soft (Mixup / CutMix) targets exactly as torch defines them.
+
+    Args:
+        prior: training class frequencies ``(C,)`` (counts or probabilities; normalised here).
+        tau: strength of the adjustment (>= 0); 0 is plain cross-entropy.
+        weight: optional per-class weights, as in ``nn.CrossEntropyLoss``.
+        label_smoothing: eps in [0, 1).
+    """
+
+    def __init__(
+        self,
+        prior: torch.Tensor | Sequence[float],
+        tau: float = 1.0,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        prior = torch.as_tensor(prior, dtype=torch.float32)
+        if tau < 0:
+            raise ValueError(f"logit adjustment tau must be >= 0, got {tau}")
+        if prior.ndim != 1 or bool((prior <= 0).any()):
+            raise ValueError(f"the class prior must be positive for every class, got {prior}")
+        self.tau = float(tau)
+        self.label_smoothing = float(label_smoothing)
+        self.register_buffer("shift", tau * torch.log(prior / prior.sum()), persistent=False)
+        self.register_buffer(
+            "weight",
+            None if weight is None else torch.as_tensor(weight, dtype=torch.float32),
+            persistent=False,
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits``: (N, C); ``target``: (N,) indices or (N, C) probabilities."""
+        return F.cross_entropy(
+            logits.float() + self.shift.to(logits.device),
+            target,
+            weight=None if self.weight is None else self.weight.to(logits.device),
+            label_smoothing=self.label_smoothing,
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, label_smoothing={self.label_smoothing}"
+
+
 def make_loss(
     kind: str,
     weights: torch.Tensor | None = None,
     gamma: float = 2.0,
     label_smoothing: float = 0.0,
+    prior: torch.Tensor | Sequence[float] | None = None,
+    tau: float = 1.0,
 ) -> nn.Module:
-    """The training criterion for ``train.loss``: ``ce`` or ``focal`` (``gamma`` ignored by ce)."""
+    """The training criterion for ``train.loss``: ``ce``, ``focal`` or ``logit_adjusted``.
+
+    ``gamma`` is the focal loss's; ``prior`` (the training class counts) and ``tau`` are the
+    logit-adjusted loss's, which needs ``prior``.
+    """
     if kind == "ce":
         return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
     if kind == "focal":
         return FocalLoss(weight=weights, gamma=gamma, label_smoothing=label_smoothing)
+    if kind == "logit_adjusted":
+        if prior is None:
+            raise ValueError("train.loss=logit_adjusted needs the training class counts")
+        return LogitAdjustedLoss(prior, tau, weights, label_smoothing)
     raise ValueError(f"train.loss must be one of {'|'.join(LOSSES)}, got {kind!r}")
+
+
+def epoch_class_weights(weights: torch.Tensor, epoch: int, drw_epoch: int) -> torch.Tensor:
+    """Deferred re-weighting (Cao et al. 2019): uniform weights first, class weights later.
+
+    The features are learnt on the natural distribution, where they are best, and the
+    re-weighting only moves the decision boundaries in the last epochs.
+
+    Args:
+        weights: the class weights of ``train.class_weights``.
+        epoch: 0-based epoch index.
+        drw_epoch: ``train.drw_epoch``; the weights apply from this 0-based epoch on (the
+            epoch numbered ``drw_epoch + 1`` in the logs); 0 = always on (no deferral).
+    """
+    if drw_epoch > 0 and epoch < drw_epoch:
+        return torch.ones_like(weights)
+    return weights
 
 
 def sampler_weights(

@@ -508,6 +508,58 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+TTA_VIEWS = {"none": 1, "flips": 4, "flips_rot90": 8}
+
+
+class TTAClassifier(nn.Module):
+    """Test-time augmentation as a module: the mean softmax over flipped / rotated views.
+
+    ``flips`` averages the identity, horizontal, vertical and both flips; ``flips_rot90`` the
+    eight symmetries of the square (those four, each also turned by 90 degrees). Lesions have
+    no up, down, left or right, so each view is as valid as the original. The views are
+    stacked into one batch (one forward pass). The output is ``log(mean softmax)``: log-
+    probabilities that the rest of the project treats as logits (argmax, cross-entropy,
+    temperature scaling and the ONNX graph's softmax give back the averaged probabilities),
+    so the exported graph, the calibrated evaluation and the training report score the same
+    model. Hand-written: torchvision has the transforms but no view-averaging wrapper.
+
+    Args:
+        model: the classifier (raw logits), fed square ``(N, 3, S, S)`` images.
+        mode: ``flips`` | ``flips_rot90`` (``none`` is not wrapped: see :func:`with_tta`).
+    """
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        super().__init__()
+        if mode not in TTA_VIEWS or mode == "none":
+            raise ValueError(f"tta mode must be flips | flips_rot90, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.train(model.training)
+
+    @staticmethod
+    def views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+        """The transformed copies of ``x`` (NCHW) that are averaged, identity first."""
+        flips = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)]
+        if mode == "flips":
+            return flips
+        return [*flips, *(v.transpose(-2, -1) for v in flips)]
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """``x``: images; ``extra``: the further inputs of a fusion model, repeated per view."""
+        views = self.views(x, self.mode)
+        repeated = [e.repeat(len(views), *([1] * (e.ndim - 1))) for e in extra]
+        logits = self.model(torch.cat(views), *repeated)
+        probs = torch.softmax(logits.float(), dim=-1).reshape(len(views), x.shape[0], -1)
+        return probs.mean(dim=0).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def with_tta(model: nn.Module, mode: str | None) -> nn.Module:
+    """``model`` wrapped in :class:`TTAClassifier` for ``train.tta``; unchanged for none."""
+    if mode in (None, "none"):
+        return model
+    return TTAClassifier(model, mode)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (all, or only those that require grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

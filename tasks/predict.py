@@ -45,6 +45,8 @@ from tasks.progress import progress_bar
 _URI_SCHEMES = ("models:/", "runs:/")
 _REQUIRED = ("classes", "input_size", "normalization")
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+# After the class probabilities: the OOD score and flag, the conformal set, the referral.
+REFERRAL_COLUMNS = ("ood_score", "ood", "prediction_set", "refer")
 # Everything a broken or hostile file can raise while being decoded; anything else is a bug.
 _DECODE_ERRORS = (PrepareError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -99,8 +101,10 @@ class Predictor:
         self.mean = [float(m) for m in metadata["normalization"]["mean"]]
         self.std = [float(s) for s in metadata["normalization"]["std"]]
         self.resize = str(metadata.get("resize", "center_crop"))
+        self.color_constancy = str(metadata.get("color_constancy", "none"))  # as prepare did
         threshold = metadata.get("referral_threshold")
         self.referral_threshold = None if threshold is None else float(threshold)
+        self.ood, self.conformal = guards_from_metadata(metadata, source)
 
     def __repr__(self) -> str:
         return (
@@ -114,6 +118,65 @@ class Predictor:
             list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
         )
         return logits, probs
+
+
+def guards_from_metadata(metadata: Mapping[str, Any], source: str) -> tuple[Any, Any]:
+    """The OOD guard and conformal sets stored in a model's metadata (None where absent).
+
+    Models exported before the guard existed have neither; their predictions get no
+    ``ood`` flag or ``prediction_set`` (NA), and referral falls back to the confidence rule.
+
+    Raises:
+        PredictError: a guard or set entry that is present but unreadable.
+    """
+    from tasks.conformal import ConformalError, sets_from_dict
+    from tasks.ood import OodError, guard_from_dict
+
+    try:
+        guard = guard_from_dict(metadata["ood"], f"{source}: ood") if "ood" in metadata else None
+        sets = metadata.get("conformal")
+        sets = None if sets is None else sets_from_dict(sets, f"{source}: conformal")
+    except (OodError, ConformalError) as err:
+        raise PredictError(str(err)) from None
+    return guard, sets
+
+
+def referral_columns(
+    logits: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    threshold: float | None,
+    guard: Any,
+    sets: Any,
+) -> list[dict[str, Any]]:
+    """Per image: ``ood_score``, ``ood``, ``prediction_set`` and ``refer``.
+
+    An image is referred when its confidence is below ``threshold``, when the guard flags it
+    (whatever its confidence: a confident answer on a photo unlike the training images means
+    nothing), or when its conformal set is ambiguous (more than one class, or a malignant class
+    that is not the top one). ``refer`` is None only when no rule is available.
+    """
+    from tasks.conformal import ambiguous, set_labels
+
+    n = len(probs)
+    conf = probs.max(axis=1)
+    score = guard.scores(logits) if guard is not None else np.full(n, np.nan)
+    flag = score > guard.threshold if guard is not None else None
+    member = sets.sets(probs) if sets is not None else None
+    unsure = ambiguous(member, probs, classes) if member is not None else None
+    labels = set_labels(member, classes) if member is not None else [None] * n
+    rules = [conf < threshold] if threshold is not None else []
+    rules += [r for r in (flag, unsure) if r is not None]
+    refer = np.logical_or.reduce(rules) if rules else None
+    return [
+        {
+            "ood_score": float(score[i]),
+            "ood": None if flag is None else bool(flag[i]),
+            "prediction_set": labels[i],
+            "refer": None if refer is None else bool(refer[i]),
+        }
+        for i in range(n)
+    ]
 
 
 def _find_onnx(path: Path, source: str) -> Path:
@@ -214,8 +277,11 @@ def load_image(
     size: int,
     resize: str = "center_crop",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    color: str = "none",
 ) -> np.ndarray:
     """Decode one file exactly as the prepare stage does: uint8 (size, size, 3).
+
+    ``color`` is the model's colour constancy (bundle extra / ONNX metadata).
 
     Raises:
         PrepareError: the file does not decode, is a broken link or has more than
@@ -224,7 +290,7 @@ def load_image(
     problem = file_problem(Path(path), max_pixels)
     if problem:
         raise PrepareError(problem)
-    rgb, _, _ = decode_one(Path(path), None, size, resize)
+    rgb, _, _ = decode_one(Path(path), None, size, resize, color)
     return rgb
 
 
@@ -234,6 +300,7 @@ def preprocess(
     mean: Sequence[float],
     std: Sequence[float],
     resize: str = "center_crop",
+    color: str = "none",
 ) -> np.ndarray:
     """One image file -> the model's input, float32 (3, size, size), as training saw it.
 
@@ -241,7 +308,7 @@ def preprocess(
     training one (:func:`tasks.export.normalize`), so there is no second implementation of
     either to drift apart.
     """
-    return normalize(load_image(path, size, resize)[None], mean, std)[0]
+    return normalize(load_image(path, size, resize, color=color)[None], mean, std)[0]
 
 
 def _confidence_columns(classes: Sequence[str]) -> list[str]:
@@ -264,15 +331,19 @@ def predict_files(
         batch_size: images per onnxruntime call.
         referral_threshold: refer a case when its confidence is below this; ``"model"`` (the
             default) uses the threshold stored in the model (``predictor.referral_threshold``),
-            None turns referral off (``refer`` is NA).
+            None turns the confidence rule off (``refer`` is NA unless the model also
+            carries an OOD guard or conformal sets, whose rules still apply).
         progress: show a progress bar.
         max_pixels: larger images get an error row instead of being decoded
             (``validate.max_pixels``).
 
     Returns:
         Columns ``image`` (path as given), ``predicted`` (class), ``confidence`` (its calibrated
-        probability), ``p_<class>`` for each class, ``refer`` (nullable bool) and ``error``
-        (None, or why the file could not be scored; its other columns are then empty).
+        probability), ``p_<class>`` for each class, ``ood_score`` / ``ood`` (the guard's score
+        and flag), ``prediction_set`` (the conformal set, e.g. ``{MEL, NV}``), ``refer``
+        (nullable bool; see :func:`referral_columns`) and ``error`` (None, or why the file
+        could not be scored; its other columns are then empty). Without a guard or sets in
+        the model, their columns are NA.
     """
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size}: must be >= 1")
@@ -290,26 +361,31 @@ def predict_files(
             for f in chunk:
                 row: dict[str, Any] = {"image": str(f), "error": None}
                 try:
-                    arrays.append(load_image(f, size, predictor.resize, max_pixels))
+                    arrays.append(
+                        load_image(f, size, predictor.resize, max_pixels, predictor.color_constancy)
+                    )
                     good.append(row)
                 except _DECODE_ERRORS as err:
                     row["error"] = str(err) if isinstance(err, PrepareError) else f"{f}: {err}"
                 batch_rows.append(row)
             if arrays:
-                _, probs = predictor.predict(normalize(np.stack(arrays), mean, std))
-                for row, p in zip(good, probs, strict=True):
+                logits, probs = predictor.predict(normalize(np.stack(arrays), mean, std))
+                extra = referral_columns(
+                    logits, probs, predictor.classes, threshold, predictor.ood, predictor.conformal
+                )
+                for row, p, more in zip(good, probs, extra, strict=True):
                     k = int(p.argmax())
                     row["predicted"] = predictor.classes[k]
                     row["confidence"] = float(p[k])
                     row.update(zip(prob_cols, (float(v) for v in p), strict=True))
-                    if threshold is not None:
-                        row["refer"] = bool(p[k] < threshold)
+                    row.update(more)
             rows.extend(batch_rows)
             bar.advance(task, len(chunk))
-    columns = ["image", "predicted", "confidence", *prob_cols, "refer", "error"]
+    columns = ["image", "predicted", "confidence", *prob_cols, *REFERRAL_COLUMNS, "error"]
     frame = pd.DataFrame(rows, columns=columns)
-    frame = frame.astype({c: "float64" for c in ["confidence", *prob_cols]})
+    frame = frame.astype({c: "float64" for c in ["confidence", *prob_cols, "ood_score"]})
     frame["refer"] = frame["refer"].astype("boolean")
+    frame["ood"] = frame["ood"].astype("boolean")
     frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
     return frame
 

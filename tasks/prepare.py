@@ -4,6 +4,10 @@ Decoding a JPEG and resizing it costs far more than a training step of a small m
 done once per dataset version: each split becomes ``<split>_images.npy`` (N, S, S, 3) uint8,
 ``<split>_masks.npy`` (N, S, S) uint8 in {0, 1}, and ``<split>.parquet`` (the rows, in order,
 with ``label_idx``). ``np.load(..., mmap_mode="r")`` then serves batches without decoding.
+
+:func:`decode_one` is the one preprocessing function of the project: the cache, ``predict``,
+``explain-batch`` and the external evaluation all decode through it, so an image is seen the
+same way everywhere, colour constancy (``prepare.color_constancy``) included.
 """
 
 from __future__ import annotations
@@ -67,10 +71,53 @@ def square(img: Image.Image, size: int, resize: str, resample: int) -> Image.Ima
     return img.resize((size, size), resample=resample, reducing_gap=3.0)
 
 
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+SHADES_OF_GRAY_P = 6
+
+
+def shades_of_gray(rgb: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) of uint8 RGB ``(..., H, W, 3)``.
+
+    The illuminant of each channel is estimated as the Minkowski p-norm mean of its pixels
+    (``p = 6``: between grey-world, p = 1, and max-RGB, p = inf, as in Barata et al. 2015 and
+    the ISIC 2018 / 2019 winners), and each channel is scaled so that the illuminant becomes
+    neutral grey of the same brightness. Hand-written: it is a few numpy lines, and neither
+    torchvision nor PIL offers it. Float64 throughout and one final rounding, so the same
+    pixels give the same bytes on every path (cache, predict, evaluation).
+    """
+    x = np.asarray(rgb, dtype=np.float64)
+    illuminant = np.power(np.mean(np.power(x, p), axis=(-3, -2), keepdims=True), 1.0 / p)
+    illuminant = np.maximum(illuminant, 1e-6)
+    gain = np.linalg.norm(illuminant, axis=-1, keepdims=True) / (np.sqrt(3.0) * illuminant)
+    return np.clip(np.rint(x * gain), 0, 255).astype(np.uint8)
+
+
+def color_constancy(rgb: np.ndarray, method: str) -> np.ndarray:
+    """``prepare.color_constancy`` on resized uint8 RGB: ``none`` or ``shades_of_gray``.
+
+    Applied after the resize (the illuminant of the square image the model sees, and a
+    fraction of the cost at full resolution).
+    """
+    if method == "none":
+        return np.asarray(rgb, dtype=np.uint8)
+    if method == "shades_of_gray":
+        return shades_of_gray(rgb)
+    raise ValueError(f"color constancy must be one of {'|'.join(COLOR_CONSTANCY)}, got {method!r}")
+
+
 def decode_one(
-    image: Path, mask: Path | None, size: int, resize: str
+    image: Path,
+    mask: Path | None,
+    size: int,
+    resize: str,
+    color: str = "none",
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Decode, orient and resize one image (and its mask, with the same geometry)."""
+    """Decode, orient, resize and colour-correct one image (its mask with the same geometry).
+
+    Args:
+        color: ``prepare.color_constancy`` (``none`` | ``shades_of_gray``); inference reads it
+            from the model bundle / ONNX metadata, never from params.yaml.
+    """
     try:
         with Image.open(image) as img:
             rgb = square(to_rgb(img), size, resize, Image.Resampling.BICUBIC)
@@ -83,12 +130,12 @@ def decode_one(
             m = ImageOps.exif_transpose(m).convert("L")
             m = square(m, size, resize, Image.Resampling.NEAREST)
             out_mask = (np.asarray(m) > 127).astype(np.uint8)
-    return np.asarray(rgb, dtype=np.uint8), out_mask, has_mask
+    return color_constancy(np.asarray(rgb, dtype=np.uint8), color), out_mask, has_mask
 
 
-def _decode_chunk(args: tuple[list[tuple[Path, Path | None]], int, str]):
-    items, size, resize = args
-    results = [decode_one(i, m, size, resize) for i, m in items]
+def _decode_chunk(args: tuple[list[tuple[Path, Path | None]], int, str, str]):
+    items, size, resize, color = args
+    results = [decode_one(i, m, size, resize, color) for i, m in items]
     return (
         np.stack([r[0] for r in results]),
         np.stack([r[1] for r in results]),
@@ -119,6 +166,7 @@ def prepare_split(
     resize: str,
     workers: int,
     progress: Progress | None = None,
+    color: str = "none",
 ) -> int:
     """Decode one split's rows into ``out_dir``; returns the number of images written."""
     n = len(rows)
@@ -133,7 +181,7 @@ def prepare_split(
         for p, m in zip(rows["path"], rows["mask_path"], strict=True)
     ]
     chunk = 32
-    jobs = [(items[s], size, resize) for s in _chunks(n, chunk)]
+    jobs = [(items[s], size, resize, color) for s in _chunks(n, chunk)]
     has_mask: list[bool] = []
     task = progress.add_task(f"decoding {split}", total=n) if progress else None
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -166,8 +214,13 @@ def prepare(
     resize: str = "center_crop",
     workers: int = 1,
     show_progress: bool = True,
+    color: str = "none",
 ) -> dict:
-    """Build the cache for every split; returns stage metrics (decode throughput included)."""
+    """Build the cache for every split; returns stage metrics (decode throughput included).
+
+    ``color`` (``prepare.color_constancy``) is applied to the cached pixels and recorded in
+    ``meta.json``, from where training copies it into the model bundle.
+    """
     root = Path(root)
     splits = {s: read_split(split_dir, s) for s in SPLITS}
     classes = class_names(pd.concat([f["label"] for f in splits.values()]))
@@ -177,10 +230,13 @@ def prepare(
         progress_bar(show_progress) as bar,
     ):
         counts = {
-            s: prepare_split(frame, root, tmp, s, classes, size, resize, workers, bar)
+            s: prepare_split(frame, root, tmp, s, classes, size, resize, workers, bar, color)
             for s, frame in splits.items()
         }
-        meta = {"classes": classes, "size": size, "resize": resize, "counts": counts}
+        meta = {
+            "classes": classes, "size": size, "resize": resize, "color_constancy": color,
+            "counts": counts,
+        }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     seconds = time.perf_counter() - start
     total = sum(counts.values())
@@ -201,6 +257,8 @@ class PreparedSplit:
     masks: np.ndarray  # (N, S, S) uint8 in {0, 1}; all zero where has_mask is False
     rows: pd.DataFrame  # manifest rows in array order, with label_idx and has_mask
     classes: list[str]
+    color_constancy: str = "none"  # what prepare applied to the cached pixels
+    resize: str = "center_crop"  # how prepare made the images square
 
     @property
     def labels(self) -> np.ndarray:
@@ -216,6 +274,8 @@ def open_split(prepared_dir: str | Path, split: str) -> PreparedSplit:
         masks=np.load(d / f"{split}_masks.npy", mmap_mode="r"),
         rows=pd.read_parquet(d / f"{split}.parquet"),
         classes=list(meta["classes"]),
+        color_constancy=str(meta.get("color_constancy", "none")),
+        resize=str(meta.get("resize", "center_crop")),
     )
 
 
@@ -223,7 +283,7 @@ def run(p: Params) -> dict:
     """The ``prepare`` stage: decode every split image once into ``data/prepared``."""
     metrics = prepare(
         paths.SPLITS, p.dataset.root, paths.PREPARED, p.prepare.size, p.prepare.resize,
-        p.prepare.workers,
+        p.prepare.workers, color=p.prepare.color_constancy,
     )  # fmt: skip
     write_json(paths.METRICS / "prepare.json", metrics)
     console.print(

@@ -20,8 +20,8 @@ Before the stage's ``run`` does any work, the entry:
   stage stops the first stage of a ``dvc repro`` within seconds;
 - removes what a killed earlier run of this stage left beside its outs (temp files and
   folders of dead processes, :func:`tasks.io.clean_stale_temps`), saying so;
-- for the stages that extend the training's lineage (calibrate, export, explain), refuses when
-  ``models/run.json`` and ``models/model.pt`` are not from one successful training;
+- for the stages that extend the training's lineage (calibrate, export, explain, card),
+  refuses when ``models/run.json`` and ``models/model.pt`` are not from one successful training;
 - sets PIL's decompression-bomb limit to ``validate.max_pixels``.
 """
 
@@ -53,28 +53,47 @@ STAGE_MODULES = {
     "prepare": "tasks.prepare",
     "train": "tasks.train",
     "calibrate": "tasks.calibrate",
+    "ood": "tasks.ood",
+    "conformal": "tasks.conformal",
     "export": "tasks.export",
+    "evaluate": "tasks.evaluate",
+    "subgroups": "tasks.subgroups",
     "explain": "tasks.explain",
+    "card": "tasks.card",
 }
 
 # Errors that mean bad input or config. Named, not imported: a raised error's module is already
 # loaded, and importing every stage (GX, ONNX, torch) only to classify an error costs seconds.
 KNOWN_ERRORS = (
+    ("tasks.card", "CardError"),
+    ("tasks.evaluate", "EvaluateError"),
+    ("tasks.conformal", "ConformalError"),
     ("tasks.export", "ParityError"),
     ("tasks.ingest", "IngestError"),
     ("tasks.io", "LineageError"),
     ("tasks.io", "OutputPathError"),
     ("tasks.models", "WeightsUnavailableError"),
+    ("tasks.ood", "OodError"),
     ("tasks.predict", "PredictError"),
     ("tasks.prepare", "PrepareError"),
     ("tasks.split", "SplitError"),
+    ("tasks.subgroups", "SubgroupError"),
     ("tasks.train", "TrainingError"),
     ("tasks.tune", "TuneError"),
     ("tasks.validate", "ManifestError"),
     ("tasks.validate", "ValidationError"),
 )
 # Stages that append to the training's MLflow run and read its bundle or predictions.
-LINEAGE_STAGES = ("calibrate", "export", "explain")
+LINEAGE_STAGES = (
+    "calibrate",
+    "ood",
+    "conformal",
+    "export",
+    "evaluate",
+    "subgroups",
+    "explain",
+    "card",
+)
 RUN_FILE = paths.MODELS / "run.json"  # tasks.tracking.RUN_FILE (not imported: MLflow is slow)
 
 console = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line

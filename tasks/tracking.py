@@ -157,6 +157,22 @@ def mark_abandoned_runs(experiment_id: str, repo: str | Path = ".") -> list[str]
     return closed
 
 
+# Seconds between system-metric samples of a training run. MLflow's default (10 s) logs
+# nothing for a run shorter than one interval; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+# (MLflow's own variable) overrides it.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+def _short_system_metrics_interval() -> None:
+    """Sample CPU, RAM, disk, network (and GPU with nvidia-ml-py) every few seconds.
+
+    MLflow's monitor publishes a sample only after a full interval has passed while the run is
+    still RUNNING, so the interval bounds the shortest training that gets a curve.
+    """
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+
+
 @contextlib.contextmanager
 def lineage_run(
     experiment: str,
@@ -166,6 +182,10 @@ def lineage_run(
     bundle: str | Path | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start the pipeline's run; record it in models/run.json only when the block succeeds.
+
+    The run logs system metrics (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, ``system/gpu_0_utilization_percentage`` where
+    an NVIDIA GPU and nvidia-ml-py are present), shown in the run page's System metrics tab.
 
     Runs this project left RUNNING (killed processes) are closed first
     (:func:`mark_abandoned_runs`). Inside the block, :func:`update_run_file` adds fields to
@@ -177,7 +197,10 @@ def lineage_run(
     mark_abandoned_runs(experiment_id, repo)
     run_file = (Path(repo) / RUN_FILE).resolve()
     owned = {**tags, **_owner_tags(repo)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=owned) as run:
+    _short_system_metrics_interval()
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=owned, log_system_metrics=True
+    ) as run:
         _PENDING[run_file] = {
             "run_id": run.info.run_id,
             "experiment_id": experiment_id,
@@ -466,10 +489,100 @@ def record_gate(
 
 
 def environment_tags() -> dict[str, str]:
+    """The machine a training ran on (psutil is also what MLflow's system metrics sample)."""
+    import psutil
     import torch
 
     return {
         "torch_version": torch.__version__,
         "python_version": sys.version.split()[0],
         "cuda": str(torch.cuda.is_available()),
+        "cpu_count": str(psutil.cpu_count()),
+        "ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
     }
+
+
+def log_evaluations(
+    evaluations: Mapping[str, tuple[Any, str, Mapping[str, float]]],
+    run_id: str | None = None,
+    version: tuple[str, str] | None = None,
+) -> str:
+    """Log external evaluations of a model into its training run; returns what was done.
+
+    Each set becomes an MLflow dataset input with context ``evaluation`` (its per-image table,
+    digest from the table's content) and its metrics (already prefixed ``<set>/``) are linked
+    to that dataset. With ``version`` (registered model, version) the balanced accuracy of each
+    set also becomes a tag of that model version, so the registry page shows it.
+
+    Args:
+        evaluations: set name -> (per-image pandas table, source root, flat metrics).
+        run_id: the run to log into when none is active (``dermaflow evaluate``); a run the
+            store does not hold is skipped and said so, never created.
+        version: optional (registered model name, version) to tag.
+    """
+    import mlflow.data
+    from mlflow.exceptions import MlflowException
+
+    def log_all(active_id: str) -> str:
+        for name, (table, source, metrics) in evaluations.items():
+            content = table.to_csv(index=False).encode()
+            digest = hashlib.sha256(content).hexdigest()[:16]
+            dataset = mlflow.data.from_pandas(
+                table, source=source, name=f"external-{name}", digest=digest
+            )
+            mlflow.log_input(dataset, context="evaluation")
+            mlflow.log_metrics(dict(metrics), dataset=dataset)
+            if version is not None:
+                key = f"{name}/balanced_accuracy"
+                if key in metrics:
+                    set_version_tags(*version, {f"evaluation.{key}": f"{metrics[key]:.4f}"})
+        return f"logged {len(evaluations)} evaluation(s) to MLflow run {active_id}"
+
+    active = mlflow.active_run()
+    if active is not None:
+        return log_all(active.info.run_id)
+    if run_id is None:
+        return "not logged to MLflow (no run to log into)"
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return f"not logged to MLflow (run {run_id} is not in {mlflow.get_tracking_uri()})"
+    with mlflow.start_run(run_id=run_id):
+        return log_all(run_id)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """The tags of one run (the train stage's data_version, git_commit, dataset, arch, ...)."""
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def version_url(registered_model: str, version: str) -> str:
+    """A model version's page in the MLflow UI (the registry page that shows its description)."""
+    from urllib.parse import quote
+
+    base = ui_url("0", "0").split("/#/", 1)[0]
+    return f"{base}/#/models/{quote(registered_model, safe='')}/versions/{version}"
+
+
+def log_ood_conformal(
+    prefix: str, metrics: Mapping[str, Any], artifacts: Mapping[str, str | Path]
+) -> None:
+    """Log an OOD or conformal report into the active run: numbers flat, files as artifacts.
+
+    Nested numbers become ``<prefix>_<key>_<subkey>`` (``ood_detection_auroc_mednode``,
+    ``conformal_coverage_per_class_MEL``); strings and None are skipped; the report itself is
+    logged as ``<prefix>/<prefix>.json``.
+    """
+    flat: dict[str, float] = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(f"{name}_{key}", item)
+        elif isinstance(value, bool | int | float) and value is not None:
+            flat[re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", name)] = float(value)
+
+    walk(prefix, metrics)
+    log_metrics(flat)
+    mlflow.log_dict(dict(metrics), f"{prefix}/{prefix}.json")
+    log_artifacts(dict(artifacts))

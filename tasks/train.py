@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
@@ -31,10 +32,10 @@ from tasks import paths
 from tasks.config import ModelConfig, Params, TrainConfig
 from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
-from tasks.losses import class_weights, make_loss, sampler_weights
+from tasks.losses import class_weights, epoch_class_weights, make_loss, sampler_weights
 from tasks.metrics import classification_metrics
-from tasks.models import build_model, set_backbone_frozen
-from tasks.prepare import PreparedSplit, open_split
+from tasks.models import build_model, set_backbone_frozen, with_tta
+from tasks.prepare import PreparedSplit, color_constancy, open_split
 from tasks.progress import progress_bar
 from tasks.split import data_version, read_split
 from tasks.stage import console, main
@@ -57,10 +58,13 @@ class CachedImages(Dataset):
     the label to the model as further inputs.
     """
 
-    def __init__(self, split: PreparedSplit, metadata: np.ndarray | None = None) -> None:
+    def __init__(
+        self, split: PreparedSplit, metadata: np.ndarray | None = None, color: str = "none"
+    ) -> None:
         self.images = split.images
         self.labels = split.labels
         self.metadata = None if metadata is None else torch.from_numpy(metadata)
+        self.color = color  # colour constancy still to apply (the cache was written without)
 
     def __getstate__(self) -> dict:
         """Loader workers start by forkserver: send the cache's file name, not its pixels."""
@@ -81,7 +85,7 @@ class CachedImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple:
-        image = torch.from_numpy(np.array(self.images[i]))
+        image = torch.from_numpy(color_constancy(np.array(self.images[i]), self.color))
         if self.metadata is None:
             return image, int(self.labels[i])
         return image, self.metadata[i], int(self.labels[i])
@@ -182,6 +186,39 @@ def build_augment(cfg: TrainConfig, size: int) -> BatchAugment:
     return BatchAugment(cfg, size)
 
 
+def build_mix(cfg: TrainConfig, num_classes: int) -> v2.Transform | None:
+    """Mixup and / or CutMix on a batch (``train.mixup_alpha``, ``cutmix_alpha``), or None.
+
+    torchvision's batch transforms: ``(images, labels) -> (mixed images, soft labels (N, C))``.
+    With both on, each mixed batch gets one of the two, chosen at random (as in the timm and
+    torchvision references).
+    """
+    steps: list[v2.Transform] = []
+    if cfg.mixup_alpha > 0:
+        steps.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        steps.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not steps or cfg.mix_prob == 0:
+        return None
+    if cfg.loss == "focal":
+        raise TrainingError(
+            "train.loss=focal takes class indices, but Mixup / CutMix make soft targets; use "
+            "train.loss ce | logit_adjusted, or set train.mixup_alpha and cutmix_alpha to 0"
+        )
+    return steps[0] if len(steps) == 1 else v2.RandomChoice(steps)
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """The exponential moving average of the weights for ``train.ema_decay`` (None when 0).
+
+    ``use_buffers=True`` averages the BatchNorm running statistics with the weights, so the
+    averaged model needs no extra pass over the data to re-estimate them.
+    """
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def to_input(
     batch: torch.Tensor, device: torch.device, channels_last: bool = False
 ) -> torch.Tensor:
@@ -247,16 +284,25 @@ def train_one_epoch(
     epoch: int,
     scaler: torch.amp.GradScaler | None = None,
     progress: Progress | None = None,
+    mix: v2.Transform | None = None,
+    ema: AveragedModel | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss. Stops on a non-finite loss."""
+    """One pass over ``loader``; returns the mean training loss. Stops on a non-finite loss.
+
+    ``mix`` (:func:`build_mix`) mixes a share ``cfg.mix_prob`` of the batches into soft
+    targets; ``ema`` (:func:`make_ema`) is updated after every optimiser step.
+    """
     model.train()
     channels_last = cfg.channels_last and device.type == "cuda"
     total, count = 0.0, 0
     task = progress.add_task(f"epoch {epoch + 1} train", total=len(loader)) if progress else None
     for step, (images, *extra, labels) in enumerate(loader):
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        x = normalize(augment(x), channels_last)
+        x = augment(x)
         y = labels.to(device, non_blocking=True)
+        if mix is not None and (cfg.mix_prob >= 1 or float(torch.rand(())) < cfg.mix_prob):
+            x, y = mix(x, y)
+        x = normalize(x, channels_last)
         extra = [e.to(device, non_blocking=True) for e in extra]  # metadata of fusion models
         with autocast(device, cfg.amp):
             loss = loss_fn(model(x, *extra).float(), y)
@@ -273,6 +319,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
@@ -392,13 +440,14 @@ def _loader(
     cfg: TrainConfig,
     device: torch.device,
     metadata: np.ndarray | None = None,
+    color: str = "none",
     **kw,
 ) -> DataLoader:
     # forkserver, not fork: a forked worker inherits the parent's threads and handlers (a
     # Prefect task's, for one) and can die on start; the cache re-opens by file name.
     context = "forkserver" if cfg.workers > 0 else None
     return DataLoader(
-        CachedImages(split, metadata),
+        CachedImages(split, metadata, color),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         multiprocessing_context=context,
@@ -416,8 +465,15 @@ def train(
     data_version: str = "",
     on_epoch: Callable[[dict], None] | None = None,
     show_progress: bool = True,
+    color: str | None = None,
 ) -> TrainResult:
     """Train on the prepared cache, resuming from ``checkpoint`` when it matches.
+
+    With ``train.ema_decay`` the exponential moving average of the weights is what is
+    validated each epoch, kept as the best state and returned (so saved and exported); with
+    ``train.tta`` the final validation and test logits are those of :class:`TTAClassifier`
+    (log of the mean softmax over the views), so calibration is fitted on the model that is
+    exported. The per-epoch validation (early stopping) runs without TTA.
 
     Args:
         model_cfg: architecture and weights.
@@ -428,6 +484,12 @@ def train(
         data_version: identifies the data (e.g. the manifest hash) for the fingerprint.
         on_epoch: called with each epoch's record (for live MLflow logging).
         show_progress: rich progress bars.
+        color: ``prepare.color_constancy`` wanted; None takes the cache's. A cache written
+            without it gets it applied on load (the same function on the same resized pixels,
+            so the same bytes), which lets a comparison share one cache across the setting.
+
+    Raises:
+        TrainingError: ``color`` is ``none`` but the cache was colour-corrected (irreversible).
     """
     start = time.perf_counter()
     device = pick_device(train_cfg.device)
@@ -435,12 +497,25 @@ def train(
     splits = {s: open_split(prepared_dir, s) for s in ("train", "val", "test")}
     classes = splits["train"].classes
     size = splits["train"].images.shape[1]
+    cached = splits["train"].color_constancy
+    color = cached if color is None else color
+    if color != cached and cached != "none":
+        raise TrainingError(
+            f"prepare.color_constancy is {color} but {prepared_dir} was written with {cached}; "
+            "run the prepare stage again (dvc repro prepare)"
+        )
+    todo = color if color != cached else "none"  # applied on load, on top of the cache
     counts = np.bincount(splits["train"].labels, minlength=len(classes))
     weights = class_weights(counts, train_cfg.class_weights, train_cfg.beta)
-    loss_fn = make_loss(
-        train_cfg.loss, weights, train_cfg.focal_gamma, train_cfg.label_smoothing
-    ).to(device)
-    eval_loss = make_loss(train_cfg.loss, weights, train_cfg.focal_gamma, 0.0)
+
+    def criterion(w: torch.Tensor, smoothing: float) -> nn.Module:
+        return make_loss(
+            train_cfg.loss, w, train_cfg.focal_gamma, smoothing, prior=counts.clip(min=1),
+            tau=train_cfg.logit_tau,
+        )  # fmt: skip
+
+    eval_loss = criterion(weights, 0.0)
+    mix = build_mix(train_cfg, len(classes))
 
     metadata, extra = build_metadata(splits) if model_cfg.metadata else ({}, {})
     model = build_model(
@@ -457,13 +532,17 @@ def train(
     if train_cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
+    ema = make_ema(model, train_cfg.ema_decay)
+    scored = ema.module if ema is not None else model  # what is validated, kept and saved
     probe = _loader(splits["train"], train_cfg, device, metadata.get("train"), shuffle=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg, len(probe)))
     scaler = (
         torch.amp.GradScaler("cuda") if device.type == "cuda" and train_cfg.amp == "fp16" else None
     )
 
-    key = fingerprint(model_cfg, train_cfg, data_version)
+    key = fingerprint(
+        model_cfg, train_cfg, data_version if color == "none" else f"{data_version}|{color}"
+    )
     history: list[dict] = []
     best = {"score": -1.0, "epoch": -1, "state": None}
     first_epoch, resumed_from = 0, None
@@ -475,13 +554,15 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         best = state["best"]
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         first_epoch = resumed_from = state["epoch"] + 1
 
     runner = model
     if train_cfg.compile:
         runner = torch.compile(model)
     augment = build_augment(train_cfg, size)
-    val_loader = _loader(splits["val"], train_cfg, device, metadata.get("val"), shuffle=False)
+    val_loader = _loader(splits["val"], train_cfg, device, metadata.get("val"), todo, shuffle=False)
     stale = 0
     with progress_bar(show_progress) as bar:
         for epoch in range(first_epoch, train_cfg.epochs):
@@ -495,19 +576,23 @@ def train(
                 sw = sampler_weights(torch.as_tensor(splits["train"].labels), counts)
                 sampler = WeightedRandomSampler(sw, len(sw), replacement=True, generator=gen)
                 loader = _loader(
-                    splits["train"], train_cfg, device, metadata.get("train"), sampler=sampler
-                )
+                    splits["train"], train_cfg, device, metadata.get("train"), todo,
+                    sampler=sampler,
+                )  # fmt: skip
             else:
                 loader = _loader(
                     splits["train"],
                     train_cfg,
                     device,
                     metadata.get("train"),
+                    todo,
                     shuffle=True,
                     generator=gen,
                 )
             set_backbone_frozen(model, model_cfg.arch, epoch < train_cfg.freeze_backbone_epochs)
             lr = optimizer.param_groups[0]["lr"]
+            w = epoch_class_weights(weights, epoch, train_cfg.drw_epoch)
+            loss_fn = criterion(w, train_cfg.label_smoothing).to(device)
             t0 = time.perf_counter()
             train_loss = train_one_epoch(
                 runner,
@@ -521,9 +606,12 @@ def train(
                 epoch,
                 scaler,
                 bar,
+                mix,
+                ema,
             )
             seconds = time.perf_counter() - t0
-            val_metrics, _, _ = evaluate(runner, val_loader, eval_loss, device, classes)
+            judged = runner if ema is None else ema.module
+            val_metrics, _, _ = evaluate(judged, val_loader, eval_loss, device, classes)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -539,7 +627,7 @@ def train(
                 best = {
                     "score": record["val_balanced_accuracy"],
                     "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "state": {k: v.detach().clone() for k, v in scored.state_dict().items()},
                 }
             save_checkpoint(
                 checkpoint,
@@ -551,19 +639,30 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "history": history,
                     "best": best,
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
             )
             if on_epoch is not None:
                 on_epoch(record)
 
     if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    set_backbone_frozen(model, model_cfg.arch, False)
-    test_loader = _loader(splits["test"], train_cfg, device, metadata.get("test"), shuffle=False)
-    val, val_logits, val_labels = evaluate(model, val_loader, eval_loss, device, classes)
-    test, test_logits, test_labels = evaluate(model, test_loader, eval_loss, device, classes)
+        scored.load_state_dict(best["state"])
+    set_backbone_frozen(scored, model_cfg.arch, False)
+    test_loader = _loader(
+        splits["test"], train_cfg, device, metadata.get("test"), todo, shuffle=False
+    )
+    final = with_tta(scored, train_cfg.tta)
+    val, val_logits, val_labels = evaluate(final, val_loader, eval_loss, device, classes)
+    test, test_logits, test_labels = evaluate(final, test_loader, eval_loss, device, classes)
+    extra = {
+        **extra,
+        "color_constancy": color,
+        "resize": splits["train"].resize,
+        "tta": train_cfg.tta,
+        "ema_decay": float(train_cfg.ema_decay),
+    }
     return TrainResult(
-        model=model.cpu().eval(),
+        model=scored.cpu().eval(),
         classes=classes,
         history=history,
         val=val,
@@ -735,7 +834,10 @@ def run(p: Params) -> dict:
             version=version,
             name=p.dataset.name,
         )
-        result = train(p.model, p.train, paths.PREPARED, paths.CHECKPOINT, version, on_epoch)
+        result = train(
+            p.model, p.train, paths.PREPARED, paths.CHECKPOINT, version, on_epoch,
+            color=p.prepare.color_constancy,
+        )  # fmt: skip
         final = save_outputs(
             result, p.model.arch, version, paths.BUNDLE, paths.PREDICTIONS, paths.TRAIN_REPORTS,
             paths.PREPARED, log_lines,

@@ -240,13 +240,43 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
 
 
-def make_pruner(kind: str) -> optuna.pruners.BasePruner:
-    """Median pruning once 3 trials completed, never on the first epoch (too noisy to judge)."""
+def make_pruner(
+    kind: str, startup_trials: int = 3, warmup_epochs: int = 2
+) -> optuna.pruners.BasePruner:
+    """Median pruning: a trial whose validation balanced accuracy at an epoch is below the
+    median of the earlier trials at that epoch stops there.
+
+    The defaults (``tune.prune_startup_trials`` 3, ``tune.prune_warmup_epochs`` 2) wait for
+    three complete trials and never judge the first epochs, which are too noisy to rank.
+
+    Args:
+        kind: ``median`` | ``none``.
+        startup_trials: complete trials before any trial is judged.
+        warmup_epochs: epochs a trial runs before it can be pruned (Optuna's steps are the
+            epochs, from 1): the earliest judgement is at the end of epoch ``warmup_epochs``
+            (0 or 1: after the first).
+    """
     import optuna
 
     if kind == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
+    )
+
+
+def report_epoch(trial: optuna.Trial, value: float, epoch: int, epochs: int) -> None:
+    """Report a trial's objective after ``epoch`` and stop the trial if the pruner says so.
+
+    Raises:
+        optuna.TrialPruned: the pruner judged the trial worse than the median; never at the
+            last epoch, where stopping saves nothing and would only discard the value.
+    """
+    import optuna
+
+    trial.report(value, epoch)
+    if epoch < epochs and trial.should_prune():
+        raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
 def preset_text(best_params: dict[str, Any], dims: list[Dimension], header: list[str]) -> str:

@@ -5,9 +5,25 @@ Great Expectations expectation in a single suite that is validated in a single c
 dataset with ten different defects is reported with ten failing rules at once, instead of a
 fix-one-rerun-find-the-next loop (a GX call costs seconds; a rerun of ingest costs minutes).
 
-Rules that are not a built-in check of one column (a path escaping the root, the same bytes
-under two labels, a class that is too small) are first turned into a derived column in pandas,
-so that GX still decides which rows fail and the report stays one uniform list of rules.
+Rules are GX's own expectations wherever GX has one: ``label_known`` is
+``ExpectColumnValuesToBeInSet`` on ``label`` (with a GX row condition that leaves rows with a
+broken one-hot ground truth to ``onehot_single``, and ISIC names enforced on ISIC/HAM rows
+only) plus ``ExpectColumnValuesToNotBeNull``; ``min_size`` is ``ExpectColumnValuesToBeBetween``
+on ``width`` and on ``height``. A rule may map to several expectations; its offending rows are
+the union of theirs. Each expectation carries GX's own ``severity`` (``critical`` for an error
+rule, ``warning``), and the report reads a rule's severity back from the GX result.
+
+Three rules stay a derived column in pandas, checked by GX, because no GX 1.x expectation
+says them: ``path_inside_root`` must resolve symlinks on the filesystem (GX sees strings);
+``hash_label_conflict`` is a functional dependency (one sha256 -> one label), which neither
+``ExpectCompoundColumnsToBeUnique`` (it would also flag harmless byte-identical duplicates of
+one label) nor the pair expectations (they compare two columns within a row) express; and
+``class_min_count`` is a minimum count per value, which GX has only as a table-level
+distinct-value check that cannot name the rows of the small class.
+
+The one GX run is a Checkpoint, so GX also keeps the validation result
+(``validation_result.json``) and builds its Data Docs (HTML) into ``data/reports/data_docs``,
+which the training run logs to MLflow next to ``validation.md``.
 Each failing rule names its offending rows (``row 12 (image_id=..., path=..., <csv> line 14)``:
 the 0-based manifest row, and the line of the CSV the row came from, which is what a person
 opens) and the value that broke it, because "3 rows failed" alone sends a person hunting
@@ -23,6 +39,7 @@ with the manifest (``manifest.attrs["ingest"]``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,11 +50,13 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.expectations.row_conditions import Column
 from rich.markup import escape
 
 from tasks import paths
 from tasks.config import Params, ValidateConfig
 from tasks.ingest import MANIFEST_COLUMNS, ingest_facts, label_vocabulary
+from tasks.io import atomic_dir
 from tasks.labels import ISIC_CLASSES
 from tasks.stage import console, main
 
@@ -47,6 +66,9 @@ E = gx.expectations
 # ingest); a class-per-folder dataset defines its own vocabulary with its folder names.
 ISIC_SOURCES = frozenset({"isic2019", "ham10000"})
 SEVERITIES = ("error", "warning", "off")
+# validate.severity -> GX's FailureSeverity on the expectation ("off": not in the suite).
+GX_SEVERITY = {"error": "critical", "warning": "warning"}
+DATA_DOCS = paths.REPORTS / "data_docs"  # GX Data Docs + validation_result.json (a DVC out)
 MAX_LISTED = 20  # offenders spelled out in a message line before "and N more"
 MAX_OFFENDERS = 1000  # offenders kept per rule in the report (the count is always exact)
 ROW_KEYS = ["row", "image_id", "path"]  # GX returns these columns for every unexpected row
@@ -60,20 +82,43 @@ class ManifestError(ValueError):
 class Rule:
     """One data rule: how GX checks it and how an offending row is described to a person.
 
-    ``expect`` builds the expectation from the config (on the manifest plus the derived
-    columns of :func:`derive_columns`); ``show`` turns an offending row into the short text
-    after its row reference, e.g. ``truncated`` or ``age 150 outside [0, 120]``. ``source``
-    says which CSV an offending row's line refers to: the ground truth (``label``) or the
-    metadata (``meta``: age, sex, site). A table rule judges the whole set: ``show`` then
-    gets GX's observed value instead of a row.
+    ``expect`` builds the expectation(s) from the config and the class vocabulary (None: the
+    source's own; on the manifest plus the derived columns of :func:`derive_columns`); a rule
+    with several expectations fails the union of their rows. ``show`` turns an offending row
+    into the short text after its row reference, e.g. ``truncated`` or
+    ``age 150 outside [0, 120]``. ``source`` says which CSV an offending row's line refers
+    to: the ground truth (``label``) or the metadata (``meta``: age, sex, site). A table rule
+    judges the whole set: ``show`` then gets GX's observed value instead of a row.
     """
 
     name: str
     description: str
-    expect: Callable[[ValidateConfig], Any]
+    expect: Callable[[ValidateConfig, list[str] | None], Any]
     show: Callable[[Any, ValidateConfig], str]
     source: str = "label"
     table: bool = False
+
+
+def _label_expectations(classes: list[str] | None) -> list[Any]:
+    """``label_known`` natively: label in the vocabulary, and present, on the rows it judges.
+
+    Rows whose one-hot ground truth is broken belong to ``onehot_single``, so the GX row
+    condition keeps rows with ``onehot_sum`` 1 or null (sources without one-hot columns).
+    Without a given vocabulary the ISIC names bind ISIC/HAM rows only: a class-per-folder set
+    names its own classes. ``ExpectColumnValuesToBeInSet`` skips nulls, hence the second
+    expectation for a row with no label at all.
+    """
+    one = Column("onehot_sum") == 1
+    none = Column("onehot_sum").is_null()
+    if classes is None:
+        isic = Column("source").is_in(sorted(ISIC_SOURCES))
+        scope, vocabulary = (isic & one) | (isic & none), list(ISIC_CLASSES)
+    else:
+        scope, vocabulary = one | none, list(classes)
+    return [
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=vocabulary, row_condition=scope),
+        E.ExpectColumnValuesToNotBeNull(column="label", row_condition=one | none),
+    ]
 
 
 def _image_problem(r: Any, c: ValidateConfig) -> str:
@@ -107,44 +152,47 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "label_known",
         "label in the dataset's class vocabulary (ISIC 2019 names, or the given classes)",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="label_ok", value_set=[True]),
+        lambda c, v: _label_expectations(v),
         lambda r, c: f"unknown label {r.label!r}" if not _missing(r.label) else "no label",
     ),
     Rule(
         "onehot_single",
         "ISIC ground truth marks exactly one class per row",
-        lambda c: E.ExpectColumnValuesToBeBetween(column="onehot_sum", min_value=1, max_value=1),
+        lambda c, v: E.ExpectColumnValuesToBeBetween(column="onehot_sum", min_value=1, max_value=1),
         lambda r, c: f"{int(r.onehot_sum)} classes marked in the ground truth",
     ),
     Rule(
         "image_id_unique",
         "no image_id appears twice",
-        lambda c: E.ExpectColumnValuesToBeUnique(column="image_id"),
+        lambda c, v: E.ExpectColumnValuesToBeUnique(column="image_id"),
         lambda r, c: f"image_id also on row(s) {r.same_id_rows}",
     ),
     Rule(
         "image_readable",
         "the image file exists, is non-empty, decodes, is not truncated and has at most "
         "max_pixels pixels",
-        lambda c: E.ExpectColumnValuesToBeNull(column="file_error"),
+        lambda c, v: E.ExpectColumnValuesToBeNull(column="file_error"),
         _image_problem,
     ),
     Rule(
         "path_inside_root",
         "the image path, symlinks resolved, stays inside the dataset root",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="inside_root", value_set=[True]),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="inside_root", value_set=[True]),
         lambda r, c: f"resolves outside the root to {r.resolved_path}",
     ),
     Rule(
         "min_size",
         "width and height are at least min_side pixels",
-        lambda c: E.ExpectColumnValuesToBeBetween(column="min_side", min_value=c.min_side),
+        lambda c, v: [
+            E.ExpectColumnValuesToBeBetween(column=side, min_value=c.min_side)
+            for side in ("width", "height")
+        ],
         lambda r, c: f"{r.width}x{r.height} px, smaller than {c.min_side} px",
     ),
     Rule(
         "age_range",
         "age inside age_range (missing ages allowed)",
-        lambda c: E.ExpectColumnValuesToBeBetween(
+        lambda c, v: E.ExpectColumnValuesToBeBetween(
             column="age", min_value=c.age_range[0], max_value=c.age_range[1]
         ),
         lambda r, c: f"age {r.age:g} outside [{c.age_range[0]}, {c.age_range[1]}]",
@@ -153,58 +201,60 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "age_numeric",
         "a given age is a number (text is reported, never read as a missing age)",
-        lambda c: E.ExpectColumnValuesToBeNull(column="age_text"),
+        lambda c, v: E.ExpectColumnValuesToBeNull(column="age_text"),
         lambda r, c: f"age {r.age_text!r} is not a number",
         source="meta",
     ),
     Rule(
         "hash_label_conflict",
         "identical image bytes never carry different labels",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="hash_conflict", value_set=[False]),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="hash_conflict", value_set=[False]),
         lambda r, c: f"label {r.label!r}, same bytes as {r.same_hash_rows}",
     ),
     Rule(
         "class_min_count",
         "every class has at least min_per_class images",
-        lambda c: E.ExpectColumnValuesToBeBetween(column="class_count", min_value=c.min_per_class),
+        lambda c, v: E.ExpectColumnValuesToBeBetween(
+            column="class_count", min_value=c.min_per_class
+        ),
         lambda r, c: f"class {r.label!r} has {int(r.class_count)} image(s) < {c.min_per_class}",
     ),
     Rule(
         "mask_readable",
         "a listed segmentation mask exists and decodes",
-        lambda c: E.ExpectColumnValuesToBeNull(column="mask_error"),
+        lambda c, v: E.ExpectColumnValuesToBeNull(column="mask_error"),
         lambda r, c: f"mask {r.mask_error}: {_text(r.mask_path)}",
     ),
     Rule(
         "mask_size",
         "a mask has its image's size, or its aspect ratio within mask_aspect_tolerance",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="mask_size_ok", value_set=[True]),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="mask_size_ok", value_set=[True]),
         _mask_size_problem,
     ),
     Rule(
         "mask_nonempty",
         "a mask marks at least one lesion pixel (an empty mask breaks the localisation metrics)",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="mask_has_lesion", value_set=[True]),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="mask_has_lesion", value_set=[True]),
         lambda r, c: f"mask marks no lesion pixel: {_text(r.mask_path)}",
     ),
     Rule(
         "sex_known",
         "sex in known_sex (missing allowed)",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="sex", value_set=list(c.known_sex)),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="sex", value_set=list(c.known_sex)),
         lambda r, c: f"sex {r.sex!r}",
         source="meta",
     ),
     Rule(
         "site_known",
         "anatomical site in known_sites (missing allowed)",
-        lambda c: E.ExpectColumnValuesToBeInSet(column="site", value_set=list(c.known_sites)),
+        lambda c, v: E.ExpectColumnValuesToBeInSet(column="site", value_set=list(c.known_sites)),
         lambda r, c: f"site {r.site!r}",
         source="meta",
     ),
     Rule(
         "min_images",
         "the set has at least min_images images",
-        lambda c: E.ExpectTableRowCountToBeBetween(min_value=c.min_images),
+        lambda c, v: E.ExpectTableRowCountToBeBetween(min_value=c.min_images),
         lambda observed, c: (
             f"{observed} image(s) in the manifest; at least {c.min_images} are needed to split "
             "and train (validate.min_images)"
@@ -214,7 +264,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "min_classes",
         "at least min_classes classes after dataset.label_map",
-        lambda c: E.ExpectColumnUniqueValueCountToBeBetween(
+        lambda c, v: E.ExpectColumnUniqueValueCountToBeBetween(
             column="label", min_value=c.min_classes
         ),
         lambda observed, c: (
@@ -368,20 +418,6 @@ def _md(value: Any) -> str:
     return _text(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _label_vocabulary_ok(frame: pd.DataFrame, classes: list[str] | None) -> pd.Series:
-    """True/False per row, or NA where the one-hot rule already owns the missing label."""
-    labels = frame["label"]
-    if classes is not None:
-        ok = labels.isin(list(classes))
-    else:
-        isic = frame["source"].isin(ISIC_SOURCES)
-        ok = labels.notna() & (~isic | labels.isin(ISIC_CLASSES))
-    out = pd.array(ok.to_numpy(dtype=bool), dtype="boolean")
-    not_onehot = frame["onehot_sum"].notna() & (frame["onehot_sum"] != 1)
-    out[not_onehot.to_numpy(dtype=bool)] = pd.NA
-    return pd.Series(out, index=frame.index)
-
-
 def _inside_root(paths: pd.Series, root: Path) -> tuple[list[bool], list[str]]:
     base = root.resolve()
     inside, resolved = [], []
@@ -417,28 +453,25 @@ def _where(judged: pd.Series, ok: pd.Series) -> pd.Series:
 def derive_columns(
     manifest: pd.DataFrame,
     root: Path,
-    classes: list[str] | None = None,
     tolerance: float = 0.02,
 ) -> pd.DataFrame:
     """The manifest (re-indexed 0..n-1) plus the columns that rules need beyond one field.
 
-    Added: ``row``, ``label_ok``, ``inside_root`` / ``resolved_path``, ``min_side``,
+    Added: ``row`` (GX names offending rows by it), ``inside_root`` / ``resolved_path``,
     ``hash_conflict`` / ``same_hash_rows``, ``mask_size_ok`` (sizes equal, or aspect ratios
-    within ``tolerance``), ``mask_has_lesion``, ``class_count`` and ``same_id_rows``. A column is
-    NA where another rule owns the defect (no size for an undecodable image, no label check for
-    a row whose one-hot ground truth is broken), so one defect fails one rule.
+    within ``tolerance``), ``mask_has_lesion``, ``class_count`` and ``same_id_rows``: the rules
+    no GX expectation says (module docstring). A column is NA where another rule owns the
+    defect (no mask size for an undecodable image), so one defect fails one rule.
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
         raise ManifestError(f"manifest lacks column(s) {missing}; rebuild it with the ingest stage")
     frame = manifest.reset_index(drop=True).copy()
     frame.insert(0, "row", np.arange(len(frame), dtype=np.int64))
-    frame["label_ok"] = _label_vocabulary_ok(frame, classes)
     frame["inside_root"], frame["resolved_path"] = _inside_root(frame["path"], root)
 
     width = pd.to_numeric(frame["width"], errors="coerce").astype(float)
     height = pd.to_numeric(frame["height"], errors="coerce").astype(float)
-    frame["min_side"] = np.minimum(width, height)
 
     # An empty file hashes like every other empty file; image_readable owns that defect.
     hashed = frame["sha256"].notna() & frame["label"].notna() & (frame["file_error"] != "empty")
@@ -482,8 +515,17 @@ def _severities(cfg: ValidateConfig) -> dict[str, str]:
     return out
 
 
-def _run_suite(frame: pd.DataFrame, expectations: list[Any]) -> tuple[dict[str, Any], float]:
-    """Validate all expectations on ``frame`` in one GX call; results keyed by meta rule."""
+def _run_suite(
+    frame: pd.DataFrame, expectations: list[Any], docs_dir: Path | None = None
+) -> tuple[dict[str, list[Any]], float]:
+    """Validate all expectations on ``frame`` in one GX Checkpoint run.
+
+    With ``docs_dir``, GX's Data Docs site (HTML: the suite, the validation result with its
+    unexpected rows) is built there, beside GX's validation result as JSON.
+
+    Returns:
+        The expectation results keyed by their rule (``meta["rule"]``), and the wall time.
+    """
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_definition = (
@@ -492,13 +534,43 @@ def _run_suite(frame: pd.DataFrame, expectations: list[Any]) -> tuple[dict[str, 
         .add_batch_definition_whole_dataframe("manifest")
     )
     suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=expectations))
-    started = time.perf_counter()
-    outcome = batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(
-        suite,
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ROW_KEYS},
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="manifest", data=batch_definition, suite=suite)
     )
+    actions = []
+    if docs_dir is not None:
+        context.add_data_docs_site(
+            site_name="dermaflow",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),  # GX wants it absolute
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs"))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ROW_KEYS},
+        )
+    )
+    started = time.perf_counter()
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
     elapsed = time.perf_counter() - started
-    return {r.expectation_config.meta["rule"]: r for r in outcome.results}, elapsed
+    (result,) = outcome.run_results.values()
+    if docs_dir is not None:
+        (docs_dir / "validation_result.json").write_text(
+            json.dumps(result.to_json_dict(), indent=1, default=str)
+        )
+    by_rule: dict[str, list[Any]] = {}
+    for r in result.results:
+        by_rule.setdefault(r.expectation_config.meta["rule"], []).append(r)
+    return by_rule, elapsed
 
 
 def _exception_message(info: dict[str, Any]) -> str | None:
@@ -536,36 +608,54 @@ def _offender_text(o: dict[str, Any]) -> str:
     return f"row {o['row']} ({where}): {o['value']}"
 
 
+def _severity(gx_result: Any) -> str:
+    """The rule's severity as GX holds it on the expectation, in the config's words."""
+    gx_severity = str(getattr(gx_result.expectation_config.severity, "value", "critical"))
+    return {gx: ours for ours, gx in GX_SEVERITY.items()}.get(gx_severity, "error")
+
+
+def _unexpected_rows(gx_results: list[Any]) -> tuple[list[int], int]:
+    """The offending rows of a rule (the union over its expectations, in row order) and their
+    exact count (GX's own when the rule has one expectation: its lists are capped)."""
+    rows = sorted(
+        {int(e["row"]) for r in gx_results for e in r.result.get("unexpected_index_list") or []}
+    )
+    if len(gx_results) == 1:
+        only = gx_results[0].result
+        return rows, int(only.get("unexpected_count") or len(rows))
+    return rows, len(rows)
+
+
 def _rule_result(
     rule: Rule,
-    severity: str,
-    gx_result: Any,
+    gx_results: list[Any],
     frame: pd.DataFrame,
     cfg: ValidateConfig,
     facts: dict[str, Any] | None = None,
 ) -> RuleResult:
     n = len(frame)
     facts = facts or {}
-    crashed = _exception_message(gx_result.exception_info or {})
-    if crashed is not None:
-        message = f"[{severity}] {rule.name}: the check itself failed: {crashed}"
-        return RuleResult(rule.name, severity, False, rule.description, 0, [], message)
-    success = bool(gx_result.success)
+    severity = _severity(gx_results[0])
+    for gx_result in gx_results:
+        crashed = _exception_message(gx_result.exception_info or {})
+        if crashed is not None:
+            message = f"[{severity}] {rule.name}: the check itself failed: {crashed}"
+            return RuleResult(rule.name, severity, False, rule.description, 0, [], message)
+    success = all(bool(r.success) for r in gx_results)
     if rule.table:
-        observed = gx_result.result.get("observed_value")
+        observed = gx_results[0].result.get("observed_value")
         text = rule.show(observed, cfg)
         message = f"[{severity}] {rule.name}: " + ("ok" if success else text)
         return RuleResult(
             rule.name, severity, success, rule.description, 0 if success else 1, [], message
         )
-    unexpected = gx_result.result.get("unexpected_index_list") or []
-    count = int(gx_result.result.get("unexpected_count") or len(unexpected))
+    unexpected, count = _unexpected_rows(gx_results)
     offenders = []
-    for entry in unexpected[:MAX_OFFENDERS]:
-        row = frame.loc[int(entry["row"])]
+    for index in unexpected[:MAX_OFFENDERS]:
+        row = frame.loc[index]
         offenders.append(
             {
-                "row": int(entry["row"]),
+                "row": index,
                 "csv": _csv_ref(row, rule, facts),
                 "image_id": _text(row.image_id),
                 "path": _text(row.path),
@@ -620,6 +710,7 @@ def validate_manifest(
     cfg: ValidateConfig,
     classes: list[str] | None = None,
     facts: dict[str, Any] | None = None,
+    docs_dir: str | Path | None = None,
 ) -> ValidationReport:
     """Check every rule on the manifest in one GX run and return the full report.
 
@@ -631,6 +722,8 @@ def validate_manifest(
             2019 names and a folder dataset's folder names are its vocabulary.
         facts: ingest's dataset-level facts; by default those recorded with the manifest
             (``manifest.attrs["ingest"]``).
+        docs_dir: an existing, empty folder for GX's Data Docs and validation result (JSON);
+            None: neither is written.
 
     Returns:
         The report; it never raises on bad data, so a caller can write the report first and
@@ -643,19 +736,19 @@ def validate_manifest(
     root = Path(root)
     facts = ingest_facts(manifest) if facts is None else facts
     severity = _severities(cfg)
-    frame = derive_columns(manifest, root, classes, cfg.mask_aspect_tolerance)
+    frame = derive_columns(manifest, root, cfg.mask_aspect_tolerance)
     active = [rule for rule in RULES if severity[rule.name] != "off"]
     expectations = []
     for rule in active:
-        expectation = rule.expect(cfg)
-        expectation.meta = {"rule": rule.name}
-        expectations.append(expectation)
-    by_rule, elapsed = _run_suite(frame, expectations) if active else ({}, 0.0)
+        made = rule.expect(cfg, classes)
+        for expectation in made if isinstance(made, list) else [made]:
+            expectation.meta = {"rule": rule.name}
+            expectation.severity = GX_SEVERITY[severity[rule.name]]
+            expectations.append(expectation)
+    docs = None if docs_dir is None else Path(docs_dir)
+    by_rule, elapsed = _run_suite(frame, expectations, docs) if active else ({}, 0.0)
     counts = frame["label"].fillna("(no label)").value_counts()
-    results = [
-        _rule_result(rule, severity[rule.name], by_rule[rule.name], frame, cfg, facts)
-        for rule in active
-    ]
+    results = [_rule_result(rule, by_rule[rule.name], frame, cfg, facts) for rule in active]
     results += [
         _set_rule(name, severity[name], facts) for name in SET_RULES if severity[name] != "off"
     ]
@@ -688,13 +781,17 @@ def run(p: Params) -> dict[str, Any]:
 
     manifest = read_manifest(paths.MANIFEST)
     classes = label_vocabulary(p.dataset.label_map)  # None: the source's own vocabulary
-    report = validate_manifest(manifest, Path(p.dataset.root), p.validate, classes)
+    with atomic_dir(DATA_DOCS) as docs:
+        report = validate_manifest(manifest, Path(p.dataset.root), p.validate, classes, None, docs)
     write_reports(report, paths.VALIDATION_JSON, paths.VALIDATION_MD)
     contact_sheet(manifest, Path(p.dataset.root), paths.CONTACT_SHEET)
     for warning in report.warnings():
         console.print(f"[yellow]{escape(warning.message)}[/]", highlight=False)
     raise_for_errors(report)
-    console.print(f"validate: {report.n_rows} rows passed; report {paths.VALIDATION_MD}")
+    console.print(
+        f"validate: {report.n_rows} rows passed; report {paths.VALIDATION_MD}, "
+        f"Data Docs {DATA_DOCS / 'index.html'}"
+    )
     return {"rows": report.n_rows, "warnings": len(report.warnings())}
 
 

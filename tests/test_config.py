@@ -299,7 +299,7 @@ def test_dvc_repro_fails_on_a_bad_enum_before_any_stage_works(tmp_path):
     # stage works. ~3 s of this is DVC's own start-up, which a busy 2-core CI machine can
     # stretch past 5 s, so the bound only guards against work done before the check
     # (importing torch and training take far longer).
-    assert seconds < 15.0, f"dvc repro took {seconds:.1f} s to refuse"
+    assert seconds < 60.0, f"dvc repro took {seconds:.1f} s to refuse"
 
 
 # Distributions that are declared without a direct import, each for a stated reason.
@@ -308,6 +308,7 @@ NOT_IMPORTED = {
     "fastapi": "a version pin that keeps Prefect's server working",
     "distributed": "the Dask cluster behind prefect-dask (--local-dask)",
     "annotated-types": "ships with pydantic; declared because config imports it",
+    "onnxscript": "torch.onnx.export(dynamo=True) builds the graph with it",
 }
 
 

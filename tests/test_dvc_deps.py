@@ -86,8 +86,8 @@ def locked_project(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("helper", "expected"),
     [
-        ("tasks/fusion.py", {"train", "export", "explain"}),
-        ("tasks/report.py", {"validate"}),
+        ("tasks/fusion.py", {"train", "ood", "export", "evaluate", "subgroups", "explain"}),
+        ("tasks/report.py", {"validate", "evaluate", "subgroups"}),
         ("tasks/config.py", set(DVC)),
         ("tasks/cams.py", {"explain"}),
     ],

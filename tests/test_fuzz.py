@@ -204,6 +204,24 @@ def use_store(root: Path, assets: Assets) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = assets.store  # reset by conftest after the test
 
 
+def ext_folder(counts: dict[str, int]) -> Callable[[Path, Assets], None]:
+    """A class-per-folder external set at ``ext/`` (the assets' models know classes a, b)."""
+    return lambda root, assets: make_folder(root / "ext", counts) and None
+
+
+def isic2018_bad_cell(root: Path, assets: Assets) -> None:
+    """An ISIC 2018 Task 3 set whose third line has ``yes`` where a 0/1 belongs."""
+    cols = "MEL,NV,BCC,AKIEC,BKL,DF,VASC"
+    rows = [f"ISIC_{i},1.0,0.0,0.0,0.0,0.0,0.0,0.0" for i in range(3)]
+    rows[1] = "ISIC_1,0.0,yes,0.0,0.0,0.0,0.0,0.0"
+    (root / "ext").mkdir()
+    (root / "ext" / "ISIC2018_Task3_Test_GroundTruth.csv").write_text(
+        "\n".join([f"image,{cols}", *rows]) + "\n"
+    )
+    for i in range(3):
+        write_image(root / "ext" / "ISIC2018_Task3_Test_Input" / f"ISIC_{i}.jpg")
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -388,6 +406,38 @@ CASES = [
     Case("explain-batch-no-images", ["explain-batch", "empty", "-m", "model.pt"],
          ["no image files under empty"],
          steps(bundle_here, lambda root, a: (root / "empty").mkdir()), ["reports/explain_batch"]),
+    # ---------------------------------------------------------------- evaluate ROOT --model
+    Case("evaluate-root-missing", ["evaluate", "nowhere", "-m", "model.pt"],
+         ["nowhere: external set root does not exist"], bundle_here, ["reports/external"]),
+    Case("evaluate-isic2018-bad-row", ["evaluate", "ext", "-m", "model.pt"],
+         ["ISIC2018_Task3_Test_GroundTruth.csv line 3: column NV is 'yes', not 0 or 1"],
+         steps(bundle_here, isic2018_bad_cell), ["reports/external"]),
+    Case("evaluate-label-map-misses-a-class", ["evaluate", "ext", "-m", "model.pt",
+         "--label-map", "naevus=a"], ["dataset.label_map does not map melanoma (6 images)"],
+         steps(bundle_here, ext_folder({"melanoma": 6, "naevus": 6})), ["reports/external"]),
+    Case("evaluate-class-unknown-to-model", ["evaluate", "ext", "-m", "model.pt"],
+         ["the set has classes the model does not know: c (6 images)"],
+         steps(bundle_here, ext_folder({"a": 6, "c": 6})), ["reports/external"]),
+    Case("evaluate-label-map-syntax", ["evaluate", "ext", "-m", "model.pt", "--label-map",
+         "melanoma"], ["--label-map entry 'melanoma': expected SOURCE=TARGET"],
+         steps(bundle_here, ext_folder({"a": 6, "b": 6})), ["reports/external"]),
+    Case("evaluate-too-few-images", ["evaluate", "ext", "-m", "model.pt"],
+         ["[error] min_images"], steps(bundle_here, ext_folder({"a": 3, "b": 3})),
+         ["reports/external"]),
+    Case("evaluate-layout", ["evaluate", "ext", "-m", "model.pt", "--layout", "isic2020"],
+         ["--layout 'isic2020': unknown layout"],
+         steps(bundle_here, ext_folder({"a": 6, "b": 6})), ["reports/external"]),
+    Case("evaluate-bad-name", ["evaluate", "ext", "-m", "model.pt", "--name", "a/b"],
+         ["--name 'a/b': use letters, digits"],
+         steps(bundle_here, ext_folder({"a": 6, "b": 6})), ["reports/external"]),
+    Case("evaluate-model-missing", ["evaluate", "ext", "-m", "gone.pt"],
+         ["gone.pt: model file not found"], ext_folder({"a": 6, "b": 6}), ["reports/external"]),
+    Case("evaluate-junk-onnx", ["evaluate", "ext", "-m", "bad.onnx"],
+         ["bad.onnx: not a readable ONNX model"],
+         steps(ext_folder({"a": 6, "b": 6}), onnx_file("junk")), ["reports/external"]),
+    Case("evaluate-out-is-file", ["evaluate", "ext", "-m", "model.pt", "-o", "out"],
+         ["out: is a file; the -o/--out folder must be a folder"],
+         steps(bundle_here, ext_folder({"a": 6, "b": 6}), write("out", "keep me"))),
 ]  # fmt: skip
 _TEMP = re.compile(r"^\..+\.(tmp|old-\d+)$|\.tmp$")
 
@@ -404,7 +454,7 @@ def test_the_table_is_big_enough():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     doors = {c.args[0] for c in CASES}
     stages = {"synth", "ingest", "validate", "split", "prepare", "train", "calibrate", "export"}
-    assert stages | {"explain", "predict", "explain-batch", "preset", "recipe"} <= doors
+    assert stages | {"explain", "predict", "explain-batch", "preset", "recipe", "evaluate"} <= doors
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -102,8 +102,8 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tmp_path, gate_dat
 
 
 @pytest.mark.slow
-def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
-    from flows.pipeline import pipeline
+def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, capfd):
+    from flows.pipeline import PROGRESS_KEY, pipeline
 
     overrides = TINY + [
         "explain.methods=[gradcam, ig]",
@@ -115,6 +115,19 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     ]
     project = make_project(tmp_path / "proj", overrides)
     first = pipeline(repo=str(project))
+    # A clean run says nothing alarming: no ERROR line, no traceback (stages, DVC, Prefect).
+    said = capfd.readouterr()
+    for text in (said.out, said.err):
+        assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+    # The flow run's progress artifact reached 100 % (one step per stage).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY]))
+        )
+    assert found and found[0].type == "progress" and float(found[0].data) == 100.0
     # The flow runs what dvc.yaml defines, in the order of its deps.
     assert [s["stage"] for s in first["stages"]] == list(yaml.safe_load(DVC_YAML)["stages"])
     assert all(s["ran"] for s in first["stages"])
@@ -127,9 +140,10 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     assert not any(s["ran"] for s in second["stages"])
     assert not second["gate"]["promote"] and "already champion" in second["gate"]["reason"]
 
-    # An override re-runs exactly the stages that read it.
+    # An override re-runs exactly the stages that read it, and those downstream of their outs
+    # (the card reports the explanations).
     third = pipeline(overrides=["explain.per_class=2"], repo=str(project))
-    assert [s["stage"] for s in third["stages"] if s["ran"]] == ["explain"]
+    assert [s["stage"] for s in third["stages"] if s["ran"]] == ["explain", "card"]
     assert "per_class: 2\n" in (project / "params.yaml").read_text()
 
     # One lineage run holds train, calibrate, export and explain.
@@ -150,6 +164,13 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     ):
         assert key in data.metrics, key
     assert data.metrics["parity_max_abs_diff"] <= 1e-4
+    # The dynamo exporter's graph: its opset and size, as metrics/export.json says.
+    exported = json.loads((project / "metrics/export.json").read_text())
+    assert data.metrics["onnx_opset"] == exported["onnx_opset"] == 18
+    assert exported["onnx_bytes"] == (project / "models/model.onnx").stat().st_size
+    assert exported["onnx_nodes"] > 5
+    # The training sampled the machine (MLflow system metrics; a 2 s interval).
+    assert "system/cpu_utilization_percentage" in data.metrics
     # The last flow run's verdict on this run's model (already champion since the first).
     assert (
         data.tags["promotion"] == "refused" and "already champion" in data.tags["promotion_reason"]
@@ -158,6 +179,10 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness):
     assert {"train", "calibrate", "explain", "data"} <= {
         a.path for a in client.list_artifacts(info["run_id"])
     }
+    # GX's Data Docs and validation result, logged next to validation.md.
+    docs = {a.path for a in client.list_artifacts(info["run_id"], "data/data_docs")}
+    assert {"data/data_docs/index.html", "data/data_docs/validation_result.json"} <= docs
+    assert (project / "data/reports/data_docs/index.html").is_file()
     # One registered name per task: dataset + label set (tracking.registered_model: null).
     name = info["registered_model"]
     assert name.startswith("dermaflow-synthetic-3cls-")

@@ -100,7 +100,10 @@ def test_predict_files(predictor: Predictor, images: dict[str, Path], tmp_path: 
     files = collect_images([tmp_path / "new"])
     df = predict_files(predictor, files, batch_size=4, progress=False)
     prob_cols = [f"p_{c}" for c in CLASSES]
-    assert list(df.columns) == ["image", "predicted", "confidence", *prob_cols, "refer", "error"]
+    assert list(df.columns) == [
+        "image", "predicted", "confidence", *prob_cols, "ood_score", "ood", "prediction_set",
+        "refer", "error",
+    ]  # fmt: skip
     assert df["image"].tolist() == [str(f) for f in files]
 
     bad = df[df["error"].notna()]

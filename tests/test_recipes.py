@@ -55,6 +55,7 @@ def test_every_recipe_is_listed_and_valid() -> None:
         "binary_malignancy",
         "backbones_side_by_side",
         "ham10000_balance_and_tune",
+        "ham10000_dev_ablation",
         "mednode_agreement",
     }
 

@@ -14,13 +14,18 @@ from flows.tune import run_tune
 from tasks.config import ConfigError, Params, apply_preset, load_params
 from tasks.tune import (
     check_space,
+    make_pruner,
     parse_space,
     preset_text,
+    report_epoch,
     suggest,
     to_override,
     trial_overrides,
+    trials_table,
 )
-from tests.helpers import TINY, make_project, run, write_params
+from tests.helpers import REPO, TINY, make_project, run, write_params
+
+REPO_PARAMS = REPO / "params.yaml"
 
 SPACE = (
     "tune.space={train.lr: {low: 0.001, high: 0.01, log: true}, "
@@ -232,3 +237,41 @@ def test_tune_parent_and_child_runs_report_and_preset(tmp_path):
     assert len(second) == 1
     (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second[0].info.run_id]
     assert child.data.tags["trial_number"] == "3"
+
+
+def _study_of(pruner: optuna.pruners.BasePruner, curves: list[list[float]]) -> optuna.Study:
+    """A real in-memory study whose trials report the given per-epoch values, as tune does."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+
+    def objective(trial: optuna.Trial) -> float:
+        curve = curves[trial.number]
+        for epoch, value in enumerate(curve, start=1):
+            report_epoch(trial, value, epoch, len(curve))
+        return curve[-1]
+
+    study.optimize(objective, n_trials=len(curves))
+    return study
+
+
+def test_a_bad_trial_is_pruned_and_shown_as_pruned():
+    """Median pruning with no startup trials and no warm-up stops a deliberately bad trial."""
+    from rich.console import Console
+
+    good, bad = [0.6, 0.7, 0.8], [0.1, 0.1, 0.1]
+    study = _study_of(make_pruner("median", startup_trials=0, warmup_epochs=0), [good, bad])
+    first, second = study.trials
+    assert (first.state.name, second.state.name) == ("COMPLETE", "PRUNED")
+    assert list(second.intermediate_values) == [1]  # stopped after its first epoch
+    # The tune report's table shows it: state PRUNED, its last value in parentheses, 1 epoch.
+    console = Console(record=True, width=200)
+    console.print(trials_table(study.trials, first.number))
+    row = next(line for line in console.export_text().splitlines() if "PRUNED" in line)
+    assert "(0.1000)" in row and " 1 " in row
+
+    # params.yaml's defaults wait for 3 complete trials: the same bad trial runs to the end.
+    waits = _study_of(make_pruner("median"), [good, bad])
+    assert [t.state.name for t in waits.trials] == ["COMPLETE", "COMPLETE"]
+    # A trial is never pruned at its last epoch, where stopping saves nothing.
+    last = _study_of(make_pruner("median", startup_trials=0, warmup_epochs=0), [good, [0.1]])
+    assert last.trials[1].state.name == "COMPLETE"
+    assert load_params(REPO_PARAMS).tune.prune_startup_trials == 3

@@ -237,7 +237,8 @@ def test_five_defects_in_one_call(five, cfg):
         assert f"image_id={image_id}," in text
 
 
-def test_warning_severity_reports_without_failing(five, cfg):
+def test_warning_severity_reports_without_failing(five, cfg, tmp_path):
+    """GX holds each rule's severity; the run keeps GX's result and builds its Data Docs."""
     severity = {
         **cfg.severity,
         "min_size": "warning",
@@ -247,10 +248,30 @@ def test_warning_severity_reports_without_failing(five, cfg):
         "hash_label_conflict": "off",
     }
     report = validate_manifest(
-        five.manifest, five.root, dataclasses.replace(cfg, severity=severity)
+        five.manifest, five.root, dataclasses.replace(cfg, severity=severity), docs_dir=tmp_path
     )
     assert report.passed
     assert {r.rule for r in report.warnings()} == {"min_size", "class_min_count"}
+    # GX's own result: the severity sits on the expectation, and the rules are GX built-ins on
+    # the manifest's columns (min_size on width and height, label_known on label).
+    kept = json.loads((tmp_path / "validation_result.json").read_text())
+    by_column: dict[tuple[str, str | None], dict] = {
+        (r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column")): r
+        for r in kept["results"]
+    }
+    for side in ("width", "height"):
+        r = by_column[("expect_column_values_to_be_between", side)]
+        assert r["expectation_config"]["severity"] == "warning"
+        assert r["expectation_config"]["meta"] == {"rule": "min_size"}
+    assert not by_column[("expect_column_values_to_be_between", "width")]["success"]
+    label = by_column[("expect_column_values_to_be_in_set", "label")]["expectation_config"]
+    assert label["severity"] == "critical" and label["meta"] == {"rule": "label_known"}
+    assert not kept["success"] and kept["statistics"]["unsuccessful_expectations"] >= 3
+    # Data Docs: an HTML site with the suite and this validation run.
+    index = (tmp_path / "index.html").read_text()
+    assert "manifest" in index
+    pages = list((tmp_path / "validations").rglob("*.html"))
+    assert len(pages) == 1 and "a_small" in pages[0].read_text()  # an offending image_id
     assert set(report.skipped) == {"image_readable", "image_id_unique", "hash_label_conflict"}
     assert not {r.rule for r in report.results} & set(report.skipped)
     with pytest.raises(KeyError):

@@ -1,0 +1,248 @@
+"""External evaluation (tasks/evaluate.py) and the ISIC 2018 Task 3 adapter (tasks/ingest.py).
+
+The metric helpers are checked against sklearn and hand-worked cases; the two ends-to-end run
+``run_cli`` on sets written here as real JPEG files: a tiny ISIC-2018-layout set scored by a
+real ONNX model (logged to a real sqlite MLflow run), and a PH2-style class-per-folder set
+with a label map scored by a real bundle, with fewer classes than the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
+
+from tasks.calibrate import Calibrator
+from tasks.evaluate import (
+    EvaluateError,
+    bootstrap_ci,
+    melanoma_at_referral,
+    parse_label_map,
+    resampled_balanced_accuracy,
+    restrict,
+    run_cli,
+    shared_classes,
+)
+from tasks.ingest import IngestError, build_manifest
+from tasks.metrics import softmax
+from tests.helpers import TINY, write_params
+
+CLASSES = ["MEL", "NV", "BCC"]
+ISIC2018_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+COLOURS = {"MEL": (70, 40, 30), "NV": (150, 100, 70), "BCC": (220, 150, 160), "AK": (200, 90, 80)}
+
+
+def write_jpeg(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
+    """A 48 px skin-coloured JPEG with a lesion of ``colour`` in the middle."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((48, 48, 3), dtype=np.float64)
+    img[:] = (225, 185, 160)
+    yy, xx = np.mgrid[:48, :48]
+    img[(yy - 24) ** 2 + (xx - 24) ** 2 < 12**2] = colour
+    img += rng.normal(0, 6, img.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+def make_isic2018(root: Path, labels: list[str], part: str = "Validation") -> Path:
+    """ISIC 2018 Task 3 layout: one-hot CSV at the root, images nested one folder deeper."""
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"ISIC2018_Task3_{part}_GroundTruth.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", *ISIC2018_COLUMNS])
+        for i, label in enumerate(labels):
+            column = "AKIEC" if label == "AK" else label
+            writer.writerow([f"ISIC_{i:07d}", *[float(c == column) for c in ISIC2018_COLUMNS]])
+            write_jpeg(root / f"ISIC2018_Task3_{part}_Input" / f"ISIC_{i:07d}.jpg",
+                       COLOURS[label], i)  # fmt: skip
+    return root
+
+
+def tiny_cnn(seed: int = 0) -> torch.nn.Module:
+    """An untrained 32 px CNN with a scaled head, so that its predictions differ per image."""
+    from tasks.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("custom_cnn", len(CLASSES)).eval()
+    with torch.no_grad():
+        model.classifier[-1].weight.mul_(20.0)
+    return model
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_vectorised_balanced_accuracy_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=(50, 40))
+    p = np.where(rng.random((50, 40)) < 0.6, y, rng.integers(0, 4, size=(50, 40)))
+    p[0] = 3  # a resample where one class is predicted but absent from y
+    y[0, :] = np.r_[np.zeros(20, int), np.ones(20, int)]
+    ours = resampled_balanced_accuracy(y, p, 4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = [balanced_accuracy_score(a, b) for a, b in zip(y, p, strict=True)]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_repeats() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.choice(CLASSES, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.choice(CLASSES, 200))
+    low, high = bootstrap_ci(y, p, 300, 0.95, seed=3)
+    assert low < balanced_accuracy_score(y, p) < high
+    assert high - low < 0.25
+    assert bootstrap_ci(y, p, 300, 0.95, seed=3) == [low, high]
+    assert bootstrap_ci(y, p, 50, 0.9, 0, metric="melanoma_sensitivity")[0] is not None
+    assert bootstrap_ci(["NV", "BCC"], ["NV", "NV"], 50, 0.9, 0, "melanoma_sensitivity") == [
+        None,
+        None,
+    ]
+
+
+def test_restrict_is_the_softmax_of_the_kept_logits() -> None:
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    t = Calibrator("temperature", temperature=1.7)
+    kept = restrict(t.probabilities(logits), [0, 1])
+    np.testing.assert_allclose(kept, softmax(logits[:, :2] / 1.7), atol=1e-12)
+    np.testing.assert_allclose(kept.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_melanoma_at_referral_by_hand() -> None:
+    labels = ["MEL", "MEL", "MEL", "NV", "NV", "BCC"]
+    predicted = ["MEL", "NV", "NV", "NV", "MEL", "BCC"]
+    referred = np.array([False, True, False, True, False, False])
+    # MEL caught: #0 (called MEL), #1 (referred); missed: #2 -> 2/3.
+    # Others spared: #5 only (#3 referred, #4 called MEL) -> 1/3.
+    out = melanoma_at_referral(labels, predicted, referred)
+    assert out == pytest.approx({"sensitivity": 2 / 3, "specificity": 1 / 3})
+    assert melanoma_at_referral(["NV"], ["NV"], np.array([False]))["sensitivity"] is None
+
+
+def test_shared_classes_and_label_map_text() -> None:
+    assert shared_classes(CLASSES, ["NV", "MEL", "NV"]) == ["MEL", "NV"]
+    with pytest.raises(EvaluateError, match=r"SCC \(2 images\)"):
+        shared_classes(CLASSES, ["SCC", "SCC", "NV"])
+    assert parse_label_map("common_nevus=NV, melanoma=MEL,other=") == {
+        "common_nevus": "NV",
+        "melanoma": "MEL",
+        "other": None,
+    }
+    with pytest.raises(EvaluateError, match="'melanoma'"):
+        parse_label_map("melanoma")
+
+
+# --------------------------------------------------------------------------- ISIC 2018 adapter
+
+
+def test_isic2018_adapter_reads_nested_images_and_maps_akiec(tmp_path: Path) -> None:
+    root = make_isic2018(tmp_path / "isic2018", ["MEL", "NV", "AK", "BCC"])
+    manifest = build_manifest(root, progress=False)
+    assert manifest.attrs["ingest"]["layout"] == "isic2018"
+    assert list(manifest["label"]) == ["MEL", "NV", "AK", "BCC"]
+    assert manifest["path"].iloc[2] == "ISIC2018_Task3_Validation_Input/ISIC_0000002.jpg"
+    assert manifest["file_error"].isna().all() and (manifest["source"] == "isic2018").all()
+    assert list(manifest["csv_line"]) == [2, 3, 4, 5]
+
+
+def test_isic2018_bad_cell_is_named(tmp_path: Path) -> None:
+    root = make_isic2018(tmp_path / "bad", ["MEL", "NV"])
+    gt = root / "ISIC2018_Task3_Validation_GroundTruth.csv"
+    gt.write_text(gt.read_text().replace("ISIC_0000001,0.0,1.0", "ISIC_0000001,0.0,yes"))
+    with pytest.raises(IngestError, match=r"line 3: column NV is 'yes'"):
+        build_manifest(root, progress=False)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", [*TINY, "evaluate.bootstrap=100"])
+    return tmp_path
+
+
+def test_evaluate_isic2018_set_with_onnx_logged_to_mlflow(project: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from tasks.config import load_params
+    from tasks.export import export_onnx
+    from tasks.train import MEAN, STD
+
+    uri = tracking.configure(project)
+    run_id = mlflow.start_run(experiment_id=tracking.ensure_experiment("t", project)).info.run_id
+    mlflow.end_run()
+    meta = {"arch": "custom_cnn", "classes": CLASSES, "input_size": 32,
+            "normalization": {"mean": list(MEAN), "std": list(STD)}}  # fmt: skip
+    onnx = export_onnx(tiny_cnn(), meta, project / "model.onnx", 17, 2.0, run_id=run_id,
+                       referral_threshold=0.9)  # fmt: skip
+    labels = ["MEL"] * 4 + ["NV"] * 5 + ["BCC"] * 4
+    root = make_isic2018(project / "isic2018", labels)
+
+    rec = run_cli(root, str(onnx), load_params("params.yaml"), name="isic18")
+
+    assert rec["n"] == 13 and rec["shared_classes"] == CLASSES
+    assert rec["note"] == "all 3 model classes present"
+    table = pd.read_parquet(project / "reports/external/isic18/predictions.parquet")
+    assert list(table["label"]) == labels
+    assert rec["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(table["label"], table["predicted"]), abs=1e-12
+    )
+    low, high = rec["balanced_accuracy_ci"]
+    assert low <= rec["balanced_accuracy"] <= high
+    assert rec["referred_share"] == pytest.approx(float((table["confidence"] < 0.9).mean()))
+    assert rec["ece_before"] != pytest.approx(rec["ece_after"])  # T = 2 changes confidences
+    assert set(rec["melanoma"]) >= {"sensitivity", "specificity"}
+    assert (project / "reports/external/isic18/reliability.png").stat().st_size > 0
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.metrics["isic18/balanced_accuracy"] == pytest.approx(rec["balanced_accuracy"])
+    contexts = [
+        {t.key: t.value for t in d.tags}.get("mlflow.data.context")
+        for d in run.inputs.dataset_inputs
+    ]
+    assert "evaluation" in contexts
+
+
+def test_evaluate_folder_set_with_label_map_and_fewer_classes(project: Path) -> None:
+    from tasks.config import load_params
+    from tasks.models import save_bundle
+    from tasks.train import MEAN, STD
+
+    bundle = save_bundle(project / "model.pt", tiny_cnn(1), "custom_cnn", CLASSES, 32, MEAN, STD,
+                         temperature=1.5)  # fmt: skip
+    root = project / "ph2"
+    for cls, colour, n in (("common_nevus", "NV", 4), ("atypical_nevus", "NV", 3),
+                           ("melanoma", "MEL", 4)):  # fmt: skip
+        for i in range(n):
+            write_jpeg(root / cls / f"{cls}_{i}.jpg", COLOURS[colour], hash(cls) % 1000 + i)
+    label_map = "common_nevus=NV,atypical_nevus=NV,melanoma=MEL"
+    p = load_params("params.yaml")
+
+    rec = run_cli(root, str(bundle), p, label_map=label_map, log=False)
+
+    assert rec["classes"] == ["MEL", "NV"] and rec["shared_classes"] == ["MEL", "NV"]
+    assert "restricted to the 2 shared classes" in rec["note"] and "BCC" in rec["note"]
+    assert set(rec["per_class_recall"]) == {"MEL", "NV"}
+    table = pd.read_parquet(project / "reports/external/ph2/predictions.parquet")
+    assert (table["label"] == "NV").sum() == 7
+    np.testing.assert_allclose(table["p_MEL"] + table["p_NV"], 1.0, atol=1e-9)
+    assert set(table["predicted"]) <= {"MEL", "NV"}
+    assert table["skin_tone"].isin(["very_light", "light", "intermediate"]).all()
+    assert rec["referral_threshold"] is None and rec["referred_share"] == 0.0
+    saved = json.loads((project / "reports/external/ph2/evaluate.json").read_text())
+    assert saved["balanced_accuracy"] == pytest.approx(rec["balanced_accuracy"])
+    with pytest.raises(IngestError, match="does not map atypical_nevus"):
+        run_cli(root, str(bundle), p, label_map="common_nevus=NV,melanoma=MEL", log=False)
