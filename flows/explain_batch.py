@@ -309,7 +309,6 @@ def explain_images(
     return probs, targets, result.maps, result.table
 
 
-@task(name="explain-chunk", cache_policy=NO_CACHE)  # it writes files: never skip it from cache
 def guard_referral(
     model: torch.nn.Module,
     meta: dict[str, Any],
@@ -335,6 +334,7 @@ def guard_referral(
     return referral_columns(logits, probs, list(meta["classes"]), threshold, guard, sets)
 
 
+@task(name="explain-chunk", cache_policy=NO_CACHE)  # it writes files: never skip it from cache
 def explain_chunk(
     items: list[tuple[str, str]],
     index: int,

@@ -250,6 +250,26 @@ def _clean(value: object) -> object:
     return None if not text or text.lower() == "unknown" else text
 
 
+def one_hot_rows(
+    gt: pd.DataFrame, classes: list[str], gt_path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 0/1 matrix of a one-hot ground-truth table and the number of classes set per row.
+
+    Shared by the ISIC 2019 and ISIC 2018 Task 3 layouts, which differ only in their class
+    columns. A cell that is not a number stops ingest, naming its file, line and column.
+    """
+    values = gt[classes].apply(pd.to_numeric, errors="coerce")
+    bad = values.isna() & gt[classes].notna()
+    if bad.to_numpy().any():
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise IngestError(
+            f"{gt_path} line {gt['_line'].iat[row]}: column {classes[col]} is "
+            f"{gt[classes[col]].iat[row]!r}, not 0 or 1"
+        )
+    hot = values.fillna(0).to_numpy() >= 0.5
+    return hot, hot.sum(axis=1)
+
+
 def read_isic2019(root: Path) -> Adapted:
     """ISIC 2019: one-hot ground truth + metadata CSV (image, age_approx, site, lesion_id, sex)."""
     gt_path = root / ISIC_GT
@@ -261,16 +281,7 @@ def read_isic2019(root: Path) -> Adapted:
             f"{gt_path}: expected columns image + {', '.join(ISIC_CLASSES)}; "
             f"unexpected {unknown or 'no class columns'}"
         )
-    values = gt[classes].apply(pd.to_numeric, errors="coerce")
-    bad = values.isna() & gt[classes].notna()
-    if bad.to_numpy().any():
-        row, col = np.argwhere(bad.to_numpy())[0]
-        raise IngestError(
-            f"{gt_path} line {gt['_line'].iat[row]}: column {classes[col]} is "
-            f"{gt[classes[col]].iat[row]!r}, not 0 or 1"
-        )
-    hot = values.fillna(0).to_numpy() >= 0.5
-    sums = hot.sum(axis=1)
+    hot, sums = one_hot_rows(gt, classes, gt_path)
     labels = [classes[row.argmax()] if s == 1 else None for row, s in zip(hot, sums, strict=True)]
     frame = pd.DataFrame(
         {
@@ -382,16 +393,7 @@ def read_isic2018(root: Path) -> Adapted:
             f"{gt_path}: expected columns image + {', '.join(ISIC2018_CLASSES)}; "
             f"found {', '.join(classes) or 'no class columns'}"
         )
-    values = gt[classes].apply(pd.to_numeric, errors="coerce")
-    bad = values.isna() & gt[classes].notna()
-    if bad.to_numpy().any():
-        row, col = np.argwhere(bad.to_numpy())[0]
-        raise IngestError(
-            f"{gt_path} line {gt['_line'].iat[row]}: column {classes[col]} is "
-            f"{gt[classes[col]].iat[row]!r}, not 0 or 1"
-        )
-    hot = values.fillna(0).to_numpy() >= 0.5
-    sums = hot.sum(axis=1)
+    hot, sums = one_hot_rows(gt, classes, gt_path)
     names = [ISIC2018_TO_ISIC.get(c, c) for c in classes]
     frame = pd.DataFrame(
         {

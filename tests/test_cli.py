@@ -128,7 +128,7 @@ def test_predict_gives_every_file_one_row_and_counts_the_skipped(tmp_path):
         "arch": "custom_cnn", "classes": ["a", "b"], "input_size": 32,
         "normalization": {"mean": list(MEAN), "std": list(STD)},
     }  # fmt: skip
-    export_onnx(build_model("custom_cnn", 2).eval(), meta, tmp_path / "m.onnx", 17, 1.0, "r")
+    export_onnx(build_model("custom_cnn", 2).eval(), meta, tmp_path / "m.onnx", 18, 1.0, "r")
     d = tmp_path / "in"
     write_image(d / "a.jpg")
     (d / "notes.txt").write_text("x")

@@ -187,7 +187,7 @@ def test_evaluate_isic2018_set_with_onnx_logged_to_mlflow(project: Path) -> None
     mlflow.end_run()
     meta = {"arch": "custom_cnn", "classes": CLASSES, "input_size": 32,
             "normalization": {"mean": list(MEAN), "std": list(STD)}}  # fmt: skip
-    onnx = export_onnx(tiny_cnn(), meta, project / "model.onnx", 17, 2.0, run_id=run_id,
+    onnx = export_onnx(tiny_cnn(), meta, project / "model.onnx", 18, 2.0, run_id=run_id,
                        referral_threshold=0.9)  # fmt: skip
     labels = ["MEL"] * 4 + ["NV"] * 5 + ["BCC"] * 4
     root = make_isic2018(project / "isic2018", labels)

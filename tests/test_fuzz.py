@@ -80,7 +80,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
         "normalization": {"mean": list(MEAN), "std": list(STD)},
         "data_version": "v1",
     }
-    onnx = export_onnx(model, meta, root / "model.onnx", 17, 1.0, run_id="r")
+    onnx = export_onnx(model, meta, root / "model.onnx", 18, 1.0, run_id="r")
     bundle = save_bundle(root / "model.pt", model, "custom_cnn", ["a", "b"], 32, MEAN, STD)
     store = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(store, registry_uri=store).search_experiments()  # creates the schema once

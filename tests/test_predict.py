@@ -50,7 +50,7 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data_version": "v1",
     }
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_onnx(model, meta, path, 17, 1.3, run_id="r", referral_threshold=THRESHOLD)
+    return export_onnx(model, meta, path, 18, 1.3, run_id="r", referral_threshold=THRESHOLD)
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_cache_predict_and_onnx_agree_with_colour_constancy_and_tta(tiny_cc, tmp
                 test.classes, 32, MEAN, STD, extra=extra)  # fmt: skip
     model, meta = load_bundle(tmp_path / "model.pt")
     scored = with_tta(model, meta["extra"]["tta"])
-    onnx_path = export_onnx(scored, meta, tmp_path / "model.onnx", 17, 1.3)
+    onnx_path = export_onnx(scored, meta, tmp_path / "model.onnx", 18, 1.3)
     assert read_metadata(onnx_path)["color_constancy"] == "shades_of_gray"
     predictor = load_predictor(onnx_path, provider="cpu")
     assert predictor.color_constancy == "shades_of_gray"  # from the file, not params.yaml
