@@ -191,12 +191,14 @@ def test_real_data_walkthrough_add_push_clone_and_compare_runs(tmp_path):
         "dvc.lock",
         "metrics",
         "data/.gitignore",
+        "data/reports/.gitignore",
     )
     assert git(project, "status", "--porcelain", "--untracked-files=all").stdout.split("\n") == [
         f"A  {path}"
         for path in (
             "configs/lesions.yaml",
             "data/.gitignore",
+            "data/reports/.gitignore",
             "dvc.lock",
             "metrics/ingest.json",
             "metrics/prepare.json",
@@ -251,7 +253,7 @@ def test_dvc_plots_show_draws_every_series_and_the_figures(tmp_path):
         "calibrate/confidence_histogram.png",
         "calibrate/risk_coverage.png",
     ]
-    images = {k for k, v in plots.items() if v[0]["type"] == "image"}
+    images = {k for k, v in plots.items() if v and v[0]["type"] == "image"}
     assert images == {f"reports/{name}" for name in figures}
 
     def series(plot_id: str, field: str) -> set[str]:
