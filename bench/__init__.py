@@ -11,7 +11,7 @@ Run it with ``python -m bench`` or ``dermaflow bench`` (see ``bench/README.md``)
 
 from __future__ import annotations
 
-PARTS = ("training", "data", "explain", "inference", "pipeline")
+PARTS = ("training", "data", "explain", "inference", "pipeline", "ddp")
 DEFAULT_PARTS = ("training", "data", "explain", "inference")
 
 __all__ = ["DEFAULT_PARTS", "PARTS"]

@@ -199,6 +199,10 @@ def run_part(name: str, settings: Settings, workload_fn) -> Part:
             from bench import inference
 
             inference.run(settings, part)
+        elif name == "ddp":
+            from bench import ddp
+
+            ddp.run(settings, part)
         else:
             from bench import pipeline
 

@@ -231,12 +231,20 @@ def tune(
     no_repro: bool = typer.Option(
         False, "--no-repro", help="skip `dvc repro prepare`; tune on data/prepared as it is"
     ),
+    worker: bool = typer.Option(
+        False, "--worker", help="join the study a running `dermaflow tune` opened; run trials"
+    ),
+    wait: float = typer.Option(
+        0.0, "--wait", help="with --worker: seconds to wait for that `dermaflow tune` to start"
+    ),
 ) -> None:
     """Optuna search over tune.space: an MLflow child run per trial, the best as a preset.
 
-    Running it again continues the study (mlruns/optuna.db). `dvc repro prepare` runs first.
+    Running it again continues the study (mlruns/optuna.db, or tune.storage). `dvc repro
+    prepare` runs first. With tune.storage on a database server, `dermaflow tune --worker`
+    on other machines or processes joins the running call's study: Optuna hands out its trials.
     """
-    from flows.tune import run_tune
+    from flows.tune import run_tune, run_worker
     from tasks import tune as tuning
     from tasks.split import data_version
 
@@ -258,9 +266,21 @@ def tune(
             version = ""
             if paths.MANIFEST.exists():
                 version = data_version()
-            result = run_tune(params, set_, paths.PREPARED, data_version=version)
+            if worker:
+                done = run_worker(params, set_, paths.PREPARED, data_version=version, wait_s=wait)
+            else:
+                result = run_tune(params, set_, paths.PREPARED, data_version=version)
         except tuning.TuneError as err:
             raise typer.Exit(report_failure("tune", err)) from None
+        if worker:
+            c = done.counts
+            console.print(
+                f"tune worker: ran trials {done.trial_numbers or 'none'} of study "
+                f"{done.study_name} ({c['COMPLETE']} complete, {c['PRUNED']} pruned, "
+                f"{c['FAIL']} failed); MLflow parent run {done.parent_run_id}",
+                highlight=False,
+            )
+            return
         console.print(tuning.trials_table(result.trials, result.best_number))
         c = result.counts
         console.print(

@@ -1,8 +1,10 @@
 """The tune flow's engine: an Optuna study whose trials are the train stage's own ``train``.
 
 What runs around the pure pieces in :mod:`tasks.tune` (the space, the sampler and pruner, the
-preset, the plots): the study in ``mlruns/optuna.db``, the MLflow parent run with one nested
-child run per trial, and the report. ``dermaflow tune`` calls :func:`run_tune`; every trial is
+preset, the plots): the study in ``mlruns/optuna.db`` (or ``tune.storage``), the MLflow parent
+run with one nested child run per trial, and the report. ``dermaflow tune`` calls
+:func:`run_tune`; ``dermaflow tune --worker`` calls :func:`run_worker`, which joins that call's
+study from another process or machine and runs trials that Optuna hands out. Every trial is
 ``tasks.train.train`` on the prepared cache with the trial's ``key=value`` overrides, so what the
 search finds is exactly what ``dermaflow preset configs/tuned.yaml && dvc repro`` reproduces.
 """
@@ -33,6 +35,7 @@ from tasks.tune import (
     make_sampler,
     param_importances,
     preset_text,
+    redact_url,
     report_epoch,
     storage_uri,
     study_figures,
@@ -104,23 +107,20 @@ def run_tune(
         )
     # Heavy imports only once the cheap checks passed: a typo in the space fails in a blink.
     import mlflow
-    import torch
 
     from tasks import tracking
-    from tasks.train import TrainingError, train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_tracebacks()
 
     experiment = base.tracking.experiment or base.dataset.name
     name = study_name(experiment, base.model.arch)
-    storage_url = storage_uri(repo)
-    # A killed run leaves its trial RUNNING; the heartbeat lets the next call mark it FAIL.
-    with warnings.catch_warnings():  # the heartbeat is flagged experimental; it is what we need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180)
+    storage_url = storage_uri(repo, cfg.storage)
     study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", load_if_exists=True
+        storage=_open_storage(storage_url),
+        study_name=name,
+        direction="maximize",
+        load_if_exists=True,
     )
     before = len(study.trials)
     # Offsetting the seed by the trials already stored keeps a continued random search from
@@ -138,7 +138,6 @@ def run_tune(
         "git_commit": tracking.git_commit(repo),
         **tracking.environment_tags(),
     }
-    catch = (TrainingError, torch.cuda.OutOfMemoryError)  # a bad corner of the space, not a bug
 
     with (
         mlflow.start_run(
@@ -147,64 +146,21 @@ def run_tune(
         tempfile.TemporaryDirectory(prefix="dermaflow-tune-") as scratch,
         progress_bar(show_progress) as bar,
     ):
-        tracking.log_params(
-            {**base.as_flat_dict(), "study_name": name, "study_storage": storage_url}
-        )
+        flat = base.as_flat_dict()
+        if cfg.storage:  # a password in the URL stays out of MLflow
+            flat["tune.storage"] = redact_url(cfg.storage)
+        tracking.log_params({**flat, "study_name": name, "study_storage": redact_url(storage_url)})
+        # What `dermaflow tune --worker` processes read to join this call: its parent run and
+        # the study size at which every process stops starting trials.
+        study.set_user_attr(TARGET_ATTR, before + cfg.trials)
+        study.set_user_attr(PARENT_ATTR, parent.info.run_id)
         task = bar.add_task(f"tune {name}", total=cfg.trials)
-
-        def objective(trial: optuna.Trial) -> float:
-            sampled = suggest(trial, dims)
-            p = load_params(params_path, [*overrides, *trial_overrides(sampled, cfg.epochs)])
-            # A fresh path per trial: train() resumes from a checkpoint whose configs match.
-            checkpoint = Path(scratch) / f"trial-{trial.number}.pt"
-            child = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=f"trial-{trial.number}",
-                nested=True,
-                tags={"optuna_study": name, "trial_number": str(trial.number)},
-            )
-            trial.set_user_attr("mlflow_run_id", child.info.run_id)
-            state, status = "FAIL", "FAILED"
-
-            def on_epoch(record: dict) -> None:
-                step = record["epoch"]
-                tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step)
-                report_epoch(trial, record[OBJECTIVE], step, cfg.epochs)
-
-            try:
-                tracking.log_params({**sampled, "train.epochs": cfg.epochs})
-                result = train(
-                    p.model,
-                    p.train,
-                    prepared_dir,
-                    checkpoint,
-                    data_version,
-                    on_epoch=on_epoch,
-                    show_progress=False,
-                )
-                value = float(result.val["balanced_accuracy"])
-                if not math.isfinite(value):
-                    raise TrainingError(f"validation balanced accuracy is {value}")
-                tracking.log_metrics({f"best_{OBJECTIVE}": value, "train_seconds": result.seconds})
-                mlflow.set_tag("best_epoch", str(result.best_epoch))
-                state, status = "COMPLETE", "FINISHED"
-                return value
-            except optuna.TrialPruned:
-                state, status = "PRUNED", "FINISHED"  # a normal outcome, not a failed run
-                raise
-            except Exception as err:
-                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-                raise
-            finally:
-                mlflow.set_tag("trial_state", state)
-                mlflow.end_run(status)
-                checkpoint.unlink(missing_ok=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        objective = _objective(
+            params_path, overrides, dims, cfg, prepared_dir, data_version, experiment_id, name,
+            parent.info.run_id, Path(scratch),
+        )  # fmt: skip
 
         def after_trial(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-            if frozen.state == optuna.trial.TrialState.COMPLETE:
-                tracking.log_metrics({"trial_value": frozen.value}, step=frozen.number)
             best = _best_or_none(study)
             bar.update(
                 task,
@@ -214,13 +170,21 @@ def run_tune(
             if on_trial is not None:
                 on_trial(frozen)
 
-        study.optimize(
-            objective,
-            n_trials=cfg.trials,
-            timeout=cfg.timeout_s or None,
-            catch=catch,
-            callbacks=[after_trial],
-        )
+        try:
+            study.optimize(
+                objective,
+                n_trials=cfg.trials,
+                timeout=cfg.timeout_s or None,
+                catch=_caught(),
+                callbacks=[
+                    _log_trial_value(parent.info.run_id),
+                    after_trial,
+                    optuna.study.MaxTrialsCallback(before + cfg.trials, states=None),
+                ],
+            )
+            _wait_for_workers(study)
+        finally:
+            study.set_user_attr(PARENT_ATTR, "")
 
         trials = study.get_trials(deepcopy=True)
         states = Counter(t.state.name for t in trials[before:])
@@ -258,8 +222,8 @@ def run_tune(
                 dims,
                 [
                     f"Written by `dermaflow tune`: the best trial of Optuna study {name}",
-                    f"({storage_url}): trial {best_trial.number}, validation balanced accuracy "
-                    f"{best_trial.value:.4f}",
+                    f"({redact_url(storage_url)}): trial {best_trial.number}, validation "
+                    f"balanced accuracy {best_trial.value:.4f}",
                     f"after up to {cfg.epochs} epochs per trial; train.epochs is left as it is.",
                     f"Apply with `dermaflow preset {cfg.preset}`; keys not listed keep "
                     "params.yaml's values.",
@@ -277,7 +241,7 @@ def run_tune(
 
     return TuneResult(
         study_name=name,
-        storage=storage_url,
+        storage=redact_url(storage_url),
         best_number=best_trial.number,
         best_value=float(best_trial.value),
         best_params=dict(best_trial.params),
@@ -319,3 +283,282 @@ def _best_trial_or_none(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def _best_or_none(study: optuna.Study) -> float | None:
     best = _best_trial_or_none(study)
     return None if best is None else best.value
+
+
+# ------------------------------------------------------------------ workers on one shared study
+
+PARENT_ATTR = "mlflow_parent_run_id"  # study attr: the open tune call's parent run ("" when none)
+TARGET_ATTR = "trial_target"  # study attr: the study size at which every process stops
+
+
+@dataclass
+class WorkerResult:
+    """What one ``dermaflow tune --worker`` process did in the study it joined."""
+
+    study_name: str
+    storage: str
+    parent_run_id: str
+    trial_numbers: list[int]  # the trials this process ran, in order
+    counts: dict[str, int]  # those trials by final state
+
+
+def run_worker(
+    params_path: str | Path,
+    overrides: list[str] | None,
+    prepared_dir: str | Path,
+    repo: str | Path = ".",
+    data_version: str = "",
+    wait_s: float = 0.0,
+    show_progress: bool = True,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> WorkerResult:
+    """Join the study that a running ``dermaflow tune`` opened and run trials until it is full.
+
+    Optuna hands out the trials: each process asks the shared storage for the next one, so no
+    trial runs twice, and the study stops growing at the size the leading ``dermaflow tune``
+    recorded (its ``tune.trials`` more than it found). Each trial's MLflow child run goes under
+    the leader's parent run, wherever it ran. The leader waits for the workers' last trials,
+    then writes the report and the preset; a worker writes neither.
+
+    Args:
+        params_path, overrides, prepared_dir, repo, data_version, show_progress, on_trial: as
+            for :func:`run_tune`; the params must name the same ``tune.storage``, experiment
+            and architecture as the leader's (they name the study).
+        wait_s: how long to wait for the leader to open the study (0: it must be open now).
+
+    Raises:
+        ConfigError: a bad ``tune.space``.
+        FileNotFoundError: no prepared cache.
+        TuneError: no open tune call on that study within ``wait_s`` seconds.
+    """
+    import time
+
+    overrides = list(overrides or [])
+    base = load_params(params_path, overrides)
+    cfg = base.tune
+    dims = check_space(cfg.space, params_path, overrides)
+    prepared_dir = Path(prepared_dir)
+    if not (prepared_dir / "meta.json").exists():
+        raise FileNotFoundError(
+            f"{prepared_dir}: no prepared cache; run `dvc repro prepare` (or `dvc pull`) first"
+        )
+    from tasks import tracking
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_tracebacks()
+    experiment = base.tracking.experiment or base.dataset.name
+    name = study_name(experiment, base.model.arch)
+    storage_url = storage_uri(repo, cfg.storage)
+    storage = _open_storage(storage_url)
+    deadline = time.monotonic() + wait_s
+    while True:
+        study = _open_call(storage, name)
+        if study is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if study is None:
+        raise TuneError(
+            f"no open `dermaflow tune` on study {name} in {redact_url(storage_url)}: start "
+            "`dermaflow tune` with the same params first (or give --wait more seconds)"
+        )
+    parent_run_id = study.user_attrs[PARENT_ATTR]
+    target = int(study.user_attrs[TARGET_ATTR])
+    # Unseeded: workers seeded alike would draw the same start-up params as each other.
+    study.sampler = make_sampler(cfg.sampler, None)
+    study.pruner = make_pruner(cfg.pruner, cfg.prune_startup_trials, cfg.prune_warmup_epochs)
+    experiment_id = tracking.ensure_experiment(experiment, repo)
+    mine: list[optuna.trial.FrozenTrial] = []
+
+    def after_trial(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        mine.append(frozen)
+        if on_trial is not None:
+            on_trial(frozen)
+        if study.user_attrs.get(PARENT_ATTR) != parent_run_id:
+            study.stop()  # the leader finished (or a new call began): this call is over
+
+    with (
+        tempfile.TemporaryDirectory(prefix="dermaflow-tune-") as scratch,
+        progress_bar(show_progress) as bar,
+    ):
+        task = bar.add_task(f"tune worker {name}", total=None)
+        objective = _objective(
+            params_path, overrides, dims, cfg, prepared_dir, data_version, experiment_id, name,
+            parent_run_id, Path(scratch),
+        )  # fmt: skip
+        if len(study.trials) < target:  # optimize() would start one trial even on a full study
+            study.optimize(
+                objective,
+                timeout=cfg.timeout_s or None,
+                catch=_caught(),
+                callbacks=[
+                    _log_trial_value(parent_run_id),
+                    after_trial,
+                    lambda *_: bar.update(task, advance=1),
+                    optuna.study.MaxTrialsCallback(target, states=None),
+                ],
+            )
+    states = Counter(t.state.name for t in mine)
+    return WorkerResult(
+        study_name=name,
+        storage=redact_url(storage_url),
+        parent_run_id=parent_run_id,
+        trial_numbers=[t.number for t in mine],
+        counts={s: states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")},
+    )
+
+
+def _open_call(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    """The study, when a ``dermaflow tune`` call on it is running now; else None."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # Optuna's "study not found"
+        return None
+    attrs = study.user_attrs
+    return study if attrs.get(PARENT_ATTR) and TARGET_ATTR in attrs else None
+
+
+def _open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's storage, with a heartbeat: a killed process leaves its trial RUNNING, and
+    the heartbeat lets the next process (or the waiting leader) mark it FAIL.
+
+    Opening creates Optuna's tables in an empty database. Two processes doing that at the
+    same instant (a leader and a worker started together on a fresh PostgreSQL database)
+    collide on the catalog; the loser retries and finds the tables made.
+    """
+    import time
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is flagged experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _caught() -> tuple[type[BaseException], ...]:
+    """Trial errors that are a bad corner of the space, not a bug: the search goes on."""
+    import torch
+
+    from tasks.train import TrainingError
+
+    return (TrainingError, torch.cuda.OutOfMemoryError)
+
+
+def _log_trial_value(parent_run_id: str) -> Callable[[optuna.Study, Any], None]:
+    """A callback that logs each complete trial's value on the parent run, step = its number.
+
+    Through the client and the run id, not the active run: a worker process has no active
+    parent run, yet its trials belong on the leader's curve.
+    """
+    from mlflow.tracking import MlflowClient
+
+    def log(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        if frozen.state == optuna.trial.TrialState.COMPLETE:
+            MlflowClient().log_metric(
+                parent_run_id, "trial_value", float(frozen.value), step=frozen.number
+            )
+
+    return log
+
+
+def _wait_for_workers(study: optuna.Study, poll_s: float = 1.0) -> None:
+    """Wait until no trial of the study is RUNNING, so the report counts the workers' too.
+
+    A worker killed mid-trial would leave its trial RUNNING for ever; the storage's heartbeat
+    marks such a trial FAIL once it is stale (``fail_stale_trials``), which ends the wait.
+    """
+    import time
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    while study.get_trials(deepcopy=False, states=running):
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(poll_s)
+
+
+def _objective(
+    params_path: str | Path,
+    overrides: list[str],
+    dims: list[Any],
+    cfg: Any,
+    prepared_dir: Path,
+    data_version: str,
+    experiment_id: str,
+    name: str,
+    parent_run_id: str,
+    scratch: Path,
+) -> Callable[[optuna.Trial], float]:
+    """One trial: ``tasks.train.train`` with the sampled overrides, in an MLflow child run of
+    ``parent_run_id`` (the leader's, also in a worker process that has no active run)."""
+    import os
+    import socket
+
+    import mlflow
+    import torch
+
+    from tasks import tracking
+    from tasks.train import TrainingError, train
+
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = suggest(trial, dims)
+        p = load_params(params_path, [*overrides, *trial_overrides(sampled, cfg.epochs)])
+        # A fresh path per trial: train() resumes from a checkpoint whose configs match.
+        checkpoint = scratch / f"trial-{trial.number}.pt"
+        child = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"trial-{trial.number}",
+            nested=True,
+            parent_run_id=parent_run_id,
+            tags={
+                "optuna_study": name,
+                "trial_number": str(trial.number),
+                "dermaflow.tune_worker": worker,
+            },
+        )
+        trial.set_user_attr("mlflow_run_id", child.info.run_id)
+        state, status = "FAIL", "FAILED"
+
+        def on_epoch(record: dict) -> None:
+            step = record["epoch"]
+            tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step)
+            report_epoch(trial, record[OBJECTIVE], step, cfg.epochs)
+
+        try:
+            tracking.log_params({**sampled, "train.epochs": cfg.epochs})
+            result = train(
+                p.model,
+                p.train,
+                prepared_dir,
+                checkpoint,
+                data_version,
+                on_epoch=on_epoch,
+                show_progress=False,
+            )
+            value = float(result.val["balanced_accuracy"])
+            if not math.isfinite(value):
+                raise TrainingError(f"validation balanced accuracy is {value}")
+            tracking.log_metrics({f"best_{OBJECTIVE}": value, "train_seconds": result.seconds})
+            mlflow.set_tag("best_epoch", str(result.best_epoch))
+            state, status = "COMPLETE", "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "FINISHED"  # a normal outcome, not a failed run
+            raise
+        except Exception as err:
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+        finally:
+            mlflow.set_tag("trial_state", state)
+            mlflow.end_run(status)
+            checkpoint.unlink(missing_ok=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    return objective

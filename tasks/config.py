@@ -237,6 +237,15 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True, config=_SECTION)
+class DistributedConfig:
+    nproc_per_node: PosInt = 1  # processes per machine (one per GPU); > 1 launches torchrun
+    nnodes: PosInt = 1  # machines; > 1: each runs the same command, meeting at rdzv_endpoint
+    rdzv_endpoint: Name = "localhost:29400"  # host:port of the rendezvous (several nodes only)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    sync_batchnorm: Bool = False  # BatchNorm statistics over the global batch (CUDA only)
+
+
+@dataclass(frozen=True, config=_SECTION)
 class TrainConfig:
     epochs: PosInt  # passes over the training split
     batch_size: PosInt  # images per step
@@ -272,6 +281,9 @@ class TrainConfig:
     cutmix_alpha: NonNegFloat = 0.0  # CutMix Beta(alpha, alpha) (0 = off)
     mix_prob: Probability = 1.0  # share of batches mixed when Mixup or CutMix is on
     tta: Literal[TTA_MODES] = "none"  # none | flips | flips_rot90: views averaged at evaluation
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig
+    )  # data-parallel processes (torchrun); batch_size stays the global batch
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -359,6 +371,7 @@ class TuneConfig:
     preset: Name  # where the best trial's params are written as a preset
     prune_startup_trials: NonNegInt = 3  # complete trials before the median pruner judges
     prune_warmup_epochs: NonNegInt = 2  # epochs a trial always runs before it can be pruned
+    storage: Name | None = None  # Optuna storage URL; None: sqlite mlruns/optuna.db
 
 
 @dataclass(frozen=True, config=_SECTION)

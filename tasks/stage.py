@@ -68,6 +68,7 @@ KNOWN_ERRORS = (
     ("tasks.card", "CardError"),
     ("tasks.evaluate", "EvaluateError"),
     ("tasks.conformal", "ConformalError"),
+    ("tasks.distributed", "DistributedError"),
     ("tasks.export", "ParityError"),
     ("tasks.ingest", "IngestError"),
     ("tasks.io", "LineageError"),

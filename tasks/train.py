@@ -28,7 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from tasks import paths
+from tasks import distributed, paths
 from tasks.config import ModelConfig, Params, TrainConfig
 from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
@@ -328,14 +328,17 @@ def train_one_epoch(
             progress.advance(task)
     if progress is not None:
         progress.remove_task(task)
-    return total / max(count, 1)
+    return distributed.mean_over_ranks(total, count, device)
 
 
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32) and labels over a loader, in loader order."""
+    """Logits (float32) and labels over a loader, in loader order.
+
+    A loader sharded over data-parallel ranks gives every rank's predictions, in dataset order.
+    """
     model.eval()
     logits, labels = [], []
     for images, *extra, y in loader:
@@ -343,7 +346,9 @@ def predict_logits(
             out = model(to_input(images, device), *[e.to(device) for e in extra])
         logits.append(out.float().cpu())
         labels.append(y)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    return distributed.gather_predictions(
+        loader, torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    )
 
 
 def evaluate(
@@ -384,8 +389,13 @@ class TrainResult:
 
 
 def fingerprint(model_cfg: ModelConfig, train_cfg: TrainConfig, data_version: str) -> str:
-    """What a checkpoint must match to be resumed: the configs and the data version."""
-    blob = json.dumps([asdict(model_cfg), asdict(train_cfg), data_version], sort_keys=True)
+    """What a checkpoint must match to be resumed: the configs and the data version.
+
+    The process count is left out: the global batch is the same under any count, so a run
+    resumes on fewer or more GPUs than it started on.
+    """
+    train = {k: v for k, v in asdict(train_cfg).items() if k != "distributed"}
+    blob = json.dumps([asdict(model_cfg), train, data_version], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -446,9 +456,12 @@ def _loader(
     # forkserver, not fork: a forked worker inherits the parent's threads and handlers (a
     # Prefect task's, for one) and can die on start; the cache re-opens by file name.
     context = "forkserver" if cfg.workers > 0 else None
+    dataset = CachedImages(split, metadata, color)
+    # Under data parallelism: this rank's share of the global order and of the global batch.
+    batch_size, kw = distributed.shard_loader_args(dataset, cfg.batch_size, kw)
     return DataLoader(
-        CachedImages(split, metadata, color),
-        batch_size=cfg.batch_size,
+        dataset,
+        batch_size=batch_size,
         num_workers=cfg.workers,
         multiprocessing_context=context,
         pin_memory=device.type == "cuda",
@@ -492,7 +505,8 @@ def train(
         TrainingError: ``color`` is ``none`` but the cache was colour-corrected (irreversible).
     """
     start = time.perf_counter()
-    device = pick_device(train_cfg.device)
+    device = distributed.rank_device(pick_device(train_cfg.device))
+    show_progress = show_progress and distributed.is_main()
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     splits = {s: open_split(prepared_dir, s) for s in ("train", "val", "test")}
     classes = splits["train"].classes
@@ -547,7 +561,7 @@ def train(
     best = {"score": -1.0, "epoch": -1, "state": None}
     first_epoch, resumed_from = 0, None
     checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint, key, device)
+    state = distributed.main_first(lambda: load_checkpoint(checkpoint, key, device))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -558,9 +572,14 @@ def train(
             ema.load_state_dict(state["ema"])
         first_epoch = resumed_from = state["epoch"] + 1
 
-    runner = model
+    runner = distributed.wrap_model(
+        model,
+        device,
+        train_cfg.distributed.sync_batchnorm,
+        find_unused=train_cfg.freeze_backbone_epochs > 0,  # a frozen backbone has no gradients
+    )
     if train_cfg.compile:
-        runner = torch.compile(model)
+        runner = torch.compile(runner)
     augment = build_augment(train_cfg, size)
     val_loader = _loader(splits["val"], train_cfg, device, metadata.get("val"), todo, shuffle=False)
     stale = 0
@@ -570,7 +589,9 @@ def train(
                 stale = epoch - 1 - best["epoch"]
                 if stale >= train_cfg.patience:
                     break
-            seed_everything(train_cfg.seed * 1000 + epoch, train_cfg.deterministic)
+            seed_everything(
+                distributed.rank_seed(train_cfg.seed * 1000 + epoch), train_cfg.deterministic
+            )
             gen = torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch)
             if train_cfg.weighted_sampler:
                 sw = sampler_weights(torch.as_tensor(splits["train"].labels), counts)
@@ -610,7 +631,8 @@ def train(
                 ema,
             )
             seconds = time.perf_counter() - t0
-            judged = runner if ema is None else ema.module
+            # The bare module under DDP: each rank predicts its own shard, with no collectives.
+            judged = ema.module if ema is not None else model if distributed.active() else runner
             val_metrics, _, _ = evaluate(judged, val_loader, eval_loss, device, classes)
             record = {
                 "epoch": epoch + 1,
@@ -629,22 +651,25 @@ def train(
                     "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in scored.state_dict().items()},
                 }
-            save_checkpoint(
-                checkpoint,
-                {
-                    "fingerprint": key,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "best": best,
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                },
-            )
+            if distributed.is_main():
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "fingerprint": key,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "best": best,
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
+                    },
+                )
             if on_epoch is not None:
                 on_epoch(record)
 
+    if train_cfg.distributed.sync_batchnorm:
+        distributed.revert_sync_batchnorm(model)
     if best["state"] is not None:
         scored.load_state_dict(best["state"])
     set_backbone_frozen(scored, model_cfg.arch, False)
@@ -786,7 +811,36 @@ def run(p: Params) -> dict:
     The run holds the resolved params, the data version, per-epoch curves, the final metrics,
     the data and split reports, the figures, the log and the registered model; calibrate,
     export and explain append to it (its id is in ``models/run.json``).
+
+    With ``train.distributed`` asking for several processes, the stage re-launches itself
+    under torchrun (:func:`tasks.distributed.launch`); in each worker, rank 0 does all of the
+    above and the other ranks only train beside it (:mod:`tasks.distributed`).
     """
+    if distributed.wants_launch(p.train.distributed):
+        d = p.train.distributed
+        processes = d.nproc_per_node * d.nnodes
+        console.print(
+            f"train: {processes} processes ({d.nnodes} node(s)) under torchrun; global batch "
+            f"{p.train.batch_size}, {p.train.batch_size // processes} per process",
+            highlight=False,
+        )
+        launched = time.time()
+        distributed.launch(p, "tasks.train")
+        summary = paths.METRICS / "train.json"  # on the node of rank 0 only
+        fresh = summary.exists() and summary.stat().st_mtime >= launched
+        return json.loads(summary.read_text()) if fresh else {}
+    with distributed.process_group(p.train.distributed, p.train.device):
+        if not distributed.is_main():
+            train(
+                p.model, p.train, paths.PREPARED, paths.CHECKPOINT, data_version(),
+                show_progress=False, color=p.prepare.color_constancy,
+            )  # fmt: skip
+            return {}
+        return _run_main(p)
+
+
+def _run_main(p: Params) -> dict:
+    """:func:`run` in its one process, or on rank 0 of several."""
     from tasks import tracking
     from tasks.io import write_json, write_text
 
@@ -846,7 +900,13 @@ def run(p: Params) -> dict:
         model_name = tracking.registered_model_name(
             p.tracking.registered_model, p.dataset.name, result.classes
         )
-        tracking.set_tags({"device": result.device, "best_epoch": str(result.best_epoch)})
+        tracking.set_tags(
+            {
+                "device": result.device,
+                "best_epoch": str(result.best_epoch),
+                "processes": str(distributed.world_size()),
+            }
+        )
         tracking.log_metrics(final["flat"])
         tracking.log_artifacts(
             {

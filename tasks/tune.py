@@ -9,10 +9,12 @@ checks and the same :func:`tasks.train.train` as the pipeline's train stage. Wha
 finds is therefore exactly reproducible by ``dermaflow preset configs/tuned.yaml`` followed by
 ``dvc repro``.
 
-The Optuna study is stored in ``mlruns/optuna.db`` beside the MLflow store, so a second
-``dermaflow tune`` continues the same study instead of starting over, and MLflow holds the
-human-readable side: one parent run per ``tune`` call and one nested child run per trial with
-its sampled params, per-epoch validation curves and final state.
+The Optuna study is stored in ``mlruns/optuna.db`` beside the MLflow store (or in the
+database server of ``tune.storage``, where several ``dermaflow tune --worker`` processes join
+it), so a second ``dermaflow tune`` continues the same study instead of starting over, and
+MLflow holds the human-readable side: one parent run per ``tune`` call and one nested child
+run per trial (whichever worker ran it) with its sampled params, per-epoch validation curves
+and final state.
 
 Only validation metrics drive and record the search: the test split stays untouched until the
 chosen params go through the normal pipeline, so the reported test score is not selected on.
@@ -24,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -213,8 +216,15 @@ def suggest(trial: optuna.trial.BaseTrial, dims: list[Dimension]) -> dict[str, A
     return out
 
 
-def storage_uri(repo: str | Path = ".") -> str:
-    """``sqlite:///<repo>/mlruns/optuna.db``: the study lives beside the MLflow store."""
+def storage_uri(repo: str | Path = ".", configured: str | None = None) -> str:
+    """Where the study lives: ``tune.storage`` when set, else beside the MLflow store.
+
+    The default, ``sqlite:///<repo>/mlruns/optuna.db``, suits one machine. A team (or several
+    ``dermaflow tune --worker`` processes) points ``tune.storage`` at a database server, e.g.
+    ``postgresql+psycopg://user@host:5432/optuna``, so that every process joins one study.
+    """
+    if configured:
+        return configured
     from tasks import tracking
 
     db = (Path(repo) / tracking.STORE_DIR / STUDY_DB).resolve()
@@ -222,13 +232,22 @@ def storage_uri(repo: str | Path = ".") -> str:
     return f"sqlite:///{db}"
 
 
+def redact_url(url: str) -> str:
+    """A storage URL with its password replaced by ``***``: fit for logs and MLflow params."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def study_name(experiment: str, arch: str) -> str:
     """One study per experiment and architecture: good params for one rarely suit another."""
     return f"{experiment}-tune-{arch}"
 
 
-def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    """TPE (or random) seeded; TPE starts modelling after 5 random trials.
+def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """TPE (or random) seeded (None: from the OS); TPE models after 5 random trials.
 
     Optuna's default of 10 random start-up trials would leave TPE almost idle in a budget of a
     dozen trials, which is what a CPU or a single GPU affords.

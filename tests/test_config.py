@@ -309,6 +309,7 @@ NOT_IMPORTED = {
     "distributed": "the Dask cluster behind prefect-dask (--local-dask)",
     "annotated-types": "ships with pydantic; declared because config imports it",
     "onnxscript": "torch.onnx.export(dynamo=True) builds the graph with it",
+    "psycopg": "SQLAlchemy's driver for postgresql+psycopg:// (tune.storage, MLflow server)",
 }
 
 
