@@ -88,6 +88,18 @@ def calibrate(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
 
 
 @app.command()
+def ood(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Fit the out-of-distribution guard on validation; its detection AUROC on other sets."""
+    _dispatch("ood", params, set_)
+
+
+@app.command()
+def conformal(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
+    """Fit split-conformal prediction sets; coverage and set size on test."""
+    _dispatch("conformal", params, set_)
+
+
+@app.command()
 def export(params: Path = ParamsOpt, set_: list[str] = SetOpt) -> None:
     """Export the calibrated model to ONNX, prove parity, benchmark, register as candidate."""
     _dispatch("export", params, set_)

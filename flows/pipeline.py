@@ -188,6 +188,70 @@ def report_markdown(
     )
 
 
+def _read_metrics(root: Path, name: str) -> dict | None:
+    path = root / "metrics" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ci(record: dict, key: str) -> str:
+    low, high = record.get(f"{key}_ci") or (None, None)
+    return f"{_number(record.get(key))} [{_number(low)}, {_number(high)}]"
+
+
+def trust_markdown(repo: str | Path) -> str:
+    """The trust checks of this run for the Prefect artifact, read from the stages' metrics.
+
+    External sets (``metrics/evaluate.json``), subgroup flags and largest gaps
+    (``subgroups.json``), the OOD guard (``ood.json``) and conformal sets
+    (``conformal.json``); a check whose stage has not run is left out.
+    """
+    root = Path(repo)
+    parts: list[str] = []
+    sets = (_read_metrics(root, "evaluate") or {}).get("sets") or {}
+    if sets:
+        rows = "\n".join(
+            f"| {name} | {r['n']} | {_ci(r, 'balanced_accuracy')} | {_number(r.get('auroc'))} | "
+            f"{_number(r.get('ece_after'))} | {r['referred_share']:.1%} |"
+            for name, r in sets.items()
+        )
+        parts.append(
+            "## External evaluation\n\n| set | n | balanced accuracy [CI] | AUROC | ECE "
+            f"(calibrated) | referred |\n|---|---|---|---|---|---|\n{rows}\n"
+        )
+    subgroups = (_read_metrics(root, "subgroups") or {}).get("splits") or {}
+    if subgroups:
+        lines = []
+        for split, record in subgroups.items():
+            gaps = ", ".join(
+                f"{metric} {g['gap']:.3f} ({g['attribute']})"
+                for metric, g in (record.get("largest_gap") or {}).items()
+            )
+            flags = record.get("flags") or []
+            lines.append(
+                f"- {split} ({record['n']} images): largest gap {gaps or 'none (groups too small)'}"
+                f"; {len(flags)} flag(s)"
+            )
+            lines += [f"  - {flag}" for flag in flags]
+        parts.append("## Subgroups\n\n" + "\n".join(lines) + "\n")
+    ood = _read_metrics(root, "ood")
+    if ood:
+        aurocs = ", ".join(f"{k} {_number(v)}" for k, v in ood["detection_auroc"].items())
+        parts.append(
+            f"## Out-of-distribution guard\n\n{ood['method']}: test pass rate "
+            f"{ood['test_pass_rate']:.1%} (target {ood['target_pass_rate']:.0%}); "
+            f"detection AUROC: {aurocs or 'no other set'}\n"
+        )
+    conformal = _read_metrics(root, "conformal")
+    if conformal:
+        parts.append(
+            f"## Conformal sets\n\n{conformal['method']}: coverage "
+            f"{conformal['coverage']:.1%} (target {conformal['target_coverage']:.0%}), mean "
+            f"set size {conformal['mean_set_size']:.2f}, singletons "
+            f"{conformal['singleton_rate']:.1%}\n"
+        )
+    return "\n".join(parts)
+
+
 @task(name="save-experiment")
 def save_experiment(repo: str, name: str | None = None) -> str:
     """Save the workspace as a DVC experiment, so ``dvc exp show`` lists this run beside others.
@@ -294,7 +358,7 @@ def pipeline(
     gate = promotion_gate(repo, p.gate, str(flow_run.id) if flow_run.id else None)
     model_card = card.record_decision(repo, gate)  # the verdict into the version's card
     create_markdown_artifact(
-        markdown=report_markdown(results, gate, p.gate, model_card),
+        markdown=report_markdown(results, gate, p.gate, model_card) + "\n" + trust_markdown(repo),
         key="dermaflow-pipeline",
         description="stages, metrics and the promotion decision",
     )

@@ -21,6 +21,7 @@ as the variant ``<arch>_tuned``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 
 from tasks.config import (
     ConfigError,
@@ -130,8 +132,15 @@ def _dermaflow() -> list[str]:
 
 @task(name="recipe-step", cache_policy=NO_CACHE)
 def cli_step(step: str, repo: str) -> str:
-    """Run ``dermaflow <step>`` in the project; its progress goes to this terminal."""
-    proc = subprocess.run([*_dermaflow(), step], cwd=repo)
+    """Run ``dermaflow <step>`` in the project; its progress goes to this terminal.
+
+    The step reports to this flow's Prefect API (a temporary server included), so its flow run
+    sits beside the recipe's in one UI and no second temporary server has to start.
+    """
+    with get_client(sync_client=True) as client:
+        api = str(client.api_url)
+    env = {**os.environ, "PREFECT_API_URL": api} if api.startswith("http") else None
+    proc = subprocess.run([*_dermaflow(), step], cwd=repo, env=env)
     if proc.returncode != 0:
         raise RecipeError(f"recipe step {step} failed (exit {proc.returncode}); see its output")
     return step

@@ -46,14 +46,12 @@ from tasks.calibrate import (
     reliability_bins,
 )
 from tasks.config import ExternalSetConfig, Params
-from tasks.export import normalize
 from tasks.ingest import build_manifest, label_vocabulary
 from tasks.io import atomic_dir, write_json
 from tasks.metrics import classification_metrics, plot_confusion_matrix, save_figure, softmax
 from tasks.prepare import class_names, decode_one
 from tasks.skintone import ita_angle, ita_category
 from tasks.stage import console, main
-from tasks.validate import raise_for_errors, validate_manifest
 
 REPORTS = Path("reports") / "evaluate"
 CLI_REPORTS = Path("reports") / "external"  # `dermaflow evaluate`: outside the stage's outs
@@ -258,6 +256,10 @@ def read_external_set(
         tasks.ingest.IngestError: unreadable layout or CSV (file, line and cause).
         tasks.validate.ValidationError: an error-severity rule broken (rule, rows, file).
     """
+    # Imported here: great-expectations costs seconds, and the subgroups stage (which imports
+    # this module for its tables) and a pipeline with no external set never validate a set.
+    from tasks.validate import raise_for_errors, validate_manifest
+
     manifest = build_manifest(
         root,
         layout,
@@ -300,6 +302,8 @@ def score_set(
     The skin tone is measured here, on the very pixels (and mask) the model sees, so the
     subgroup stage needs no second decode.
     """
+    from tasks.export import normalize  # onnx + onnxruntime: only when a set is scored
+
     root = Path(root)
     logits: list[np.ndarray] = []
     angles: list[float | None] = []

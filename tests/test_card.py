@@ -364,3 +364,31 @@ def test_the_flow_summary_says_where_the_card_is():
     assert "Model card: `reports/card/model_card.html`" in text
     assert "(http://127.0.0.1:5000/#/models/card-model/versions/1)" in text
     assert "Model card" not in report_markdown([], gate, cfg)  # no card stage: no line
+
+
+def test_the_flow_summary_reports_every_trust_check_from_the_stage_metrics(tmp_path) -> None:
+    from flows.pipeline import trust_markdown
+
+    assert trust_markdown(tmp_path) == ""  # no trust stage has run: no section
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    record = {
+        "n": 170,
+        "balanced_accuracy": 0.61,
+        "balanced_accuracy_ci": [0.55, 0.68],
+        "auroc": 0.7,
+        "ece_after": 0.08,
+        "referred_share": 0.42,
+    }
+    (metrics / "evaluate.json").write_text(json.dumps({"sets": {"mednode": record}}))
+    flag = "test: skin_tone=brown (n=25) balanced_accuracy 0.400 vs 0.700 for the rest"
+    subgroups = {
+        "n": 300,
+        "largest_gap": {"balanced_accuracy": {"attribute": "skin_tone", "gap": 0.3}},
+        "flags": [flag],
+    }
+    (metrics / "subgroups.json").write_text(json.dumps({"splits": {"test": subgroups}}))
+    text = trust_markdown(tmp_path)
+    assert "| mednode | 170 | 0.6100 [0.5500, 0.6800] | 0.7000 | 0.0800 | 42.0% |" in text
+    assert "largest gap balanced_accuracy 0.300 (skin_tone); 1 flag(s)" in text
+    assert flag in text and "Out-of-distribution" not in text  # the OOD stage has not run

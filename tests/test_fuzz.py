@@ -357,6 +357,16 @@ CASES = [
          ["models/model.onnx", "metrics/export.json"]),
     Case("explain-no-run-file", ["explain"], ["models/run.json: missing; run the train stage"],
          models_dir(None), ["reports/explain"]),
+    Case("ood-no-run-file", ["ood"], ["ood refuses to run", "models/run.json: missing"],
+         models_dir(None), ["reports/ood", "metrics/ood.json", "models/ood.json"]),
+    Case("conformal-no-run-file", ["conformal"], ["conformal refuses to run",
+         "models/run.json: missing"], models_dir(None),
+         ["reports/conformal", "metrics/conformal.json", "models/conformal.json"]),
+    Case("subgroups-no-run-file", ["subgroups"], ["subgroups refuses to run",
+         "models/run.json: missing"], models_dir(None),
+         ["reports/subgroups", "metrics/subgroups.json"]),
+    Case("card-no-run-file", ["card"], ["card refuses to run", "models/run.json: missing"],
+         models_dir(None), ["reports/card"]),
     Case("predict-junk-onnx", ["predict", "imgs", "-m", "bad.onnx"],
          ["bad.onnx: not a readable ONNX model, corrupt or truncated"],
          steps(images_here, onnx_file("junk")), ["predictions.csv"]),
@@ -454,7 +464,8 @@ def test_the_table_is_big_enough():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     doors = {c.args[0] for c in CASES}
     stages = {"synth", "ingest", "validate", "split", "prepare", "train", "calibrate", "export"}
-    assert stages | {"explain", "predict", "explain-batch", "preset", "recipe", "evaluate"} <= doors
+    trust = {"ood", "conformal", "evaluate", "subgroups", "card"}
+    assert stages | trust | {"explain", "predict", "explain-batch", "preset", "recipe"} <= doors
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

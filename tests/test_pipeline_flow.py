@@ -128,6 +128,18 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, ca
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY]))
         )
     assert found and found[0].type == "progress" and float(found[0].data) == 100.0
+    # The summary artifact carries the trust checks, with this run's numbers.
+    with get_client(sync_client=True) as prefect:
+        (summary,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dermaflow-pipeline"])),
+            limit=1,
+        )
+    ood = json.loads((project / "metrics" / "ood.json").read_text())
+    conformal = json.loads((project / "metrics" / "conformal.json").read_text())
+    for heading in ("## Subgroups", "## Out-of-distribution guard", "## Conformal sets"):
+        assert heading in summary.data
+    assert f"test pass rate {ood['test_pass_rate']:.1%}" in summary.data
+    assert f"mean set size {conformal['mean_set_size']:.2f}" in summary.data
     # The flow runs what dvc.yaml defines, in the order of its deps.
     assert [s["stage"] for s in first["stages"]] == list(yaml.safe_load(DVC_YAML)["stages"])
     assert all(s["ran"] for s in first["stages"])

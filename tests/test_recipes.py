@@ -46,6 +46,15 @@ TINY_DATA = [
     "compare.explain_images=4",
     "tune.trials=2",
     "tune.epochs=1",
+    # The trust stages run, cheaply: the pipeline test covers their real-size behaviour.
+    "ood.external=[]",
+    "ood.nonskin_count=4",
+    "evaluate.bootstrap=50",
+    "subgroups.bootstrap=20",
+    "card.bootstrap=50",
+    "gate.bootstrap=50",
+    "export.bench_batches=[1]",
+    "orchestration.save_experiment=false",
 ]
 
 

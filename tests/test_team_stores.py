@@ -248,3 +248,105 @@ def test_a_worker_without_an_open_tune_call_stops_with_a_clear_message(tmp_path,
     assert "no open `dermaflow tune` on study synthetic-tune-custom_cnn" in message
     assert "Traceback" not in result.output
     assert os.path.exists(tmp_path / "mlruns" / "optuna.db")  # the default: beside MLflow's
+
+
+@pytest.mark.slow
+def test_a_deployment_run_on_a_prefect_server_on_postgres_completes_the_pipeline(
+    pg, mlflow_url, tmp_path
+):
+    """prefect.yaml's deployment, a process work pool and its worker, a run through the API."""
+    from tests.helpers import make_project
+    from tests.pg import free_port, wait_for_http
+
+    db = pg.url(pg.create_database("prefect"), driver="asyncpg")
+    port = free_port()
+    home = tmp_path / "prefect-home"
+    base = {
+        **team_env(mlflow_url),
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    server_log = tmp_path / "prefect-server.log"
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with server_log.open("w") as out:
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={**base, "PREFECT_API_DATABASE_CONNECTION_URL": db},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    project = make_project(
+        tmp_path / "proj",
+        TINY
+        + [
+            "tracking.registered_model=team-scheduled",  # not test 1's model and champion
+            "explain.methods=[gradcam]",
+            "explain.layers=[deep]",
+            "explain.per_class=1",
+            "explain.misclassified_cap=1",
+            "explain.bootstrap=50",
+            "export.bench_repeats=2",
+            "export.bench_batches=[1]",
+            "ood.external=[]",
+            "ood.nonskin_count=4",
+            "subgroups.bootstrap=20",
+            "card.bootstrap=50",
+            "gate.bootstrap=50",
+            "orchestration.save_experiment=false",
+        ],
+    )
+    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    client = {
+        **base,
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "DERMAFLOW_REPO": str(project),
+    }
+    worker = None
+    worker_log = tmp_path / "worker.log"
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", server, server_log)
+
+        def cli(*args: str) -> str:
+            proc = subprocess.run(
+                [prefect, *args], cwd=project, env=client, capture_output=True, text=True
+            )
+            assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}{proc.stderr}"
+            return proc.stdout + proc.stderr
+
+        cli("work-pool", "create", "dermaflow", "--type", "process")
+        cli("--no-prompt", "deploy", "--all")
+        with worker_log.open("w") as out:
+            worker = subprocess.Popen(
+                [prefect, "worker", "start", "--pool", "dermaflow"],
+                cwd=project,
+                env=client,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        out = subprocess.run(
+            [
+                prefect, "deployment", "run", "dermaflow-pipeline/weekly-retraining",
+                "--param", "refresh=false", "--watch", "--watch-timeout", "900",
+            ],
+            cwd=project, env=client, capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, (
+            f"{out.stdout}{out.stderr}\nworker:\n{worker_log.read_text()[-6000:]}"
+        )
+        assert "Flow run finished successfully in 'Completed'" in out.stdout + out.stderr
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                stop_group(proc)
+    info = json.loads((project / "models/run.json").read_text())
+    assert info["tracking_uri"] == mlflow_url
+    mlflow = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    champion = mlflow.get_model_version_by_alias(info["registered_model"], "champion")
+    assert champion.version == str(info["model_version"])
+    (deployments,) = pg.query("prefect", "SELECT count(*) FROM deployment")
+    assert deployments == (1,)
+    states = pg.query("prefect", "SELECT state_type FROM flow_run")
+    assert ("COMPLETED",) in [(str(s),) for (s,) in states]
