@@ -286,8 +286,13 @@ def to_heatmaps(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.nd
 # --------------------------------------------------------------------------------------------
 
 
-def grad_batch(model: nn.Module, images: torch.Tensor, requested: int = 0) -> int:
-    """Images per forward + backward pass of ``model`` (the config's, else sized to the device)."""
+def grad_batch(
+    model: nn.Module, images: torch.Tensor, requested: int = 0, work: int | None = None
+) -> int:
+    """Images per forward + backward pass of ``model`` (the config's, else sized to the device).
+
+    ``work``: the inputs to pass in all (default: ``len(images)``), which caps the batch.
+    """
 
     def step(x: torch.Tensor) -> None:
         with torch.enable_grad():
@@ -295,16 +300,22 @@ def grad_batch(model: nn.Module, images: torch.Tensor, requested: int = 0) -> in
         model.zero_grad(set_to_none=True)
 
     with eval_mode(model):
-        return sized_batch(step, images[:1], ("grad", *_model_key(model)), requested=requested)
+        key = ("grad", *_model_key(model))
+        work = len(images) if work is None else work
+        return sized_batch(step, images[:1], key, requested=requested, work=work)
 
 
-def forward_batch(twin: nn.Module, images: torch.Tensor, requested: int = 0) -> int:
+def forward_batch(
+    twin: nn.Module, images: torch.Tensor, requested: int = 0, work: int | None = None
+) -> int:
     """Images per no-grad forward pass of an inference twin (config's, else sized)."""
 
     def step(x: torch.Tensor) -> None:
         twin(x.contiguous(memory_format=torch.channels_last))
 
-    return sized_batch(step, images[:1], ("forward", *_model_key(twin)), requested=requested)
+    key = ("forward", *_model_key(twin))
+    work = len(images) if work is None else work
+    return sized_batch(step, images[:1], key, requested=requested, work=work)
 
 
 def _model_key(model: nn.Module) -> tuple:
@@ -459,7 +470,7 @@ class BatchedScoreCAM(ScoreCAM):
             images = input_tensor.detach().to(self.device)
             n, k = activations.shape[:2]
             twin = inference_twin(self.model)
-            step = forward_batch(twin, images, self.requested)
+            step = forward_batch(twin, images, self.requested, work=n * k)
             upsample = torch.nn.UpsamplingBilinear2d(size=images.shape[-2:])
             scores = torch.empty(n * k, device=self.device)
             current: dict[int, torch.Tensor] = {}
@@ -810,7 +821,7 @@ def _exact(
 def _ig(
     model: nn.Module, arch: str, images: torch.Tensor, targets: list[int], _: str | None, o: Options
 ) -> np.ndarray:
-    rows = grad_batch(model, images, o.batch_size)
+    rows = grad_batch(model, images, o.batch_size, work=len(images) * o.ig_steps)
     attr, _delta = integrated_gradients(
         model, images, targets, steps=o.ig_steps, internal_batch_size=rows
     )
@@ -828,7 +839,8 @@ def _deeplift(
 def _lime(
     model: nn.Module, arch: str, images: torch.Tensor, targets: list[int], _: str | None, o: Options
 ) -> np.ndarray:
-    rows = forward_batch(inference_twin(model), images, o.batch_size)
+    work = len(images) * o.lime_samples
+    rows = forward_batch(inference_twin(model), images, o.batch_size, work=work)
     attr = lime(
         model,
         images,

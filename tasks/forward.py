@@ -115,6 +115,7 @@ def batch_size(
     key: tuple,
     *,
     requested: int | None = None,
+    work: int | None = None,
 ) -> int:
     """Images per pass of ``fn`` on inputs shaped like ``sample`` (``(1, C, H, W)``).
 
@@ -124,18 +125,28 @@ def batch_size(
         key: what makes two calls the same question (model, input shape, kind of pass); the
             answer is cached for the process under ``key`` plus device and threads.
         requested: a fixed batch from the config; ``None`` or ``0`` means size it.
+        work: how many inputs the caller will pass in all, when known. A batch never exceeds
+            it, and work that fits the smallest CPU candidate is one pass with nothing timed:
+            sizing costs many passes of ``fn``, far more than explaining three images.
 
     Returns:
         A batch in ``[1, MAX_BATCH]``.
     """
     if requested:
         return int(requested)
+    if work is not None and work <= CPU_CANDIDATES[0]:
+        return max(1, int(work))
     device = sample.device
-    full = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads())
+    candidates = tuple(b for b in CPU_CANDIDATES if work is None or b <= work)
+    full = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads(), candidates)
     if full not in _SIZES:
-        probe = _from_free_memory if device.type == "cuda" else _fastest
         with torch.no_grad():
-            size = probe(fn, sample)
+            if device.type == "cuda":
+                size = _from_free_memory(fn, sample)
+            else:
+                size = _fastest(fn, sample, candidates)
+        if work is not None:
+            size = min(size, int(work))
         log.info("batch %d for %s on %s", size, key, device)
         _SIZES[full] = size
     return _SIZES[full]
@@ -147,7 +158,11 @@ def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
 
-def _fastest(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:
+def _fastest(
+    fn: Callable[[torch.Tensor], object],
+    sample: torch.Tensor,
+    candidates: tuple[int, ...] = CPU_CANDIDATES,
+) -> int:
     """The CPU candidate with the least time per image.
 
     Each candidate runs :data:`CPU_PROBE_IMAGES` images (several passes for a small batch),
@@ -156,12 +171,14 @@ def _fastest(fn: Callable[[torch.Tensor], object], sample: torch.Tensor) -> int:
     batch wins (fewer passes, less Python per image). A second round is skipped when the first
     took longer than :data:`CPU_PROBE_SECONDS` (a big model at a big input).
     """
-    fn(_batch_of(sample, CPU_CANDIDATES[0]))  # warm-up: allocator, oneDNN primitives
-    inputs = {b: _batch_of(sample, b) for b in CPU_CANDIDATES}
-    per_image = dict.fromkeys(CPU_CANDIDATES, math.inf)
+    if len(candidates) == 1:
+        return candidates[0]
+    fn(_batch_of(sample, candidates[0]))  # warm-up: allocator, oneDNN primitives
+    inputs = {b: _batch_of(sample, b) for b in candidates}
+    per_image = dict.fromkeys(candidates, math.inf)
     for round_ in range(2):
         started = time.perf_counter()
-        for b in CPU_CANDIDATES:
+        for b in candidates:
             passes = max(1, CPU_PROBE_IMAGES // b)
             start = time.perf_counter()
             for _ in range(passes):

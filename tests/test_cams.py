@@ -504,3 +504,17 @@ def test_batch_size_is_measured_once_per_question() -> None:
     count = len(calls)
     assert forward.batch_size(step, sample, ("test", "once")) == size and len(calls) == count
     assert forward.batch_size(step, sample, ("test", "once"), requested=5) == 5
+
+
+def test_small_work_is_one_pass_with_nothing_timed_and_the_batch_never_exceeds_it() -> None:
+    from tasks import forward
+
+    calls = []
+
+    def step(x: torch.Tensor) -> None:
+        calls.append(len(x))
+
+    sample = torch.zeros(1, 3, 8, 8)
+    assert forward.batch_size(step, sample, ("test", "small"), work=3) == 3 and not calls
+    size = forward.batch_size(step, sample, ("test", "capped"), work=20)
+    assert size in (8, 16) and calls and max(calls) <= 16  # 32 and 64 never timed
