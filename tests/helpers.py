@@ -92,3 +92,21 @@ def prepare_tiny(root: Path, overrides: list[str] | None = None):
     write_splits(frame, root / "splits")
     prepare(root / "splits", root / "raw", root / "prepared", size=32, show_progress=False)
     return p
+
+
+def gate_config(min_gain: float = 0.0, max_ece_increase: float = 0.02):
+    """The promotion gate's config for tests: 200 resamples, seed 0, alias ``champion``.
+
+    The defaults are params.yaml's strict rule; ``gate_config(-1.0, 1.0)`` promotes any
+    candidate, for tests that need the alias to move.
+    """
+    from tasks.config import GateConfig
+
+    return GateConfig(
+        min_gain=min_gain,
+        max_ece_increase=max_ece_increase,
+        confidence=0.95,
+        bootstrap=200,
+        seed=0,
+        champion_alias="champion",
+    )

@@ -21,23 +21,16 @@ from sklearn.metrics import balanced_accuracy_score
 
 from tasks import paths, tracking
 from tasks.calibrate import expected_calibration_error
-from tasks.config import GateConfig, load_params
+from tasks.config import load_params
 from tasks.gate import mcnemar_p_value, paired_bootstrap
 from tasks.io import write_json
 from tasks.metrics import save_predictions, softmax
 from tasks.models import build_model, load_bundle, save_bundle
 from tasks.prepare import PreparedSplit, open_split
 from tasks.train import MEAN, STD
-from tests.helpers import REPO, TINY, prepare_tiny
+from tests.helpers import REPO, TINY, gate_config, prepare_tiny
 
-GATE = GateConfig(
-    min_gain=0.0,
-    max_ece_increase=0.02,
-    confidence=0.95,
-    bootstrap=200,
-    seed=0,
-    champion_alias="champion",
-)
+GATE = gate_config()
 MODEL = "gate-model"
 CLASSES = ["MEL", "NV", "BCC"]  # the prepared cache's order (ISIC order)
 BINS = 15  # calibrate.bins in params.yaml: the ECE the gate measures

@@ -20,27 +20,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks import paths
-from tasks.config import GateConfig
-from tests.helpers import REPO, TINY, env, prepare_tiny
+from tests.helpers import REPO, TINY, env, gate_config, prepare_tiny
 from tests.pg import mlflow_server, postgres_server, stop_group
 
-STRICT = GateConfig(
-    min_gain=0.0,
-    max_ece_increase=0.02,
-    confidence=0.95,
-    bootstrap=200,
-    seed=0,
-    champion_alias="champion",
-)
+STRICT = gate_config()
 # Promotes any candidate that is not worse on every image: the alias must move to it.
-LENIENT = GateConfig(
-    min_gain=-1.0,
-    max_ece_increase=1.0,
-    confidence=0.95,
-    bootstrap=200,
-    seed=0,
-    champion_alias="champion",
-)
+LENIENT = gate_config(min_gain=-1.0, max_ece_increase=1.0)
 SPACE = (
     "tune.space={train.lr: {low: 0.001, high: 0.01, log: true}, "
     "model.dropout: {low: 0.0, high: 0.5}}"
