@@ -188,11 +188,6 @@ def report_markdown(
     )
 
 
-def _read_metrics(root: Path, name: str) -> dict | None:
-    path = root / "metrics" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _ci(record: dict, key: str) -> str:
     low, high = record.get(f"{key}_ci") or (None, None)
     return f"{_number(record.get(key))} [{_number(low)}, {_number(high)}]"
@@ -203,11 +198,11 @@ def trust_markdown(repo: str | Path) -> str:
 
     External sets (``metrics/evaluate.json``), subgroup flags and largest gaps
     (``subgroups.json``), the OOD guard (``ood.json``) and conformal sets
-    (``conformal.json``); a check whose stage has not run is left out.
+    (``conformal.json``), read as the card reads them (:func:`tasks.card.read_input`); a
+    check whose stage has not run is left out.
     """
-    root = Path(repo)
     parts: list[str] = []
-    sets = (_read_metrics(root, "evaluate") or {}).get("sets") or {}
+    sets = (card.read_input(repo, "evaluate") or {}).get("sets") or {}
     if sets:
         rows = "\n".join(
             f"| {name} | {r['n']} | {_ci(r, 'balanced_accuracy')} | {_number(r.get('auroc'))} | "
@@ -218,7 +213,7 @@ def trust_markdown(repo: str | Path) -> str:
             "## External evaluation\n\n| set | n | balanced accuracy [CI] | AUROC | ECE "
             f"(calibrated) | referred |\n|---|---|---|---|---|---|\n{rows}\n"
         )
-    subgroups = (_read_metrics(root, "subgroups") or {}).get("splits") or {}
+    subgroups = (card.read_input(repo, "subgroups") or {}).get("splits") or {}
     if subgroups:
         lines = []
         for split, record in subgroups.items():
@@ -233,7 +228,7 @@ def trust_markdown(repo: str | Path) -> str:
             )
             lines += [f"  - {flag}" for flag in flags]
         parts.append("## Subgroups\n\n" + "\n".join(lines) + "\n")
-    ood = _read_metrics(root, "ood")
+    ood = card.read_input(repo, "ood")
     if ood:
         aurocs = ", ".join(f"{k} {_number(v)}" for k, v in ood["detection_auroc"].items())
         parts.append(
@@ -241,7 +236,7 @@ def trust_markdown(repo: str | Path) -> str:
             f"{ood['test_pass_rate']:.1%} (target {ood['target_pass_rate']:.0%}); "
             f"detection AUROC: {aurocs or 'no other set'}\n"
         )
-    conformal = _read_metrics(root, "conformal")
+    conformal = card.read_input(repo, "conformal")
     if conformal:
         parts.append(
             f"## Conformal sets\n\n{conformal['method']}: coverage "

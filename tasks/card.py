@@ -93,6 +93,25 @@ class CardError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def read_input(repo: str | Path, key: str) -> dict[str, Any] | None:
+    """The input ``key`` of :data:`INPUTS` parsed, or None where its file does not exist.
+
+    Raises:
+        CardError: a file that exists but is not a JSON object, named.
+    """
+    rel = INPUTS[key]
+    path = Path(repo) / rel
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CardError(f"{rel}: not valid JSON ({err}); re-run the stage that writes it") from None
+    if not isinstance(data, dict):
+        raise CardError(f"{rel}: a JSON {type(data).__name__}, not an object; re-run its stage")
+    return data
+
+
 def load_inputs(repo: str | Path = ".") -> dict[str, Any]:
     """Every input of :data:`INPUTS` parsed, or None where the file does not exist.
 
@@ -100,25 +119,12 @@ def load_inputs(repo: str | Path = ".") -> dict[str, Any]:
         FileNotFoundError: no ``models/run.json`` or ``metrics/train.json`` (nothing trained).
         CardError: a file that exists but is not a JSON object, named.
     """
-    out: dict[str, Any] = {}
-    for key, rel in INPUTS.items():
-        path = Path(repo) / rel
-        if not path.is_file():
-            if key in REQUIRED:
-                raise FileNotFoundError(
-                    f"{rel}: not found; the card needs a trained model (dvc repro train)"
-                )
-            out[key] = None
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CardError(
-                f"{rel}: not valid JSON ({err}); re-run the stage that writes it"
-            ) from None
-        if not isinstance(data, dict):
-            raise CardError(f"{rel}: a JSON {type(data).__name__}, not an object; re-run its stage")
-        out[key] = data
+    out = {key: read_input(repo, key) for key in INPUTS}
+    for key in REQUIRED:
+        if out[key] is None:
+            raise FileNotFoundError(
+                f"{INPUTS[key]}: not found; the card needs a trained model (dvc repro train)"
+            )
     if not isinstance(out["train"].get("test"), dict):
         raise CardError(f"{INPUTS['train']}: has no 'test' metrics; re-run the train stage")
     return out

@@ -137,14 +137,13 @@ def batch_size(
     if work is not None and work <= CPU_CANDIDATES[0]:
         return max(1, int(work))
     device = sample.device
-    candidates = tuple(b for b in CPU_CANDIDATES if work is None or b <= work)
+    on_cuda = device.type == "cuda"
+    # On the CPU the work limits which candidates are timed; CUDA sizes from free memory alone.
+    candidates = () if on_cuda else tuple(b for b in CPU_CANDIDATES if work is None or b <= work)
     full = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads(), candidates)
     if full not in _SIZES:
         with torch.no_grad():
-            if device.type == "cuda":
-                size = _from_free_memory(fn, sample)
-            else:
-                size = _fastest(fn, sample, candidates)
+            size = _from_free_memory(fn, sample) if on_cuda else _fastest(fn, sample, candidates)
         if work is not None:
             size = min(size, int(work))
         log.info("batch %d for %s on %s", size, key, device)
