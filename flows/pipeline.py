@@ -193,6 +193,11 @@ def _ci(record: dict, key: str) -> str:
     return f"{_number(record.get(key))} [{_number(low)}, {_number(high)}]"
 
 
+def _set_cell(record: dict) -> str:
+    sets = record.get("conformal")
+    return f"{sets['coverage']:.1%} / {sets['mean_set_size']:.2f}" if sets else "n/a"
+
+
 def trust_markdown(repo: str | Path) -> str:
     """The trust checks of this run for the Prefect artifact, read from the stages' metrics.
 
@@ -206,12 +211,13 @@ def trust_markdown(repo: str | Path) -> str:
     if sets:
         rows = "\n".join(
             f"| {name} | {r['n']} | {_ci(r, 'balanced_accuracy')} | {_number(r.get('auroc'))} | "
-            f"{_number(r.get('ece_after'))} | {r['referred_share']:.1%} |"
+            f"{_number(r.get('ece_after'))} | {r['referred_share']:.1%} | {_set_cell(r)} |"
             for name, r in sets.items()
         )
         parts.append(
             "## External evaluation\n\n| set | n | balanced accuracy [CI] | AUROC | ECE "
-            f"(calibrated) | referred |\n|---|---|---|---|---|---|\n{rows}\n"
+            "(calibrated) | referred | conformal coverage / set size |\n"
+            f"|---|---|---|---|---|---|---|\n{rows}\n"
         )
     subgroups = (card.read_input(repo, "subgroups") or {}).get("splits") or {}
     if subgroups:

@@ -371,6 +371,8 @@ def external_section(
                 "referred_share": _number(s.get("referred_share")),
                 "sensitivity": _number(melanoma.get("sensitivity")),
                 "specificity": _number(melanoma.get("specificity")),
+                "set_coverage": _number((s.get("conformal") or {}).get("coverage")),
+                "set_size": _number((s.get("conformal") or {}).get("mean_set_size")),
                 "per_class_recall": {
                     k: _number(v) for k, v in (s.get("per_class_recall") or {}).items()
                 },
@@ -672,6 +674,13 @@ def known_limitations(context: Mapping[str, Any], cfg: CardConfig) -> list[str]:
             if low:
                 listed = ", ".join(f"{r['class']} ({_f(r['coverage'])})" for r in low)
                 out.append(f"Conformal coverage below the {target:.2f} target for class {listed}.")
+            for s in external["sets"] if external["run"] else []:
+                if s["set_coverage"] is not None and s["set_coverage"] < floor:
+                    out.append(
+                        f"On {s['name']} the conformal sets hold the true class for only "
+                        f"{s['set_coverage']:.1%} of cases (target {target:.0%}): the coverage "
+                        "guarantee does not carry over to these images."
+                    )
     ood = context["ood"]
     if not ood["run"]:
         out.append(

@@ -5,7 +5,10 @@ flatters the model. This stage scores the model on other sets (``evaluate.extern
 params.yaml; ``dermaflow evaluate ROOT --model ...`` for one set by hand) and reports what the
 test split gets: balanced accuracy with a bootstrap CI, per-class recall, AUROC, ECE before and
 after the model's own calibrator, the share the referral rule sends to a dermatologist, and
-melanoma-vs-rest sensitivity / specificity at the referral threshold.
+melanoma-vs-rest sensitivity / specificity at the referral threshold, and, when the model
+carries conformal sets (the conformal stage's ``models/conformal.json`` or the ONNX metadata),
+their coverage and size on the set: the coverage guarantee holds only for data exchangeable with
+the calibration split, so another hospital's images are where it is worth checking.
 
 The set is read by the ingest adapters (:func:`tasks.ingest.build_manifest`, label map
 included) and checked by the validation rules (:func:`tasks.validate.validate_manifest`)
@@ -86,6 +89,10 @@ class ScoringModel:
             when the model carries none.
         source: the reference it was loaded from.
         run_id: the MLflow run that trained it, when known (the evaluation is logged there).
+        conformal: its conformal set predictor (:class:`tasks.conformal.ConformalSets`), None
+            when it carries none.
+        set_probabilities: raw logits -> the probabilities the sets were fitted on (those of
+            the ONNX graph: :func:`tasks.conformal.graph_probabilities`).
     """
 
     classes: list[str]
@@ -99,6 +106,8 @@ class ScoringModel:
     referral_threshold: float | None
     source: str
     run_id: str | None = None
+    conformal: Any = None
+    set_probabilities: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _torch_logits(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -116,14 +125,17 @@ def load_bundle_model(
     calibration_dir: str | Path = paths.CALIBRATION,
     calibrate_metrics: str | Path = paths.METRICS / "calibrate.json",
     run_file: str | Path = paths.MODELS / "run.json",
+    conformal_file: str | Path = paths.MODELS / "conformal.json",
 ) -> ScoringModel:
-    """A PyTorch bundle with its calibrator and referral threshold.
+    """A PyTorch bundle with its calibrator, referral threshold and conformal sets.
 
-    The calibrate stage's calibrator (``calibrator.json``, any method) and threshold
-    (``metrics/calibrate.json``) are used only when ``run_file`` records this very bundle
-    (same sha256), so a stray bundle is never judged with another training's calibration;
-    otherwise the bundle's own temperature applies and there is no referral threshold.
+    The calibrate stage's calibrator (``calibrator.json``, any method), threshold
+    (``metrics/calibrate.json``) and the conformal stage's sets (``conformal_file``) are used
+    only when ``run_file`` records this very bundle (same sha256), so a stray bundle is never
+    judged with another training's calibration; otherwise the bundle's own temperature applies
+    and there is no referral threshold and no sets.
     """
+    from tasks.conformal import graph_probabilities, read_sets
     from tasks.io import lineage_problem
     from tasks.models import load_image_bundle, with_tta
 
@@ -144,6 +156,7 @@ def load_bundle_model(
         calibrator = read_calibrator(calibration_dir)
     if same and Path(calibrate_metrics).is_file():
         threshold = json.loads(Path(calibrate_metrics).read_text()).get("referral_threshold")
+    sets = read_sets(conformal_file) if same and Path(conformal_file).is_file() else None
     size = meta["input_size"]
     return ScoringModel(
         classes=[str(c) for c in meta["classes"]],
@@ -157,6 +170,8 @@ def load_bundle_model(
         referral_threshold=None if threshold is None else float(threshold),
         source=str(bundle),
         run_id=run_id,
+        conformal=sets,
+        set_probabilities=lambda logits: graph_probabilities(logits, calibrator),
     )
 
 
@@ -189,6 +204,8 @@ def load_onnx_model(ref: str, tracking_uri: str | None = None) -> ScoringModel:
         referral_threshold=predictor.referral_threshold,
         source=ref,
         run_id=predictor.metadata.get("mlflow_run_id"),
+        conformal=predictor.conformal,
+        set_probabilities=calibrator.probabilities,  # the graph's own calibration
     )
 
 
@@ -513,6 +530,13 @@ def evaluate_set(
         "model": model.source,
         "note": note,
     }
+    member = None
+    if model.conformal is not None and model.set_probabilities is not None:
+        member = model.conformal.sets(model.set_probabilities(logits))
+        full_y = np.asarray([model.classes.index(label) for label in labels], dtype=np.int64)
+        record["conformal"] = conformal_record(model, member, full_y, full_after)
+    else:
+        record["conformal"] = None
     table = pd.DataFrame(
         {
             "image_id": manifest["image_id"].astype(str).to_numpy(),
@@ -527,11 +551,38 @@ def evaluate_set(
             "skin_tone": [ita_category(a) for a in angles],
         }
     )
+    if member is not None:
+        from tasks.conformal import set_labels
+
+        table["prediction_set"] = set_labels(member, model.classes)
     for i, c in enumerate(shared):
         table[f"p_{c}"] = after[:, i]
     return SetResult(
         record, table, before, after, y, shared, np.asarray(scored["confusion_matrix"])
     )
+
+
+def conformal_record(
+    model: ScoringModel, member: np.ndarray, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, Any]:
+    """Coverage and size of the model's conformal sets on the set (over all model classes).
+
+    A set is built over every class the model knows, also on a set restricted to fewer: the
+    question is whether the set the model would hand a clinician holds the true diagnosis.
+    """
+    from tasks.conformal import ambiguous, coverage_report
+
+    report = coverage_report(member, labels, model.classes)
+    sets = model.conformal
+    return {
+        "method": sets.method + (" (class-conditional)" if sets.class_conditional else ""),
+        "target_coverage": float(sets.coverage),
+        "coverage": report["coverage"],
+        "coverage_per_class": report["coverage_per_class"],
+        "mean_set_size": report["mean_set_size"],
+        "singleton_rate": report["singleton_rate"],
+        "ambiguous_rate": float(ambiguous(member, probs, model.classes).mean()),
+    }
 
 
 def flat_set_metrics(name: str, record: Mapping[str, Any]) -> dict[str, float]:
@@ -549,6 +600,9 @@ def flat_set_metrics(name: str, record: Mapping[str, Any]) -> dict[str, float]:
         "melanoma_sensitivity": record["melanoma"]["sensitivity"],
         "melanoma_specificity": record["melanoma"]["specificity"],
     }
+    sets = record.get("conformal") or {}
+    if sets:
+        flat |= {"set_coverage": sets["coverage"], "mean_set_size": sets["mean_set_size"]}
     for c, r in record["per_class_recall"].items():
         flat[f"recall_{re.sub(r'[^A-Za-z0-9_.-]', '_', c)}"] = r
     return {
@@ -643,10 +697,17 @@ def run(p: Params) -> dict:
 
 def _print(name: str, rec: Mapping[str, Any]) -> None:
     lo, hi = rec["balanced_accuracy_ci"]
+    sets = rec.get("conformal")
+    coverage = (
+        f", conformal coverage {sets['coverage']:.1%} (target {sets['target_coverage']:.0%}) "
+        f"with {sets['mean_set_size']:.2f} classes a set"
+        if sets
+        else ""
+    )
     console.print(
         f"evaluate {name}: {rec['n']} images, balanced accuracy {rec['balanced_accuracy']:.3f} "
         f"[{lo:.3f}, {hi:.3f}], ECE {rec['ece_before']:.3f} -> {rec['ece_after']:.3f}, "
-        f"referred {rec['referred_share']:.0%}; {rec['note']}",
+        f"referred {rec['referred_share']:.0%}{coverage}; {rec['note']}",
         highlight=False,
     )
 

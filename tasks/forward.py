@@ -46,7 +46,8 @@ CUDA_MEMORY_SHARE = 0.5
 #: Never more images per pass than this (beyond it no device gets faster).
 MAX_BATCH = 1024
 
-_SIZES: dict[tuple, int] = {}
+_SIZES: dict[tuple, int] = {}  # CUDA: the batch per question
+_TIMES: dict[tuple, dict[int, float]] = {}  # CPU: seconds per image per candidate batch
 _TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
@@ -137,18 +138,25 @@ def batch_size(
     if work is not None and work <= CPU_CANDIDATES[0]:
         return max(1, int(work))
     device = sample.device
-    on_cuda = device.type == "cuda"
-    # On the CPU the work limits which candidates are timed; CUDA sizes from free memory alone.
-    candidates = () if on_cuda else tuple(b for b in CPU_CANDIDATES if work is None or b <= work)
-    full = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads(), candidates)
-    if full not in _SIZES:
+    question = (*key, tuple(sample.shape[1:]), str(device), torch.get_num_threads())
+    if device.type == "cuda":  # sized from free memory alone, whatever the work
+        if question not in _SIZES:
+            with torch.no_grad():
+                _SIZES[question] = _from_free_memory(fn, sample)
+            log.info("batch %d for %s on %s", _SIZES[question], key, device)
+        return _SIZES[question] if work is None else max(1, min(_SIZES[question], int(work)))
+    # On the CPU the work limits which candidates count; each is timed once per question, so a
+    # second caller with more work times only the candidates the first one did not need.
+    candidates = tuple(b for b in CPU_CANDIDATES if work is None or b <= work)
+    if len(candidates) == 1:
+        return candidates[0]
+    times = _TIMES.setdefault(question, {})
+    missing = tuple(b for b in candidates if b not in times)
+    if missing:
         with torch.no_grad():
-            size = _from_free_memory(fn, sample) if on_cuda else _fastest(fn, sample, candidates)
-        if work is not None:
-            size = min(size, int(work))
-        log.info("batch %d for %s on %s", size, key, device)
-        _SIZES[full] = size
-    return _SIZES[full]
+            times.update(_per_image_seconds(fn, sample, missing))
+        log.info("batch timings %s for %s on %s", times, key, device)
+    return _fastest({b: times[b] for b in candidates})
 
 
 def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
@@ -157,21 +165,16 @@ def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
 
-def _fastest(
-    fn: Callable[[torch.Tensor], object],
-    sample: torch.Tensor,
-    candidates: tuple[int, ...] = CPU_CANDIDATES,
-) -> int:
-    """The CPU candidate with the least time per image.
+def _per_image_seconds(
+    fn: Callable[[torch.Tensor], object], sample: torch.Tensor, candidates: tuple[int, ...]
+) -> dict[int, float]:
+    """Seconds per image of each CPU candidate batch.
 
     Each candidate runs :data:`CPU_PROBE_IMAGES` images (several passes for a small batch),
     twice, interleaved, and keeps its best round: on a machine shared with other work a
-    single pass per candidate is mostly noise. Within :data:`CPU_TIE` of the best, the larger
-    batch wins (fewer passes, less Python per image). A second round is skipped when the first
-    took longer than :data:`CPU_PROBE_SECONDS` (a big model at a big input).
+    single pass per candidate is mostly noise. A second round is skipped when the first took
+    longer than :data:`CPU_PROBE_SECONDS` (a big model at a big input).
     """
-    if len(candidates) == 1:
-        return candidates[0]
     fn(_batch_of(sample, candidates[0]))  # warm-up: allocator, oneDNN primitives
     inputs = {b: _batch_of(sample, b) for b in candidates}
     per_image = dict.fromkeys(candidates, math.inf)
@@ -185,6 +188,12 @@ def _fastest(
             per_image[b] = min(per_image[b], (time.perf_counter() - start) / (passes * b))
         if round_ == 0 and time.perf_counter() - started > CPU_PROBE_SECONDS:
             break
+    return per_image
+
+
+def _fastest(per_image: dict[int, float]) -> int:
+    """The candidate with the least time per image; within :data:`CPU_TIE` of it, the larger
+    batch wins (fewer passes, less Python per image)."""
     fastest = min(per_image.values())
     return max(b for b, t in per_image.items() if t <= (1 + CPU_TIE) * fastest)
 

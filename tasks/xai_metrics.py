@@ -386,17 +386,19 @@ class Perturbations:
         # by image inside each), so the imputer's noise comes out of the RNG identically.
         kinds = {"combined": ("lerf", "morf"), "lerf": ("lerf",), "morf": ("morf",)}[variant]
         removers = {"lerf": RemoveLeastRelevantFirst, "morf": RemoveMostRelevantFirst}
-        imputer = FastNoisyLinearImputer()
         images = self.x.cpu()
-        perturbed = []
-        with torch.random.fork_rng(devices=[]):  # the imputer runs on the CPU
-            torch.manual_seed(seed)
-            for kind in kinds:
-                for p in percentiles:
-                    remove = removers[kind](p, imputer)
-                    perturbed += [
-                        remove(images[i], torch.from_numpy(maps[i])) for i in range(self.n)
-                    ]
+        jobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (image, kept-pixel mask)
+
+        def record(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            jobs.append((img, mask))
+            return img
+
+        for kind in kinds:
+            for p in percentiles:
+                remove = removers[kind](p, record)  # the library's masks, in its order
+                for i in range(self.n):
+                    remove(images[i], torch.from_numpy(maps[i]))
+        perturbed = FastNoisyLinearImputer().impute_all(jobs, seed)
         x = torch.stack(perturbed).to(self.x.device)
         classes = self.classes.repeat(len(kinds) * len(percentiles))
         after = self.probabilities(x, classes).numpy().astype(np.float32)
@@ -467,17 +469,44 @@ class FastNoisyLinearImputer:
     ``__call__`` is the library's line for line (the library names its own class for the
     system setup, so a subclass overriding only that would not take effect): the same solve
     and the same noise draws from torch's RNG, so ROAD scores equal the library's.
+    :meth:`impute_all` does many images at once: the sparse solves (most of ROAD's time, and
+    independent of each other) run in a thread pool, SuperLU releasing the GIL, and the noise
+    is then drawn image by image in the given order, so the result equals calling the imputer
+    on each in turn.
     """
 
     def __init__(self, noise: float = 0.01) -> None:
         self.noise = noise
 
     def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        imgflt = img.reshape(img.shape[0], -1)
-        maskflt = mask.reshape(-1)
-        indices_linear = np.argwhere(maskflt == 0).flatten()
+        return self._fill(img, mask, self._solve(img, mask))
+
+    def impute_all(
+        self, jobs: Sequence[tuple[torch.Tensor, torch.Tensor]], seed: int, workers: int = 0
+    ) -> list[torch.Tensor]:
+        """Each ``(image, mask)`` imputed, noise seeded once with ``seed`` (torch's RNG).
+
+        ``workers``: solving threads; 0 means torch's thread count (the CPU share the process
+        was given).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(workers or torch.get_num_threads(), len(jobs)))
+        with ThreadPoolExecutor(workers) as pool:
+            solved = list(pool.map(lambda job: self._solve(*job), jobs))
+        with torch.random.fork_rng(devices=[]):  # the imputer runs on the CPU
+            torch.manual_seed(seed)
+            pairs = zip(jobs, solved, strict=True)
+            return [self._fill(img, mask, res) for (img, mask), res in pairs]
+
+    @staticmethod
+    def _solve(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         matrix, b = _road_system(mask.numpy(), img.numpy())
-        res = torch.tensor(spsolve(matrix, b), dtype=torch.float)
+        return torch.tensor(spsolve(matrix, b), dtype=torch.float)
+
+    def _fill(self, img: torch.Tensor, mask: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        imgflt = img.reshape(img.shape[0], -1)
+        indices_linear = np.argwhere(mask.reshape(-1) == 0).flatten()
         img_infill = imgflt.clone()
         img_infill[:, indices_linear] = res.t() + self.noise * torch.randn_like(res.t())
         return img_infill.reshape_as(img)

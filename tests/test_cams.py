@@ -518,3 +518,8 @@ def test_small_work_is_one_pass_with_nothing_timed_and_the_batch_never_exceeds_i
     assert forward.batch_size(step, sample, ("test", "small"), work=3) == 3 and not calls
     size = forward.batch_size(step, sample, ("test", "capped"), work=20)
     assert size in (8, 16) and calls and max(calls) <= 16  # 32 and 64 never timed
+    calls.clear()  # more work for the same question: only the candidates not yet timed run
+    assert forward.batch_size(step, sample, ("test", "capped")) in forward.CPU_CANDIDATES
+    assert calls and set(calls) <= {32, 64}
+    calls.clear()
+    assert forward.batch_size(step, sample, ("test", "capped"), work=20) == size and not calls

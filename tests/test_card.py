@@ -36,6 +36,8 @@ EVALUATE = {
             "per_class_recall": {"MEL": 0.52, "NV": 0.81, "BCC": 0.42}, "auroc": 0.801,
             "ece_before": 0.143, "ece_after": 0.097, "referred_share": 0.38,
             "melanoma": {"sensitivity": 0.71, "specificity": 0.83}, "note": "",
+            "conformal": {"method": "aps", "target_coverage": 0.9, "coverage": 0.833,
+                          "mean_set_size": 2.21},
         },
         "mednode": {
             "n": 170, "classes": ["MEL", "NV"], "shared_classes": ["MEL", "NV"],
@@ -241,6 +243,8 @@ def test_limitations_are_written_from_the_numbers(project):
     assert "intermediate" not in text and "brown 1.4% (n=15)" in text and "dark 0.0% (n=0)" in text
     assert "Conformal coverage below the 0.90 target for class BCC (0.810)" in text
     assert "Conformal coverage on test" not in text  # 0.904 overall meets the target
+    assert "On ham-holdout the conformal sets hold the true class for only 83.3%" in text
+    assert "On mednode the conformal" not in text  # no sets recorded there
     assert "The OOD guard passes only 86.2% of test (target 95%)" in text
     assert "tells real_photos from the training images poorly (detection AUROC 0.724)" in text
     assert "mednode from the training" not in text
@@ -277,7 +281,7 @@ def test_card_renders_every_section_and_sets_the_registry_description(project):
         "very_light", "53.3%",  # skin tone: 560 of the 1050 training images
         "train.lr", "0.002", "custom_cnn",  # training configuration
         f"{ba['value']:.3f}", f"[{ba['low']:.3f}, {ba['high']:.3f}]",  # test with its CI
-        "ham-holdout", "0.583", "[0.541, 0.627]", "0.710 / 0.830",  # external
+        "ham-holdout", "0.583", "[0.541, 0.627]", "0.710 / 0.830", "83.3% / 2.210",  # external
         "brown", "0.604", "[0.470, 0.730]", "0.428 (skin_tone)",  # subgroups
         "0.118", "0.071", "0.742", "59.0% referred",  # calibration, referral
         "aps", "0.904", "1.740", "0.810",  # conformal
@@ -379,6 +383,7 @@ def test_the_flow_summary_reports_every_trust_check_from_the_stage_metrics(tmp_p
         "auroc": 0.7,
         "ece_after": 0.08,
         "referred_share": 0.42,
+        "conformal": {"coverage": 0.833, "mean_set_size": 2.21},
     }
     (metrics / "evaluate.json").write_text(json.dumps({"sets": {"mednode": record}}))
     flag = "test: skin_tone=brown (n=25) balanced_accuracy 0.400 vs 0.700 for the rest"
@@ -389,6 +394,7 @@ def test_the_flow_summary_reports_every_trust_check_from_the_stage_metrics(tmp_p
     }
     (metrics / "subgroups.json").write_text(json.dumps({"splits": {"test": subgroups}}))
     text = trust_markdown(tmp_path)
-    assert "| mednode | 170 | 0.6100 [0.5500, 0.6800] | 0.7000 | 0.0800 | 42.0% |" in text
+    row = "| mednode | 170 | 0.6100 [0.5500, 0.6800] | 0.7000 | 0.0800 | 42.0% | 83.3% / 2.21 |"
+    assert row in text
     assert "largest gap balanced_accuracy 0.300 (skin_tone); 1 flag(s)" in text
     assert flag in text and "Out-of-distribution" not in text  # the OOD stage has not run

@@ -20,6 +20,7 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 from tasks.calibrate import Calibrator
+from tasks.conformal import ConformalSets
 from tasks.evaluate import (
     EvaluateError,
     bootstrap_ci,
@@ -32,6 +33,7 @@ from tasks.evaluate import (
 )
 from tasks.ingest import IngestError, build_manifest
 from tasks.metrics import softmax
+from tasks.predict import load_predictor, predict_files
 from tests.helpers import TINY, write_params
 
 CLASSES = ["MEL", "NV", "BCC"]
@@ -187,10 +189,19 @@ def test_evaluate_isic2018_set_with_onnx_logged_to_mlflow(project: Path) -> None
     mlflow.end_run()
     meta = {"arch": "custom_cnn", "classes": CLASSES, "input_size": 32,
             "normalization": {"mean": list(MEAN), "std": list(STD)}}  # fmt: skip
-    onnx = export_onnx(tiny_cnn(), meta, project / "model.onnx", 18, 2.0, run_id=run_id,
-                       referral_threshold=0.9)  # fmt: skip
     labels = ["MEL"] * 4 + ["NV"] * 5 + ["BCC"] * 4
     root = make_isic2018(project / "isic2018", labels)
+    files = sorted(root.rglob("*.jpg"))
+
+    def export(extra: dict | None = None) -> Path:
+        return export_onnx(tiny_cnn(), meta, project / "model.onnx", 18, 2.0, run_id=run_id,
+                           referral_threshold=0.9, extra=extra)  # fmt: skip
+
+    # APS sets whose threshold is the median top-2 mass: about half the sets hold two classes.
+    probe = predict_files(load_predictor(str(export())), files)
+    top2 = np.sort(probe[[f"p_{c}" for c in CLASSES]].to_numpy(), axis=1)[:, -2:].sum(axis=1)
+    sets = ConformalSets(method="aps", coverage=0.9, qhat=float(np.median(top2)))
+    onnx = export({"conformal": sets.to_dict()})
 
     rec = run_cli(root, str(onnx), load_params("params.yaml"), name="isic18")
 
@@ -214,6 +225,23 @@ def test_evaluate_isic2018_set_with_onnx_logged_to_mlflow(project: Path) -> None
         for d in run.inputs.dataset_inputs
     ]
     assert "evaluation" in contexts
+
+    # The model's conformal sets on the external set: the same sets `dermaflow predict` gives
+    # for these files (the graph's probabilities), and coverage / size counted from them.
+    predicted = predict_files(load_predictor(str(onnx)), files)
+    stems = [Path(f).stem for f in predicted["image"]]
+    by_file = dict(zip(stems, predicted["prediction_set"], strict=True))
+    assert list(table["prediction_set"]) == [by_file[i] for i in table["image_id"]]
+    members = [s.strip("{}").split(", ") for s in table["prediction_set"]]
+    assert len({len(m) for m in members}) > 1  # sets of different sizes: the test can fail
+    assert all(top in m for top, m in zip(table["predicted"], members, strict=True))
+    got = rec["conformal"]
+    assert got["method"] == "aps" and got["target_coverage"] == 0.9
+    hits = [label in m for label, m in zip(labels, members, strict=True)]
+    assert got["coverage"] == pytest.approx(np.mean(hits))
+    assert got["mean_set_size"] == pytest.approx(np.mean([len(m) for m in members]))
+    assert got["coverage_per_class"]["NV"] == pytest.approx(np.mean(hits[4:9]))
+    assert run.data.metrics["isic18/set_coverage"] == pytest.approx(got["coverage"])
 
 
 def test_evaluate_folder_set_with_label_map_and_fewer_classes(project: Path) -> None:
@@ -242,6 +270,7 @@ def test_evaluate_folder_set_with_label_map_and_fewer_classes(project: Path) -> 
     assert set(table["predicted"]) <= {"MEL", "NV"}
     assert table["skin_tone"].isin(["very_light", "light", "intermediate"]).all()
     assert rec["referral_threshold"] is None and rec["referred_share"] == 0.0
+    assert rec["conformal"] is None  # a stray bundle gets no sets (no run file records it)
     saved = json.loads((project / "reports/external/ph2/evaluate.json").read_text())
     assert saved["balanced_accuracy"] == pytest.approx(rec["balanced_accuracy"])
     with pytest.raises(IngestError, match="does not map atypical_nevus"):

@@ -78,6 +78,7 @@ def test_attribute_columns_fill_unknowns() -> None:
 def test_stage_on_a_tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks import evaluate, paths, subgroups, tracking
     from tasks.config import load_params
+    from tasks.conformal import ConformalSets
     from tasks.io import write_json
     from tasks.metrics import save_predictions
     from tasks.models import build_model, save_bundle
@@ -113,6 +114,7 @@ def test_stage_on_a_tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                      test.rows["image_id"], test.classes)  # fmt: skip
     write_json(paths.CALIBRATION / "calibrator.json", {"method": "temperature", "temperature": 2})
     write_json(paths.METRICS / "calibrate.json", {"referral_threshold": 0.8})
+    write_json(paths.MODELS / "conformal.json", ConformalSets("aps", 0.9, qhat=0.9).to_dict())
 
     evaluate.run(p)
     subgroups.run(p)
@@ -120,6 +122,13 @@ def test_stage_on_a_tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ev = json.loads((paths.METRICS / "evaluate.json").read_text())["sets"]["ph2"]
     assert ev["n"] == 10 and ev["shared_classes"] == ["MEL", "NV"]
     assert 0.0 <= ev["referred_share"] <= 1.0 and ev["melanoma"]["sensitivity"] is not None
+    # The conformal stage's sets of this very bundle, scored on the external set.
+    table = pd.read_parquet(evaluate.TABLES / "ph2.parquet")
+    members = [s.strip("{}").split(", ") for s in table["prediction_set"]]
+    hits = [label in m for label, m in zip(table["label"], members, strict=True)]
+    assert ev["conformal"]["target_coverage"] == 0.9
+    assert ev["conformal"]["coverage"] == pytest.approx(np.mean(hits))
+    assert ev["conformal"]["mean_set_size"] == pytest.approx(np.mean([len(m) for m in members]))
     out = json.loads((paths.METRICS / "subgroups.json").read_text())
     assert set(out["splits"]) == {"test", "ph2"}
     test_groups = out["splits"]["test"]["groups"]

@@ -211,6 +211,24 @@ def test_fast_imputer_is_the_library_imputer() -> None:
     assert not torch.equal(outputs[1], image)
 
 
+def test_imputing_many_in_threads_equals_one_at_a_time() -> None:
+    """Solves in a thread pool, noise drawn in order: the sequential imputation exactly."""
+    g = torch.Generator().manual_seed(2)
+    jobs = [
+        (torch.randn(3, SIZE, SIZE, generator=g), (torch.rand(SIZE, SIZE, generator=g) > f).float())
+        for f in (0.2, 0.4, 0.6, 0.8, 0.5, 0.3)
+    ]
+    imputer = xm.FastNoisyLinearImputer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        one_by_one = [imputer(image, keep) for image, keep in jobs]
+    threaded = imputer.impute_all(jobs, seed=3, workers=3)
+    assert len(threaded) == len(jobs)
+    for a, b in zip(one_by_one, threaded, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(threaded[0], jobs[0][0])  # something was imputed
+
+
 @pytest.mark.parametrize("variant", xm.ROAD_VARIANTS)
 def test_batched_road_equals_the_library(patch_case, variant: str) -> None:
     from pytorch_grad_cam.metrics.road import (
