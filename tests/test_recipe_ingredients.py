@@ -177,6 +177,26 @@ def test_cache_predict_and_onnx_agree_with_colour_constancy_and_tta(tiny_cc, tmp
 # ----------------------------------------------------------------------------- training
 
 
+def test_ema_warms_up_then_averages_at_the_configured_decay() -> None:
+    """The average follows the weights early (decay (1+n)/(10+n)), then decays at 0.9."""
+    from tasks.train import ema_decay_at, make_ema
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 10**6) == 0.999
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = make_ema(model, 0.9)
+    expected = None
+    for step in range(120):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update_parameters(model)
+        d = ema_decay_at(0.9, step)  # torch passes the updates so far; the first one copies
+        expected = float(step) if expected is None else d * expected + (1 - d) * float(step)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6), step
+    assert ema_decay_at(0.9, 119) == 0.9  # the last updates ran at the configured decay
+    # a fixed 0.999 would still hold 89 % of the first weights after 120 steps; this is recent
+    assert ema.module.weight.item() > 100.0
+
+
 def test_ema_bundle_holds_the_averaged_weights_with_every_switch_on(tiny_cc, tmp_path) -> None:
     """One epoch with EMA, Mixup + CutMix, logit adjustment, DRW and TTA on a colour cache."""
     from tasks.train import TrainResult, save_model_bundle, train
