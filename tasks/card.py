@@ -355,6 +355,7 @@ def external_section(
         ba = _number(s.get("balanced_accuracy"))
         melanoma = s.get("melanoma") or {}
         classes, shared = s.get("classes") or [], s.get("shared_classes") or []
+        sets = s.get("conformal") or {}  # the model's conformal sets on this set, if any
         rows.append(
             {
                 "name": str(name),
@@ -371,8 +372,8 @@ def external_section(
                 "referred_share": _number(s.get("referred_share")),
                 "sensitivity": _number(melanoma.get("sensitivity")),
                 "specificity": _number(melanoma.get("specificity")),
-                "set_coverage": _number((s.get("conformal") or {}).get("coverage")),
-                "set_size": _number((s.get("conformal") or {}).get("mean_set_size")),
+                "set_coverage": _number(sets.get("coverage")),
+                "set_size": _number(sets.get("mean_set_size")),
                 "per_class_recall": {
                     k: _number(v) for k, v in (s.get("per_class_recall") or {}).items()
                 },

@@ -92,7 +92,7 @@ class ScoringModel:
         conformal: its conformal set predictor (:class:`tasks.conformal.ConformalSets`), None
             when it carries none.
         set_probabilities: raw logits -> the probabilities the sets were fitted on (those of
-            the ONNX graph: :func:`tasks.conformal.graph_probabilities`).
+            the ONNX graph: :func:`tasks.conformal.graph_probabilities`); set with ``conformal``.
     """
 
     classes: list[str]
@@ -107,7 +107,7 @@ class ScoringModel:
     source: str
     run_id: str | None = None
     conformal: Any = None
-    set_probabilities: Callable[[np.ndarray], np.ndarray] | None = None
+    set_probabilities: Callable[[np.ndarray], np.ndarray] = softmax
 
 
 def _torch_logits(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -531,7 +531,7 @@ def evaluate_set(
         "note": note,
     }
     member = None
-    if model.conformal is not None and model.set_probabilities is not None:
+    if model.conformal is not None:
         member = model.conformal.sets(model.set_probabilities(logits))
         full_y = np.asarray([model.classes.index(label) for label in labels], dtype=np.int64)
         record["conformal"] = conformal_record(model, member, full_y, full_after)
