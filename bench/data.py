@@ -128,7 +128,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
 
     device = torch.device(settings.device)
     cfg = train_config(settings)
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last
     augment = build_augment(cfg, settings.size)
     split = open_split(workload.prepared, "train")
     n = len(split.labels)

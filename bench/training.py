@@ -91,7 +91,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     weights = class_weights(counts, cfg.class_weights, cfg.beta)
     loss_fn = make_loss(cfg.loss, weights, cfg.focal_gamma, cfg.label_smoothing).to(device)
     model = build_model(settings.arch, len(classes), "none", None, 0.2).to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -121,8 +121,8 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     )
     if device.type == "cpu":
         part.notes.append(
-            "The CPU runs float32 NCHW: tasks.train enables autocast and channels_last on CUDA "
-            "only, and the bare loop follows the same rule so both compare like for like."
+            "The CPU runs float32 (tasks.train enables autocast on CUDA only) in channels_last "
+            "when train.channels_last is on; the bare loop follows the same rules, like for like."
         )
 
     def real(n_steps: int) -> None:

@@ -174,6 +174,7 @@ class SynthConfig:
     difficulty: Probability  # 0 = textbook lesions, 1 = heavy overlap between classes
     images_per_lesion: PosInt  # max images sharing one lesion_id (HAM10000-style repeats)
     marker: MarkerConfig = field(default_factory=MarkerConfig)  # shortcut-learning probe
+    workers: PosInt = 1  # processes rendering images (the bytes do not depend on it)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -267,7 +268,7 @@ class TrainConfig:
     augment: AugmentConfig  # training-time augmentations (torchvision.transforms.v2)
     device: Literal["auto", "cpu", "cuda"]  # auto | cpu | cuda
     amp: Literal["none", "bf16", "fp16"]  # autocast on CUDA only
-    channels_last: Bool  # NHWC memory format on CUDA
+    channels_last: Bool  # NHWC memory format (faster convolutions on CUDA and on the CPU)
     compile: Bool  # torch.compile the model
     workers: NonNegInt  # DataLoader worker processes
     seed: NonNegInt  # seeds python, numpy and torch

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import csv
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from rich.progress import track
+from rich.progress import Progress
 from scipy import ndimage
 
 from tasks import paths
@@ -423,7 +424,20 @@ def _demography(label: str, rng: np.random.Generator) -> list[str]:
     return ["" if gap else v for v, gap in zip((age, site, sex), gaps, strict=True)]
 
 
-def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
+_CHUNK = 25  # images per worker job: enough to amortise the hand-off, small for the bar
+
+
+def _write_chunk(args: tuple) -> int:
+    """Render and save one chunk of views; returns how many (a worker process's job)."""
+    jobs, folder, seed, size, difficulty = args
+    for image_id, label, lesion, view, mark in jobs:
+        img, mask = _render(label, seed, lesion, view, size, difficulty, mark)
+        Image.fromarray(img).save(folder / f"{image_id}.jpg", quality=92)
+        Image.fromarray(mask).save(folder / f"{image_id}_segmentation.png")
+    return len(jobs)
+
+
+def generate(cfg: SynthConfig, out_root: Path, progress: bool = True, workers: int = 1) -> dict:
     """Write the synthetic dataset in the ISIC 2019 layout under ``out_root``, atomically.
 
     Images per class come from ``class_mix`` by largest remainder; each class's images are
@@ -437,6 +451,8 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
             ``<id>_segmentation.png``), ``ISIC_2019_Training_GroundTruth.csv`` and
             ``ISIC_2019_Training_Metadata.csv``.
         progress: show a progress bar.
+        workers: processes rendering the views; every view draws from its own keyed streams,
+            so the bytes are the same for any number of workers.
 
     Returns:
         ``count``, ``per_class`` image counts, ``lesions``, ``marked`` images, ``seconds``.
@@ -461,16 +477,28 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
     demo = [_demography(label, _rng(cfg.seed, META, j)) for j, (label, _) in enumerate(lesions)]
     truth = [["image", *ISIC_CLASSES]]
     meta = [["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]]
+    jobs: list[tuple] = []  # (image_id, label, lesion, view, marker) per file pair
+    for i, (j, v) in enumerate(views):
+        image_id, label = f"ISIC_{i:07d}", lesions[j][0]
+        truth.append([image_id] + ["1.0" if c == label else "0.0" for c in ISIC_CLASSES])
+        meta.append([image_id, demo[j][0], demo[j][1], f"HAM_{j + 1:07d}", demo[j][2]])
+        jobs.append((image_id, label, j, v, cfg.marker.kind if marked[i] else None))
     with atomic_dir(out_root) as tmp:
         (tmp / IMAGES_DIR).mkdir()
-        for i, (j, v) in enumerate(track(views, "synth images", disable=not progress)):
-            image_id, label = f"ISIC_{i:07d}", lesions[j][0]
-            truth.append([image_id] + ["1.0" if c == label else "0.0" for c in ISIC_CLASSES])
-            meta.append([image_id, demo[j][0], demo[j][1], f"HAM_{j + 1:07d}", demo[j][2]])
-            mark = cfg.marker.kind if marked[i] else None
-            img, mask = _render(label, cfg.seed, j, v, cfg.image_size, cfg.difficulty, mark)
-            Image.fromarray(img).save(tmp / IMAGES_DIR / f"{image_id}.jpg", quality=92)
-            Image.fromarray(mask).save(tmp / IMAGES_DIR / f"{image_id}_segmentation.png")
+        chunks = [
+            (jobs[s : s + _CHUNK], tmp / IMAGES_DIR, cfg.seed, cfg.image_size, cfg.difficulty)
+            for s in range(0, len(jobs), _CHUNK)
+        ]
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(chunks) > 1 else None
+        try:
+            done = pool.map(_write_chunk, chunks) if pool else map(_write_chunk, chunks)
+            with Progress(console=console, disable=not progress) as bar:
+                task = bar.add_task("synth images", total=len(jobs))
+                for written in done:
+                    bar.advance(task, written)
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
         for name, rows in ((GROUND_TRUTH, truth), (METADATA, meta)):
             with open(tmp / name, "w", newline="") as fh:
                 csv.writer(fh, lineterminator="\n").writerows(rows)
@@ -486,7 +514,7 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True) -> dict:
 
 def run(p: Params) -> dict[str, Any]:
     """The ``synth`` stage: draw the set into ``data/raw/synthetic``, write its summary."""
-    summary = generate(p.synth, paths.SYNTH_ROOT)
+    summary = generate(p.synth, paths.SYNTH_ROOT, workers=p.synth.workers)
     write_json(paths.METRICS / "synth.json", summary)
     console.print(f"synth: {summary['count']} images -> {paths.SYNTH_ROOT}")
     return summary

@@ -323,7 +323,6 @@ def train_one_epoch(
     targets; ``ema`` (:func:`make_ema`) is updated after every optimiser step.
     """
     model.train()
-    channels_last = cfg.channels_last and device.type == "cuda"
     total, count = 0.0, 0
     task = progress.add_task(f"epoch {epoch + 1} train", total=len(loader)) if progress else None
     for step, (images, *extra, labels) in enumerate(loader):
@@ -332,7 +331,7 @@ def train_one_epoch(
         y = labels.to(device, non_blocking=True)
         if mix is not None and (cfg.mix_prob >= 1 or float(torch.rand(())) < cfg.mix_prob):
             x, y = mix(x, y)
-        x = normalize(x, channels_last)
+        x = normalize(x, cfg.channels_last)
         extra = [e.to(device, non_blocking=True) for e in extra]  # metadata of fusion models
         with autocast(device, cfg.amp):
             loss = loss_fn(model(x, *extra).float(), y)
@@ -573,7 +572,7 @@ def train(
         dim = metadata["train"].shape[1]
         model = FusionNet(model, dim, len(classes), model_cfg.dropout)
     model = model.to(device)
-    if train_cfg.channels_last and device.type == "cuda":
+    if train_cfg.channels_last:  # NHWC: faster convolutions with cuDNN and with oneDNN on the CPU
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
     ema = make_ema(model, train_cfg.ema_decay)
