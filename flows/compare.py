@@ -139,13 +139,18 @@ def prepare_data(repo: str) -> str:
     return "ran" if ran else "unchanged"
 
 
-def _predict(model, split, metadata, batch_size: int, device) -> np.ndarray:  # noqa: ANN001
-    """Logits of a loaded model over a prepared split (with its metadata for fusion models)."""
+def _predict(model, split, metadata, batch_size: int, device, color: str) -> np.ndarray:  # noqa: ANN001
+    """Logits of a loaded model over a prepared split (with its metadata for fusion models).
+
+    ``color`` is the colour constancy still to apply on load (the bundle's, when the cache
+    was written without it), as training applies it.
+    """
     from torch.utils.data import DataLoader
 
     from tasks.train import CachedImages, predict_logits
 
-    loader = DataLoader(CachedImages(split, metadata), batch_size=batch_size, shuffle=False)
+    data = CachedImages(split, metadata, color)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     logits, _ = predict_logits(model.to(device), loader, device)
     return logits
 
@@ -171,16 +176,24 @@ def _load(bundle: str, name: str, splits: dict, p: Params, job: CompareJob, devi
     norm = meta["normalization"]
     if not (np.allclose(norm["mean"], MEAN) and np.allclose(norm["std"], STD)):
         raise CompareError(f"compare: {name} was trained with another normalisation ({norm})")
-    sites = (meta.get("extra") or {}).get("metadata_sites") if meta.get("fusion") else None
+    extra = dict(meta.get("extra") or {})
+    wanted, cached = extra.get("color_constancy", "none"), splits["test"].color_constancy
+    if wanted != cached and cached != "none":
+        raise CompareError(
+            f"compare: {name} was trained with prepare.color_constancy {wanted} but the prepared "
+            f"cache was written with {cached}, which cannot be undone: prepare it with {wanted}"
+        )
+    todo = wanted if wanted != cached else "none"  # applied on load, as in training
+    sites = extra.get("metadata_sites") if meta.get("fusion") else None
     metadata = {
         s: None if sites is None else metadata_features(split.rows, sites)
         for s, split in splits.items()
     }
     from tasks.models import with_tta
 
-    scored = with_tta(model, (meta.get("extra") or {}).get("tta"))  # as it was evaluated
+    scored = with_tta(model, extra.get("tta"))  # as it was evaluated
     logits = {
-        s: _predict(scored, splits[s], metadata[s], p.train.batch_size, device)
+        s: _predict(scored, splits[s], metadata[s], p.train.batch_size, device, todo)
         for s in ("val", "test")
     }
     return {
@@ -188,7 +201,7 @@ def _load(bundle: str, name: str, splits: dict, p: Params, job: CompareJob, devi
         "arch": meta["arch"],
         "logits": logits,
         "sites": sites,
-        "extra": dict(meta.get("extra") or {}),
+        "extra": extra,
         "seconds": float("nan"),
         "best_epoch": None,
         "local": Path(local),
@@ -293,10 +306,11 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
 
     idx = np.asarray(job.image_indices, dtype=int)
     raw = np.array(test.images[idx])
-    if p.prepare.color_constancy != test.color_constancy:  # applied on load, as in training
+    color = got["extra"].get("color_constancy", "none")  # the model's own, trained or loaded
+    if color != test.color_constancy:  # applied on load, as in training
         from tasks.prepare import color_constancy
 
-        raw = color_constancy(raw, p.prepare.color_constancy)
+        raw = color_constancy(raw, color)
     x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(255.0)
     x = normalize(x).to(device)
     targets = test.labels[idx]

@@ -166,6 +166,48 @@ def test_fusion_models_are_explained_one_image_at_a_time(arch):
         engine.explain(model, arch, x, [0, 2], plan, options=opts)
 
 
+def test_a_loaded_bundle_sees_the_cache_through_its_own_colour_constancy(tmp_path):
+    """A Shades-of-Gray bundle on a plain cache is scored on corrected images, as it trained."""
+    from types import SimpleNamespace
+
+    from flows.compare import CompareError, _load
+    from tasks.models import build_model, save_bundle
+    from tasks.prepare import color_constancy, open_split, prepare
+    from tasks.train import MEAN, STD, normalize
+    from tests.helpers import prepare_tiny
+
+    p = prepare_tiny(tmp_path)
+    splits = {s: open_split(tmp_path / "prepared", s) for s in ("val", "test")}
+    classes = splits["test"].classes
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", len(classes)).eval()
+    job = SimpleNamespace(repo=str(tmp_path), data_version="v1")
+    logits = {}
+    for color in ("shades_of_gray", "none"):
+        bundle = tmp_path / f"{color}.pt"
+        extra = {"color_constancy": color}
+        save_bundle(bundle, model, "custom_cnn", classes, 32, MEAN, STD, extra=extra)
+        got = _load(str(bundle), color, splits, p, job, torch.device("cpu"))
+        logits[color] = got["logits"]["test"]
+    raw = np.array(splits["test"].images)
+    with torch.no_grad():
+        for color, want in logits.items():
+            x = torch.from_numpy(color_constancy(raw, color)).permute(0, 3, 1, 2).float() / 255
+            expected = model(normalize(x)).numpy()
+            scale = max(float(np.abs(expected).max()), 1.0)
+            np.testing.assert_allclose(want, expected, rtol=0, atol=1e-5 * scale, err_msg=color)
+    assert np.abs(logits["shades_of_gray"] - logits["none"]).max() > 1e-3  # it mattered
+
+    # A cache written with colour constancy cannot be undone for a bundle trained without.
+    prepare(
+        tmp_path / "splits", tmp_path / "raw", tmp_path / "sog", size=32,
+        show_progress=False, color="shades_of_gray",
+    )  # fmt: skip
+    corrected = {s: open_split(tmp_path / "sog", s) for s in ("val", "test")}
+    with pytest.raises(CompareError, match="none but the prepared cache was written with shades"):
+        _load(str(tmp_path / "none.pt"), "plain", corrected, p, job, torch.device("cpu"))
+
+
 def test_cli_refuses_an_unknown_model_before_anything_runs(tmp_path):
     from flows.cli import app
 

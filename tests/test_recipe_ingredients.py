@@ -263,7 +263,7 @@ def test_ablation_recipe_runs_end_to_end_on_tens_of_images(tmp_path: Path) -> No
         "compare.explain_images=2", "explain.ig_steps=2",
     ]  # fmt: skip
     sets = [a for o in tiny for a in ("--set", o)]
-    # All 13 variants are checked against the config when the recipe loads (a bad override
+    # All the variants are checked against the config when the recipe loads (a bad override
     # stops it before any work); three of them train here, to keep the suite within its
     # budget: the baseline row, a loss row and the last row, which has every ingredient on.
     recipe = yaml.safe_load(ABLATION.read_text())
