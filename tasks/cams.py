@@ -61,7 +61,7 @@ from skimage.segmentation import slic
 from torch import nn
 
 from tasks.forward import batch_size as sized_batch
-from tasks.forward import inference_twin
+from tasks.forward import inference_twin, model_key
 from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, target_layers
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def grad_batch(
         model.zero_grad(set_to_none=True)
 
     with eval_mode(model):
-        key = ("grad", *_model_key(model))
+        key = ("grad", *model_key(model))
         work = len(images) if work is None else work
         return sized_batch(step, images[:1], key, requested=requested, work=work)
 
@@ -313,14 +313,9 @@ def forward_batch(
     def step(x: torch.Tensor) -> None:
         twin(x.contiguous(memory_format=torch.channels_last))
 
-    key = ("forward", *_model_key(twin))
+    key = ("forward", *model_key(twin))
     work = len(images) if work is None else work
     return sized_batch(step, images[:1], key, requested=requested, work=work)
-
-
-def _model_key(model: nn.Module) -> tuple:
-    inner = getattr(model, "model", model)  # an ImageOnly view sizes like its model
-    return type(inner).__name__, sum(p.numel() for p in model.parameters())
 
 
 def layer_cams(

@@ -57,6 +57,17 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu") if param is None else param.device
 
 
+def model_key(model: nn.Module) -> tuple:
+    """What names ``model`` in a batch-size question: its class and parameter count.
+
+    An ``ImageOnly`` view sizes like the model it wraps. Callers key forward passes on the
+    inference twin (BatchNorm folded, so fewer parameters than the model): Score-CAM, LIME and
+    the perturbation scores ask the same question and share one measurement.
+    """
+    inner = getattr(model, "model", model)
+    return type(inner).__name__, sum(p.numel() for p in model.parameters())
+
+
 def inference_twin(model: nn.Module) -> nn.Module:
     """A faster copy of ``model`` for no-grad forward passes (the module docstring says how).
 

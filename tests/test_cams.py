@@ -37,6 +37,7 @@ from tasks.cams import (
     deeplift_ready,
     exact_cam,
     explain_batch,
+    forward_batch,
     integrated_gradients,
     layer_cams,
     lime,
@@ -504,6 +505,26 @@ def test_batch_size_is_measured_once_per_question() -> None:
     count = len(calls)
     assert forward.batch_size(step, sample, ("test", "once")) == size and len(calls) == count
     assert forward.batch_size(step, sample, ("test", "once"), requested=5) == 5
+
+
+def test_score_cam_and_the_perturbation_scores_share_one_forward_measurement() -> None:
+    """Both run no-grad forwards of the same inference twin: one question, timed once (they
+    were keyed on the twin and on the model, whose parameter counts differ by the folded
+    BatchNorms, so the explain stage timed the same forward pass twice)."""
+    from tasks import forward
+    from tasks.xai_metrics import Perturbations
+
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", 3).eval()
+    images = torch.rand(2, 3, 20, 20)  # a shape no other test sizes
+    Perturbations(model, images, [0, 1])
+    twin = forward.inference_twin(model)
+    asked = [q for q in forward._TIMES if q[:3] == ("forward", *forward.model_key(twin))]
+    assert len(asked) == 1 and set(forward._TIMES[asked[0]]) == set(forward.CPU_CANDIDATES)
+    timed = dict(forward._TIMES[asked[0]])
+    size = forward_batch(twin, images, work=256)  # Score-CAM's question for the same twin
+    assert [q for q in forward._TIMES if q[:3] == asked[0][:3]] == asked
+    assert forward._TIMES[asked[0]] == timed and size in forward.CPU_CANDIDATES  # not re-timed
 
 
 def test_small_work_is_one_pass_with_nothing_timed_and_the_batch_never_exceeds_it() -> None:
