@@ -76,8 +76,8 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.cams import explain_batch, forward_batch, grad_batch
-    from tasks.forward import inference_twin
+    from tasks.cams import explain_batch, grad_batch
+    from tasks.forward import forward_batch, inference_twin
     from tasks.models import build_model, target_layers
     from tasks.prepare import open_split
     from tasks.train import to_input
@@ -213,7 +213,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     m = min(settings.scorecam_images, n)
     channels = _channels(model, module, images[:1])
     twin = inference_twin(model)
-    own_batch = forward_batch(twin, images)
+    own_batch = forward_batch(twin, images, work=len(images))
     sc_out: dict[str, np.ndarray] = {}
 
     def project() -> None:

@@ -61,7 +61,7 @@ from skimage.segmentation import slic
 from torch import nn
 
 from tasks.forward import batch_size as sized_batch
-from tasks.forward import inference_twin, model_key
+from tasks.forward import forward_batch, inference_twin, model_key
 from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, target_layers
 
 log = logging.getLogger(__name__)
@@ -303,19 +303,6 @@ def grad_batch(
         key = ("grad", *model_key(model))
         work = len(images) if work is None else work
         return sized_batch(step, images[:1], key, requested=requested, work=work)
-
-
-def forward_batch(
-    twin: nn.Module, images: torch.Tensor, requested: int = 0, work: int | None = None
-) -> int:
-    """Images per no-grad forward pass of an inference twin (config's, else sized)."""
-
-    def step(x: torch.Tensor) -> None:
-        twin(x.contiguous(memory_format=torch.channels_last))
-
-    key = ("forward", *model_key(twin))
-    work = len(images) if work is None else work
-    return sized_batch(step, images[:1], key, requested=requested, work=work)
 
 
 def layer_cams(

@@ -170,6 +170,28 @@ def batch_size(
     return _fastest({b: times[b] for b in candidates})
 
 
+def forward_batch(
+    twin: nn.Module, images: torch.Tensor, requested: int = 0, work: int | None = None
+) -> int:
+    """Images per no-grad forward pass of an inference twin (the config's, else sized).
+
+    The one forward question of the explanations: Score-CAM's masked inputs, LIME's samples
+    and the perturbation scores all ask it of the same twin, so it is timed once per process.
+
+    Args:
+        twin: an :func:`inference_twin` (channels-last weights).
+        images: inputs shaped like the ones to pass, on the device the passes run on.
+        requested: a fixed batch from the config; 0 sizes it.
+        work: how many inputs will be passed in all; ``None`` when unbounded or unknown.
+    """
+
+    def step(x: torch.Tensor) -> None:
+        twin(x.contiguous(memory_format=torch.channels_last))
+
+    key = ("forward", *model_key(twin))
+    return batch_size(step, images[:1], key, requested=requested, work=work)
+
+
 def _batch_of(sample: torch.Tensor, n: int) -> torch.Tensor:
     generator = torch.Generator(device=sample.device).manual_seed(0)
     shape = (n, *sample.shape[1:])

@@ -42,8 +42,7 @@ from scipy.sparse import coo_matrix, csc_matrix
 from scipy.sparse.linalg import spsolve
 from skimage.metrics import structural_similarity
 
-from tasks.forward import batch_size as sized_batch
-from tasks.forward import inference_twin, model_key, run_batched
+from tasks.forward import forward_batch, inference_twin, run_batched
 
 ClassIndex = int | Sequence[int] | np.ndarray | torch.Tensor
 ExplainFn = Callable[[torch.nn.Module, torch.Tensor, ClassIndex], np.ndarray]
@@ -278,11 +277,8 @@ class Perturbations:
         self.model = inference_twin(model)
         self.base = _baseline(self.x, baseline, blur_sigma)
 
-        def forward(batch: torch.Tensor) -> None:
-            self.model(batch.contiguous(memory_format=torch.channels_last))
-
-        key = ("forward", *model_key(self.model))  # the twin: the question Score-CAM asks too
-        self.batch = sized_batch(forward, self.x[:1], key, requested=batch_size) if self.n else 1
+        # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
+        self.batch = forward_batch(self.model, self.x, batch_size) if self.n else 1
         clean_and_base = self.probabilities(
             torch.cat([self.x, self.base]), torch.cat([self.classes, self.classes])
         )

@@ -37,7 +37,6 @@ from tasks.cams import (
     deeplift_ready,
     exact_cam,
     explain_batch,
-    forward_batch,
     integrated_gradients,
     layer_cams,
     lime,
@@ -519,11 +518,12 @@ def test_score_cam_and_the_perturbation_scores_share_one_forward_measurement() -
     images = torch.rand(2, 3, 20, 20)  # a shape no other test sizes
     Perturbations(model, images, [0, 1])
     twin = forward.inference_twin(model)
-    asked = [q for q in forward._TIMES if q[:3] == ("forward", *forward.model_key(twin))]
+    question = ("forward", *forward.model_key(twin), (3, 20, 20))  # key, then the input shape
+    asked = [q for q in forward._TIMES if q[:4] == question]
     assert len(asked) == 1 and set(forward._TIMES[asked[0]]) == set(forward.CPU_CANDIDATES)
     timed = dict(forward._TIMES[asked[0]])
-    size = forward_batch(twin, images, work=256)  # Score-CAM's question for the same twin
-    assert [q for q in forward._TIMES if q[:3] == asked[0][:3]] == asked
+    size = forward.forward_batch(twin, images, work=256)  # Score-CAM's question for the same twin
+    assert [q for q in forward._TIMES if q[:4] == question] == asked
     assert forward._TIMES[asked[0]] == timed and size in forward.CPU_CANDIDATES  # not re-timed
 
 
