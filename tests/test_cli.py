@@ -107,6 +107,7 @@ def test_ham10000_preset_b_applies_on_top_of_preset_a(tmp_path):
         30,
     )
     assert b.train.augment.rotation == 20 and tuple(b.train.augment.crop_scale) == (0.75, 1.0)
+    assert b.train.augment.hflip and b.train.augment.vflip  # A's flips: the section merges
     assert (a.train.loss, a.train.class_weights) == ("logit_adjusted", "none")  # preset A's
     for key in ("loss", "class_weights", "logit_tau", "tta", "mixup_alpha", "cutmix_alpha"):
         assert getattr(b.train, key) == getattr(a.train, key), key  # carried over from A
