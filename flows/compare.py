@@ -25,8 +25,9 @@ Choices:
 - The rich progress display is the terminal's, not a task input (Prefect would hash and record
   it), so it reaches the tasks through a context variable.
 - Every model shares one split: overrides that change the data sections are refused
-  (:func:`tasks.compare.check_same_data`), and a loaded bundle must have the cache's classes
-  and input size; a bundle trained on another data version is flagged in the table.
+  (:func:`tasks.compare.check_same_data`), the cache must be the one params name even with
+  ``--no-repro`` (:func:`tasks.prepare.check_cache`), and a loaded bundle must have the
+  cache's classes and input size; a bundle trained on another data version is flagged.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def compare_flow(
 
     from tasks import tracking
     from tasks.compare import pick_images
-    from tasks.prepare import open_split
+    from tasks.prepare import check_cache, open_split
     from tasks.progress import progress_bar
 
     start, log, root = time.perf_counter(), get_run_logger(), Path(repo)
@@ -542,6 +543,7 @@ def compare_flow(
     log.info("comparing %d models: %s", len(names), ", ".join(names))
     if repro:
         prepare_data(repo)
+    check_cache(root / paths.PREPARED, p.prepare)  # with --no-repro, the cache as it is
     version = data_version(root)
     test = open_split(root / paths.PREPARED, "test")
     indices = pick_images(test.labels, p.compare.explain_images, p.explain.seed)

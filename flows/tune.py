@@ -25,6 +25,7 @@ import optuna
 
 from tasks.config import load_params
 from tasks.io import atomic_dir
+from tasks.prepare import check_cache
 from tasks.progress import progress_bar
 from tasks.tune import (
     OBJECTIVE,
@@ -100,11 +101,7 @@ def run_tune(
     dims = check_space(cfg.space, params_path, overrides)
     repo = Path(repo)
     prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "meta.json").exists():
-        raise FileNotFoundError(
-            f"{prepared_dir}: no prepared cache; run `dvc repro prepare` (or `dermaflow tune` "
-            "without --no-repro) first"
-        )
+    check_cache(prepared_dir, base.prepare)  # a --no-repro cache must be the one params name
     # Heavy imports only once the cheap checks passed: a typo in the space fails in a blink.
     import mlflow
 
@@ -338,10 +335,7 @@ def run_worker(
     cfg = base.tune
     dims = check_space(cfg.space, params_path, overrides)
     prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "meta.json").exists():
-        raise FileNotFoundError(
-            f"{prepared_dir}: no prepared cache; run `dvc repro prepare` (or `dvc pull`) first"
-        )
+    check_cache(prepared_dir, base.prepare)  # a --no-repro cache must be the one params name
     from tasks import tracking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from rich.progress import Progress
 
 from tasks import paths
-from tasks.config import Params
+from tasks.config import Params, PrepareConfig
 from tasks.io import atomic_dir, write_json
 from tasks.labels import ISIC_CLASSES
 from tasks.progress import progress_bar
@@ -36,7 +36,7 @@ _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 class PrepareError(ValueError):
-    """An image that passed validation still failed to decode."""
+    """An image that passed validation still failed to decode, or a cache params do not name."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -277,6 +277,34 @@ def open_split(prepared_dir: str | Path, split: str) -> PreparedSplit:
         color_constancy=str(meta.get("color_constancy", "none")),
         resize=str(meta.get("resize", "center_crop")),
     )
+
+
+def check_cache(prepared_dir: str | Path, cfg: PrepareConfig) -> None:
+    """Refuse a cache that was not written with the ``prepare`` params in force.
+
+    ``dvc repro`` keeps ``data/prepared`` current, but ``--no-repro`` (compare, tune) and a
+    hand-run stage use it as it is: a cache left at 160 px by an earlier run would be trained
+    on while params, MLflow and the report all say 96. The size and resize mode cannot be
+    changed on load, so they must match. Colour constancy is not checked here: training
+    applies it on load over an uncorrected cache and refuses the irreversible other way.
+
+    Raises:
+        PrepareError: naming ``meta.json``, the key, the cached and the requested value.
+        FileNotFoundError: there is no cache.
+    """
+    path = Path(prepared_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{Path(prepared_dir)}: no prepared cache; run `dvc repro prepare` first"
+        )
+    meta = json.loads(path.read_text())
+    cached = {"size": meta.get("size"), "resize": meta.get("resize", "center_crop")}
+    for key, want in (("size", cfg.size), ("resize", cfg.resize)):
+        if cached[key] != want:
+            raise PrepareError(
+                f"{path}: the cache was prepared with {key} {cached[key]} but prepare.{key} is "
+                f"{want}; run `dvc repro prepare` to rebuild it (--no-repro takes it as it is)"
+            )
 
 
 def run(p: Params) -> dict:

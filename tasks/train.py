@@ -35,7 +35,7 @@ from tasks.io import atomic_path
 from tasks.losses import class_weights, epoch_class_weights, make_loss, sampler_weights
 from tasks.metrics import classification_metrics
 from tasks.models import build_model, set_backbone_frozen, with_tta
-from tasks.prepare import PreparedSplit, color_constancy, open_split
+from tasks.prepare import PreparedSplit, check_cache, color_constancy, open_split
 from tasks.progress import progress_bar
 from tasks.split import data_version, read_split
 from tasks.stage import console, main
@@ -845,6 +845,7 @@ def run(p: Params) -> dict:
     under torchrun (:func:`tasks.distributed.launch`); in each worker, rank 0 does all of the
     above and the other ranks only train beside it (:mod:`tasks.distributed`).
     """
+    check_cache(paths.PREPARED, p.prepare)  # a hand-run stage trains on the cache as it is
     if distributed.wants_launch(p.train.distributed):
         d = p.train.distributed
         processes = d.nproc_per_node * d.nnodes

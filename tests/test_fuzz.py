@@ -222,6 +222,10 @@ def isic2018_bad_cell(root: Path, assets: Assets) -> None:
         write_image(root / "ext" / "ISIC2018_Task3_Test_Input" / f"ISIC_{i}.jpg")
 
 
+# A cache an earlier run left at another size and resize mode than the params name.
+STALE_META = json.dumps({"classes": ["a", "b"], "size": 48, "resize": "squash"})
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -273,6 +277,13 @@ CASES = [
          "compare.variants={x: [model.arch=resnet19]}"],
          ["compare.variants.x: 'model.arch=resnet19': unknown model.arch 'resnet19'"],
          outs=["reports/compare"]),
+    Case("compare-stale-cache", ["compare", "--no-repro"],
+         ["data/prepared/meta.json: the cache was prepared with size 48 but prepare.size is 32"],
+         write("data/prepared/meta.json", STALE_META), ["reports/compare"]),
+    Case("tune-stale-cache", ["tune", "--no-repro"],
+         ["data/prepared/meta.json: the cache was prepared with resize squash but "
+          "prepare.resize is center_crop"],
+         write("data/prepared/meta.json", STALE_META.replace("48", "32")), ["reports/tune"]),
     Case("run-set", ["run", "--no-refresh", "--set", "train.optimizer=foo"],
          ["unknown train.optimizer 'foo'"], outs=["data", "dvc.lock"]),
     # ---------------------------------------------------------------- presets and recipes
@@ -345,7 +356,7 @@ CASES = [
     Case("prepare-without-splits", ["prepare"],
          ["data/splits/train.parquet: not found; run the stage that writes it first"],
          outs=["data/prepared"]),
-    Case("train-without-data", ["train"], ["data/manifest.parquet: not found"],
+    Case("train-without-data", ["train"], ["data/prepared: no prepared cache; run `dvc repro"],
          outs=["models", "mlruns"]),
     # ---------------------------------------------------------------- model files, lineage
     Case("calibrate-other-training", ["calibrate"], ["calibrate refuses to run",

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tasks.config import PrepareConfig
 from tasks.ingest import build_manifest
-from tasks.prepare import class_names, open_split, prepare, to_rgb
+from tasks.prepare import PrepareError, check_cache, class_names, open_split, prepare, to_rgb
 from tasks.split import split_manifest, write_splits
 from tests.datasets import make_folder
 
@@ -107,6 +108,12 @@ def test_cache_round_trip(tmp_path):
             else:
                 assert not row["has_mask"] and part.masks[i].sum() == 0
     assert seen == 14
+    # The cache is the one these params name; another size or resize mode is refused by name.
+    check_cache(tmp_path / "prep", PrepareConfig(size=32, resize="center_crop", workers=1))
+    with pytest.raises(PrepareError, match=r"meta.json: .* size 32 but prepare.size is 64;"):
+        check_cache(tmp_path / "prep", PrepareConfig(size=64, resize="center_crop", workers=1))
+    with pytest.raises(PrepareError, match=r"resize center_crop but prepare.resize is squash"):
+        check_cache(tmp_path / "prep", PrepareConfig(size=32, resize="squash", workers=1))
 
 
 def test_class_order():
