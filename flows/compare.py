@@ -19,6 +19,9 @@ champion candidates (that is the pipeline's promotion gate's job).
 
 Choices:
 
+- Tasks read a copy of the params file taken when the flow starts: a comparison runs for hours,
+  and an edit of params.yaml meanwhile (another experiment being set up) must not change the
+  later models or fail the report after every model has trained.
 - Tasks receive names, params and paths, never an ``nn.Module``, and run sequentially:
   training reseeds torch's global RNG and sets its deterministic mode, which concurrent
   threads would share. Heatmaps travel between tasks as ``.npz`` files in a temp folder.
@@ -73,7 +76,7 @@ class CompareJob:
     """What every task of one comparison shares (plain values: Prefect records task inputs)."""
 
     repo: str
-    params_path: str
+    params_path: str  # the flow's own copy of the params file, taken when it started
     overrides: list[str]
     image_indices: list[int]
     work_dir: str
@@ -538,6 +541,7 @@ def compare_flow(
 
     start, log, root = time.perf_counter(), get_run_logger(), Path(repo)
     plan = plan_compare(models, overrides, repo, params_path)
+    frozen = (root / params_path).read_bytes()  # what the tasks read (params.yaml may change)
     p = plan.params
     names = [v.name for v in plan.variants]
     log.info("comparing %d models: %s", len(names), ", ".join(names))
@@ -576,8 +580,10 @@ def compare_flow(
         token = _LIVE.set(bar)
         try:
             tracking.log_params(parent_params)
+            snapshot = Path(work) / "params.yaml"
+            snapshot.write_bytes(frozen)
             job = CompareJob(
-                repo, params_path, list(overrides or []), [int(i) for i in indices], work,
+                repo, str(snapshot), list(overrides or []), [int(i) for i in indices], work,
                 version, experiment_id, parent.info.run_id,
             )  # fmt: skip
             overall = bar.add_task("models", total=len(plan.variants))

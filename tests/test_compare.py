@@ -218,6 +218,29 @@ def test_cli_refuses_an_unknown_model_before_anything_runs(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+# `dermaflow compare` whose first model, once done, leaves params.yaml unreadable behind it.
+EDIT_MID_RUN = """
+import sys
+from pathlib import Path
+
+import flows.compare as compare
+from flows.cli import app
+
+variant_task = compare.variant_task
+
+
+def then_edit_params(variant, bundle, index, job):
+    out = variant_task(variant, bundle, index, job)
+    Path("params.yaml").write_text("train: {epochs: 3\\n")
+    return out
+
+
+compare.variant_task = then_edit_params
+sys.argv = ["dermaflow", "compare", *sys.argv[1:]]
+app()
+"""
+
+
 @pytest.mark.slow
 def test_compare_three_models_then_load_bundles(tmp_path):
     """Three trained models in one MLflow parent run; then two loaded bundles compared."""
@@ -337,7 +360,12 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     classes = json.loads((project / "data/prepared/meta.json").read_text())["classes"]
     saved = tmp_path / "random_resnet18.pt"
     save_bundle(saved, build_model("resnet18", len(classes)), "resnet18", classes, 32, MEAN, STD)
-    run(["dermaflow", "compare", "--models", f"{downloaded},{saved}", "--no-repro"], project)
+    # Someone edits params.yaml while the comparison runs (here: broken YAML after the first
+    # model): the later models and the report read the flow's copy, so nothing changes.
+    params_text = (project / "params.yaml").read_text()
+    run(["python", "-c", EDIT_MID_RUN, "--models", f"{downloaded},{saved}", "--no-repro"], project)
+    assert (project / "params.yaml").read_text().startswith("train: {epochs: 3")
+    (project / "params.yaml").write_text(params_text)
 
     loaded = pd.read_csv(report / "comparison.csv")
     assert list(loaded["model"]) == ["model", "random_resnet18"]
