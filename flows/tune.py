@@ -499,10 +499,14 @@ def _objective(
     from tasks.train import TrainingError, train
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    # Trials read a copy taken now: a study runs for hours, and an edit of params.yaml meanwhile
+    # must not change the later trials (nor fail them).
+    frozen = scratch / "params.yaml"
+    frozen.write_bytes(Path(params_path).read_bytes())
 
     def objective(trial: optuna.Trial) -> float:
         sampled = suggest(trial, dims)
-        p = load_params(params_path, [*overrides, *trial_overrides(sampled, cfg.epochs)])
+        p = load_params(frozen, [*overrides, *trial_overrides(sampled, cfg.epochs)])
         # A fresh path per trial: train() resumes from a checkpoint whose configs match.
         checkpoint = scratch / f"trial-{trial.number}.pt"
         child = mlflow.start_run(

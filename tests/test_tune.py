@@ -157,6 +157,35 @@ def test_preset_text_applies_to_the_sampled_values(tmp_path, params_file):
     assert {k: value_at(p, k) for k in best} == best
 
 
+# `dermaflow tune` that leaves params.yaml unreadable behind each finished trial.
+EDIT_MID_RUN = """
+import sys
+from pathlib import Path
+
+import flows.tune as tune
+from flows.cli import app
+
+make_objective = tune._objective
+
+
+def then_edit_params(*args):
+    objective = make_objective(*args)
+
+    def edited(trial):
+        try:
+            return objective(trial)
+        finally:
+            Path("params.yaml").write_text("train: {epochs: 3\\n")
+
+    return edited
+
+
+tune._objective = then_edit_params
+sys.argv = ["dermaflow", "tune", *sys.argv[1:]]
+app()
+"""
+
+
 @pytest.mark.slow
 def test_tune_parent_and_child_runs_report_and_preset(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -224,10 +253,15 @@ def test_tune_parent_and_child_runs_report_and_preset(tmp_path):
     tuned = load_params(copy)
     assert {k: value_at(tuned, k) for k in keys} == study.best_trial.params
 
-    # A second call continues the same study, under a new parent run.
-    run(["dermaflow", "tune", "--no-repro", "--set", "tune.trials=1"], project)
+    # A second call continues the same study, under a new parent run. After its first trial
+    # someone breaks params.yaml: the second trial runs on the copy the call started with.
+    params_text = (project / "params.yaml").read_text()
+    run(["python", "-c", EDIT_MID_RUN, "--no-repro", "--set", "tune.trials=2"], project)
+    assert (project / "params.yaml").read_text().startswith("train: {epochs: 3")
+    (project / "params.yaml").write_text(params_text)
     study = optuna.load_study(study_name="synthetic-tune-custom_cnn", storage=storage)
-    assert len(study.trials) == 4
+    assert len(study.trials) == 5
+    assert all(t.state.name in {"COMPLETE", "PRUNED"} for t in study.trials[3:])
     runs = client.search_runs([experiment.experiment_id])
     second = [
         r
@@ -235,8 +269,11 @@ def test_tune_parent_and_child_runs_report_and_preset(tmp_path):
         if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != parent.info.run_id
     ]
     assert len(second) == 1
-    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second[0].info.run_id]
-    assert child.data.tags["trial_number"] == "3"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second[0].info.run_id]
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["3", "4"]
+    for child in children:  # both trained tune.epochs=2 epochs of the params they started with
+        history = client.get_metric_history(child.info.run_id, "val_balanced_accuracy")
+        assert [m.step for m in history] == [1, 2] and child.data.params["train.epochs"] == "2"
 
 
 def _study_of(pruner: optuna.pruners.BasePruner, curves: list[list[float]]) -> optuna.Study:
