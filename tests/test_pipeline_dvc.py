@@ -39,3 +39,18 @@ def test_dvc_repro_runs_skips_and_reruns_only_what_changed(tmp_path):
     assert ran(third.stdout) == ["split", "prepare"]
     reseeded = json.loads((project / "metrics/split.json").read_text())
     assert reseeded["seed"] == 43 and reseeded["leakage"]["shared_lesions"] == 0
+
+    # prepare.size alone, to 40 and back: each size is a stage run of its own. DVC's run cache
+    # hashes a params section without keys named `size`; without prepare.size listed on its own
+    # in dvc.yaml, 40 restored the 32 px cache and dvc.lock called it 40.
+    def resize(size: int) -> str:
+        params = project / "params.yaml"
+        text = re.sub(r"(?m)^  size: \d+$", f"  size: {size}", params.read_text(), count=1)
+        params.write_text(text)
+        return run(["dvc", "repro", "prepare"], project).stdout
+
+    assert ran(resize(40)) == ["prepare"]
+    assert json.loads((project / "data/prepared/meta.json").read_text())["size"] == 40
+    back = resize(32)  # the seed-43 run at 32 px is in the run cache: restored, not re-run
+    assert ran(back) == [] and "Stage 'prepare' is cached" in back
+    assert json.loads((project / "data/prepared/meta.json").read_text())["size"] == 32
