@@ -225,7 +225,8 @@ def test_a_worker_without_an_open_tune_call_stops_with_a_clear_message(tmp_path,
 
     write_params(tmp_path / "params.yaml", [*TINY, SPACE])
     (tmp_path / paths.PREPARED).mkdir(parents=True)
-    (tmp_path / paths.PREPARED / "meta.json").write_text("{}")
+    meta = {"size": 32, "resize": "center_crop"}  # the cache the TINY params name
+    (tmp_path / paths.PREPARED / "meta.json").write_text(json.dumps(meta))
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["tune", "--worker", "--no-repro"])
     assert result.exit_code == 2, result.output
