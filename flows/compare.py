@@ -50,7 +50,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import paths
-from tasks.config import ConfigError, Params, load_params
+from tasks.config import ConfigError, Params, frozen_params, load_params
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -530,6 +530,20 @@ def compare_flow(
     Returns:
         The report's ``summary.json`` content, with ``run_id`` (the parent run) and ``out_dir``.
     """
+    with frozen_params(Path(repo) / params_path) as snapshot:  # what every task reads
+        return _compare(models, overrides, repo, snapshot, out_dir, repro, show_progress)
+
+
+def _compare(
+    models: list[str] | None,
+    overrides: list[str] | None,
+    repo: str,
+    snapshot: Path,
+    out_dir: str,
+    repro: bool,
+    show_progress: bool,
+) -> dict:
+    """:func:`compare_flow` on its private copy of the params file (``snapshot``)."""
     import mlflow
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import flow_run
@@ -540,8 +554,7 @@ def compare_flow(
     from tasks.progress import progress_bar
 
     start, log, root = time.perf_counter(), get_run_logger(), Path(repo)
-    plan = plan_compare(models, overrides, repo, params_path)
-    frozen = (root / params_path).read_bytes()  # what the tasks read (params.yaml may change)
+    plan = plan_compare(models, overrides, repo, str(snapshot))
     p = plan.params
     names = [v.name for v in plan.variants]
     log.info("comparing %d models: %s", len(names), ", ".join(names))
@@ -580,8 +593,6 @@ def compare_flow(
         token = _LIVE.set(bar)
         try:
             tracking.log_params(parent_params)
-            snapshot = Path(work) / "params.yaml"
-            snapshot.write_bytes(frozen)
             job = CompareJob(
                 repo, str(snapshot), list(overrides or []), [int(i) for i in indices], work,
                 version, experiment_id, parent.info.run_id,

@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from tasks.config import load_params
+from tasks.config import frozen_params, load_params
 from tasks.io import atomic_dir
 from tasks.prepare import check_cache
 from tasks.progress import progress_bar
@@ -95,6 +95,22 @@ def run_tune(
         FileNotFoundError: no prepared cache.
         TuneError: no trial of the study completed.
     """
+    with frozen_params(params_path) as frozen:  # the base and every trial read this copy
+        return _run_tune(
+            frozen, overrides, prepared_dir, repo, data_version, show_progress, on_trial
+        )
+
+
+def _run_tune(
+    params_path: Path,
+    overrides: list[str] | None,
+    prepared_dir: str | Path,
+    repo: str | Path,
+    data_version: str,
+    show_progress: bool,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None,
+) -> TuneResult:
+    """:func:`run_tune` on its private copy of the params file."""
     overrides = list(overrides or [])
     base = load_params(params_path, overrides)
     cfg = base.tune
@@ -328,6 +344,23 @@ def run_worker(
         FileNotFoundError: no prepared cache.
         TuneError: no open tune call on that study within ``wait_s`` seconds.
     """
+    with frozen_params(params_path) as frozen:  # every trial of this process reads this copy
+        return _run_worker(
+            frozen, overrides, prepared_dir, repo, data_version, wait_s, show_progress, on_trial
+        )
+
+
+def _run_worker(
+    params_path: Path,
+    overrides: list[str] | None,
+    prepared_dir: str | Path,
+    repo: str | Path,
+    data_version: str,
+    wait_s: float,
+    show_progress: bool,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None,
+) -> WorkerResult:
+    """:func:`run_worker` on its private copy of the params file."""
     import time
 
     overrides = list(overrides or [])
@@ -499,14 +532,10 @@ def _objective(
     from tasks.train import TrainingError, train
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    # Trials read a copy taken now: a study runs for hours, and an edit of params.yaml meanwhile
-    # must not change the later trials (nor fail them).
-    frozen = scratch / "params.yaml"
-    frozen.write_bytes(Path(params_path).read_bytes())
 
     def objective(trial: optuna.Trial) -> float:
         sampled = suggest(trial, dims)
-        p = load_params(frozen, [*overrides, *trial_overrides(sampled, cfg.epochs)])
+        p = load_params(params_path, [*overrides, *trial_overrides(sampled, cfg.epochs)])
         # A fresh path per trial: train() resumes from a checkpoint whose configs match.
         checkpoint = scratch / f"trial-{trial.number}.pt"
         child = mlflow.start_run(

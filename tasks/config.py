@@ -20,8 +20,11 @@ import copy
 import dataclasses
 import difflib
 import re
+import tempfile
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -870,6 +873,32 @@ def read_params_tree(path: str | Path = "params.yaml", overrides: list[str] | No
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml (plus ``key=value`` overrides) into the validated, typed config."""
     return params_from_dict(read_params_tree(path, overrides), where=str(path))
+
+
+@contextmanager
+def frozen_params(path: str | Path) -> Iterator[Path]:
+    """A private copy of the params file, for a job that runs for hours (compare, tune).
+
+    Everything inside the block reads the copy, taken with one read of the file: an edit of
+    params.yaml meanwhile (a new variant, a typo saved for a moment) neither changes the later
+    models or trials nor fails them, and the first model and the last one train on the same
+    params. A :class:`ConfigError` raised inside names the user's file, not the copy.
+
+    Raises:
+        ConfigError: the file cannot be read (as :func:`load_params` words it).
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="dermaflow-params-") as tmp:
+        copy_path = Path(tmp) / (path.name or "params.yaml")
+        try:
+            copy_path.write_bytes(path.read_bytes())
+        except OSError:
+            _read_yaml(path, "params file")  # raises the ConfigError that names the problem
+            raise
+        try:
+            yield copy_path
+        except ConfigError as err:
+            raise ConfigError(str(err).replace(str(copy_path), str(path))) from None
 
 
 # --------------------------------------------------------------------------------------------

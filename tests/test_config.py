@@ -368,3 +368,22 @@ def test_stage_module_refuses_bad_params_before_its_heavy_imports(tmp_path):
     assert "unknown calibrate.method 'x'" in proc.stderr and "Traceback" not in proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "tasks.config" in imported and "torch" not in imported and "tasks.train" not in imported
+
+
+def test_frozen_params_is_one_read_and_names_the_users_file(tmp_path):
+    """A long job reads the copy taken on entry; errors inside name the user's file."""
+    src = tmp_path / "params.yaml"
+    src.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(config.ConfigError) as err, config.frozen_params(src) as frozen:
+        assert frozen != src and frozen.read_bytes() == src.read_bytes()
+        src.write_text("train: [broken\n")  # an edit mid-job does not reach the copy
+        assert config.read_params_tree(frozen)["train"]["epochs"] == 3
+        config.load_params(frozen, ["train.epochs=abc"])  # names the file it read
+    assert str(src) in str(err.value) and str(frozen) not in str(err.value)
+    assert not frozen.exists()  # the copy goes with the block
+    missing = r"missing\.yaml: params file not found"
+    with (
+        pytest.raises(config.ConfigError, match=missing),
+        config.frozen_params(tmp_path / "missing.yaml"),
+    ):
+        pass
