@@ -537,10 +537,15 @@ def test_small_work_is_one_pass_with_nothing_timed_and_the_batch_never_exceeds_i
 
     sample = torch.zeros(1, 3, 8, 8)
     assert forward.batch_size(step, sample, ("test", "small"), work=3) == 3 and not calls
-    size = forward.batch_size(step, sample, ("test", "capped"), work=20)
-    assert size in (8, 16) and calls and max(calls) <= 16  # 32 and 64 never timed
-    calls.clear()  # more work for the same question: only the candidates not yet timed run
-    assert forward.batch_size(step, sample, ("test", "capped")) in forward.CPU_CANDIDATES
-    assert calls and set(calls) <= {32, 64}
+    # Work smaller than the probe would be is not timed: the untimed batch, capped by the work.
+    assert forward.batch_size(step, sample, ("test", "capped"), work=20) == 16 and not calls
+    assert forward.batch_size(step, sample, ("test", "capped"), work=12) == 8 and not calls
+    pays = forward.CPU_PROBE_PAYOFF * 2 * forward.CPU_PROBE_IMAGES * len(forward.CPU_CANDIDATES)
+    size = forward.batch_size(step, sample, ("test", "big"), work=pays)
+    assert size in forward.CPU_CANDIDATES and calls  # enough work: timed
+    assert max(calls) <= forward.CPU_PROBE_IMAGES
     calls.clear()
-    assert forward.batch_size(step, sample, ("test", "capped"), work=20) == size and not calls
+    small = forward.batch_size(step, sample, ("test", "big"), work=20)  # the timings decide
+    assert small in (8, 16) and not calls
+    timed = forward._TIMES[next(q for q in forward._TIMES if q[:2] == ("test", "big"))]
+    assert small == forward._fastest({b: t for b, t in timed.items() if b <= 20})
