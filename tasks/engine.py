@@ -23,9 +23,10 @@ A progress bar covers the maps and then the scoring.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -70,10 +71,15 @@ class Explanations:
         table: one row per image x (method, layer): ``index`` (the image's position in the
             batch), ``method``, ``layer`` (``"input"`` for attributions), ``flat`` (a constant
             map: it points nowhere), then the columns of the requested :data:`SCORES`.
+        work: where the time went: ``maps_s`` and ``scores_s`` (wall seconds of the two
+            phases), ``scored_images`` (perturbed copies forwarded by the scores) with their
+            ``forward_s``, and ``imputation_s`` (ROAD's in-filling): what a bench needs to
+            tell the model's own cost from the engine's.
     """
 
     maps: dict[Pair, np.ndarray]
     table: pd.DataFrame
+    work: dict[str, float] = field(default_factory=dict)
 
 
 def options(
@@ -161,10 +167,13 @@ def explain(
     opts = options or Options()
     targets = [int(t) for t in np.asarray(targets).reshape(-1)]
     batch = _Batch(arch, images, targets, _views(model, len(images), metadata), progress)
+    start = time.perf_counter()
     maps = _maps(batch, list(dict.fromkeys(pairs)), opts, budgets, label)
+    middle = time.perf_counter()
     scoring = _Scoring(scores, masks, reference, perturbation_steps, top_k_percent, opts)
-    table = _scores(batch, maps, scoring, label.replace("explaining", "scoring"))
-    return Explanations(maps, table)
+    table, work = _scores(batch, maps, scoring, label.replace("explaining", "scoring"))
+    work = {"maps_s": middle - start, "scores_s": time.perf_counter() - middle, **work}
+    return Explanations(maps, table, work)
 
 
 def _views(model: nn.Module, n: int, metadata: np.ndarray | None) -> list[tuple[slice, nn.Module]]:
@@ -262,8 +271,9 @@ def _groups(pairs: list[Pair], counts: dict[Pair, int], sl: slice) -> list[list[
 
 def _scores(
     batch: _Batch, maps: Mapping[Pair, np.ndarray], scoring: _Scoring, label: str
-) -> pd.DataFrame:
-    """The table of :func:`explain`; a map with a budget is scored on its first images."""
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The table of :func:`explain` (a map with a budget is scored on its first images), and
+    the scorers' work summed (see :attr:`Explanations.work`)."""
     progress, scores, masks = batch.progress, scoring.names, scoring.masks
     reference, top_k_percent = scoring.reference, scoring.top_k_percent
     targets = np.asarray(batch.targets)
@@ -307,7 +317,10 @@ def _scores(
     columns = ["index", "method", "layer", "flat"]
     columns += [c for name in scores for c in SCORES[name]]
     table = pd.DataFrame(rows)
-    return table[[c for c in columns if c in table.columns]] if rows else table
+    work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0}
+    for scorer in filter(None, scorers):
+        work = {k: v + scorer.work[k.removeprefix("scored_")] for k, v in work.items()}
+    return (table[[c for c in columns if c in table.columns]] if rows else table), work
 
 
 def _faithfulness(

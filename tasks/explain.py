@@ -147,6 +147,7 @@ def run_explain(
         summary["sanity"] = sanity_check(model, arch, x[: min(4, len(x))], targets[:4], cfg)
     summary["images"] = int(len(ids))
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["work"] = {k: round(float(v), 2) for k, v in result.work.items()}  # bench's bound
     write_explain_gallery(out_dir / "gallery.html", table, ids, cfg, classes)
     return summary
 

@@ -29,6 +29,7 @@ an arbitrary number, and the aggregation helpers ignore NaNs.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -276,6 +277,9 @@ class Perturbations:
         self.classes = torch.tensor(_class_indices(class_idx, self.n), device=self.x.device)
         self.model = inference_twin(model)
         self.base = _baseline(self.x, baseline, blur_sigma)
+        #: Work done so far, shared with every :meth:`head` view: images forwarded and the
+        #: seconds of those passes, and the seconds of ROAD's imputation (the bench's bound).
+        self.work = {"images": 0, "forward_s": 0.0, "imputation_s": 0.0}
 
         # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
         self.batch = forward_batch(self.model, self.x, batch_size) if self.n else 1
@@ -306,7 +310,10 @@ class Perturbations:
             probs = torch.softmax(logits.float(), dim=1)
             out[rows] = probs.gather(1, classes[rows, None].to(probs.device))[:, 0].cpu()
 
-        run_batched(self.model, x, self.batch, keep)
+        start = time.perf_counter()
+        run_batched(self.model, x, self.batch, keep)  # ends on .cpu(): the device is done
+        self.work["images"] += len(x)
+        self.work["forward_s"] += time.perf_counter() - start
         return out
 
     def deletion_insertion(
@@ -394,7 +401,9 @@ class Perturbations:
                 remove = removers[kind](p, record)  # the library's masks, in its order
                 for i in range(self.n):
                     remove(images[i], torch.from_numpy(maps[i]))
+        start = time.perf_counter()
         perturbed = FastNoisyLinearImputer().impute_all(jobs, seed)
+        self.work["imputation_s"] += time.perf_counter() - start
         x = torch.stack(perturbed).to(self.x.device)
         classes = self.classes.repeat(len(kinds) * len(percentiles))
         after = self.probabilities(x, classes).numpy().astype(np.float32)

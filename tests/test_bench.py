@@ -164,3 +164,25 @@ def test_results_are_merged_per_part(tmp_path, report):
     assert list(merged["parts"]) == [*PARTS, "pipeline"]
     assert json.loads(path.read_text())["parts"]["training"] == report["parts"]["training"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_speed_targets_judge_the_flow_and_the_explain_stage_and_say_what_bounds_them() -> None:
+    """The issue's two CPU time targets: a miss carries the engine's own account of its work,
+    a pass carries nothing, and an incomplete run is not judged."""
+    from bench.pipeline import EXPLAIN_TARGET_S, FLOW_TARGET_S, speed_targets
+
+    work = {"maps_s": 16.0, "scores_s": 50.0, "scored_images": 18844.0, "forward_s": 33.0,
+            "imputation_s": 17.0}  # fmt: skip
+    slow = {"train": 95.0, "explain": 78.0, "ood": 16.0}
+    flow, stage = speed_targets(slow, work, True, False, "ok")
+    assert (flow.measured, flow.threshold, flow.verdict) == (189.0, FLOW_TARGET_S, PASS)
+    assert flow.bound == ""
+    assert (stage.measured, stage.threshold, stage.verdict) == (78.0, EXPLAIN_TARGET_S, MISS)
+    # 18,844 images in 33 s is 571 img/s; 78 - 16 - 50 = 12 s outside the engine; floor 50 s.
+    for part in ("18,844", "571 img/s", "in-filling: 17 s", "outputs 12 s", "alone take 50 s"):
+        assert part in stage.bound
+    fast = {"train": 30.0, "explain": 40.0}
+    assert [t.verdict for t in speed_targets(fast, work, True, False, "ok")] == [PASS, PASS]
+    broken = speed_targets(fast, {}, False, False, "error: stage explain exited 1")
+    assert [t.verdict for t in broken] == ["error: stage explain exited 1"] * 2
+    assert all(t.measured is None for t in broken)
