@@ -317,9 +317,8 @@ def _scores(
     columns = ["index", "method", "layer", "flat"]
     columns += [c for name in scores for c in SCORES[name]]
     table = pd.DataFrame(rows)
-    work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0}
-    for scorer in filter(None, scorers):
-        work = {k: v + scorer.work[k.removeprefix("scored_")] for k, v in work.items()}
+    used = [s.work for s in scorers if s is not None]
+    work = {k: sum(w[k] for w in used) for k in ("scored_images", "forward_s", "imputation_s")}
     return (table[[c for c in columns if c in table.columns]] if rows else table), work
 
 

@@ -279,7 +279,7 @@ class Perturbations:
         self.base = _baseline(self.x, baseline, blur_sigma)
         #: Work done so far, shared with every :meth:`head` view: images forwarded and the
         #: seconds of those passes, and the seconds of ROAD's imputation (the bench's bound).
-        self.work = {"images": 0, "forward_s": 0.0, "imputation_s": 0.0}
+        self.work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0}
 
         # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
         self.batch = forward_batch(self.model, self.x, batch_size) if self.n else 1
@@ -312,7 +312,7 @@ class Perturbations:
 
         start = time.perf_counter()
         run_batched(self.model, x, self.batch, keep)  # ends on .cpu(): the device is done
-        self.work["images"] += len(x)
+        self.work["scored_images"] += len(x)
         self.work["forward_s"] += time.perf_counter() - start
         return out
 

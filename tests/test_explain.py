@@ -86,6 +86,8 @@ def test_every_image_method_layer_has_its_outputs(job):
     assert set(zip(table["method"], table["layer"], strict=True)) == expected
     n_images = table["image_id"].nunique()
     assert summary["images"] == n_images and len(table) == n_images * len(expected)
+    work = summary["work"]  # the engine's account, which the bench's explain bound reads
+    assert work["scored_images"] > 0 and 0 < work["forward_s"] <= work["scores_s"]
     heat = np.load(out / "heatmaps.npz")
     assert len(heat.files) == len(table)
     for row in table.itertuples():
