@@ -341,6 +341,81 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
             sc_bound,
         )  # fmt: skip
 
+    _road_infill(part, images.cpu(), maps["gradcam_batched"][: min(n, ROAD_IMAGES)], kw)
+
+
+#: Images whose ROAD masks (4 percentiles, most and least relevant first) time the in-filling.
+ROAD_IMAGES = 4
+
+
+def _road_infill(part: Part, images: torch.Tensor, heatmaps: np.ndarray, kw: dict) -> None:
+    """ROAD's in-filling: the library's ``NoisyLinearImputer`` against the project's solves.
+
+    The masks are the library's own (``RemoveMostRelevantFirst`` / ``RemoveLeastRelevantFirst``
+    at 20, 40, 60, 80 % of the Grad-CAM maps above), the systems the same; the project solves
+    them either as banded Cholesky systems one after another or with the library's sparse
+    solve in a thread pool (:class:`tasks.xai_metrics.FastNoisyLinearImputer` picks by threads
+    and width). All three in-fills are compared: ms per system and max |difference|.
+    """
+    from pytorch_grad_cam.metrics.perturbation_confidence import (
+        RemoveLeastRelevantFirst,
+        RemoveMostRelevantFirst,
+    )
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from tasks.xai_metrics import FastNoisyLinearImputer
+
+    jobs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        jobs.append((img, mask))
+        return img
+
+    for remover in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst):
+        for percentile in (20, 40, 60, 80):
+            for image, heatmap in zip(images, heatmaps, strict=False):
+                remover(percentile, record)(image, torch.from_numpy(heatmap))
+    fast = FastNoisyLinearImputer()
+    threads = torch.get_num_threads()
+    out: dict[str, list[torch.Tensor]] = {}
+
+    def library() -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out["library"] = [NoisyLinearImputer()(img, mask) for img, mask in jobs]
+
+    fns = {
+        "library": library,
+        "banded": lambda: out.__setitem__("banded", fast.impute_all(jobs, 0, workers=1)),
+        "pool": lambda: out.__setitem__("pool", fast.impute_all(jobs, 0, workers=threads + 2)),
+    }
+    # workers=1 takes the banded solves up to BANDED_MAX_WIDTH; more threads than the banded
+    # rule allows take the sparse pool (threads + 2 workers: the pool is capped by the jobs).
+    timings = measure_many(fns, None, **{**kw, "warmup": 0})
+    width = int(images.shape[-1])
+    banded_used = width <= fast.BANDED_MAX_WIDTH
+    per_system = {name: 1000 * t.median_s / len(jobs) for name, t in timings.items()}
+    for name, note in (
+        ("library", "pytorch_grad_cam NoisyLinearImputer, one system at a time (lil_matrix)"),
+        ("banded", "banded Cholesky one after another" if banded_used
+         else f"width {width} > {fast.BANDED_MAX_WIDTH}: the sparse pool as well"),
+        ("pool", f"the library's sparse solve in a thread pool ({threads} threads)"),
+    ):  # fmt: skip
+        diff = float(
+            max((a - b).abs().max() for a, b in zip(out[name], out["library"], strict=True))
+        )
+        part.add(
+            f"road_infill_{name}_ms_per_system",
+            per_system[name],
+            "ms",
+            reference=None if name == "library" else "road_infill_library_ms_per_system",
+            ratio=None if name == "library" else per_system["library"] / per_system[name],
+            timing=timings[name],
+            note=f"{note}; {len(jobs)} systems at {width} px; max |diff| vs library {diff:.1e}",
+            max_abs_diff=diff,
+            systems=len(jobs),
+        )
+
 
 def _target(
     part: Part,

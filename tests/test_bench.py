@@ -115,6 +115,14 @@ def test_explanations_report_equal_heatmaps(report):
     assert m["scorecam_library_s_per_image"]["value"] > 0
     assert 0 <= m["scorecam_max_abs_diff"]["value"] < 1e-4
     assert m["scorecam_forward_floor_s_per_image"]["value"] > 0
+    road = {k: m[f"road_infill_{k}_ms_per_system"] for k in ("library", "banded", "pool")}
+    assert road["library"]["max_abs_diff"] == 0.0 and road["library"]["systems"] > 0
+    for name in ("banded", "pool"):  # the same systems, the same noise: the library's in-fill
+        assert (
+            road[name]["value"] > 0
+            and road[name]["reference"] == "road_infill_library_ms_per_system"
+        )
+        assert road[name]["max_abs_diff"] < 1e-5, name
 
 
 def test_inference_runs_onnxruntime_and_pytorch_on_the_cpu(report):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -211,8 +213,12 @@ def test_fast_imputer_is_the_library_imputer() -> None:
     assert not torch.equal(outputs[1], image)
 
 
-def test_imputing_many_in_threads_equals_one_at_a_time() -> None:
-    """Solves in a thread pool, noise drawn in order: the sequential imputation exactly."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_imputing_many_equals_one_at_a_time(workers: int) -> None:
+    """Solved together (banded Cholesky one after another with one worker, SuperLU in a thread
+    pool with three), noise drawn in order: the sequential library imputation. The pool runs
+    the library's very solve (bit-equal); the banded solve of the same system agrees to
+    float32 rounding of values of order one."""
     g = torch.Generator().manual_seed(2)
     jobs = [
         (torch.randn(3, SIZE, SIZE, generator=g), (torch.rand(SIZE, SIZE, generator=g) > f).float())
@@ -222,11 +228,42 @@ def test_imputing_many_in_threads_equals_one_at_a_time() -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         one_by_one = [imputer(image, keep) for image, keep in jobs]
-    threaded = imputer.impute_all(jobs, seed=3, workers=3)
-    assert len(threaded) == len(jobs)
-    for a, b in zip(one_by_one, threaded, strict=True):
-        assert torch.equal(a, b)
-    assert not torch.equal(threaded[0], jobs[0][0])  # something was imputed
+    together = imputer.impute_all(jobs, seed=3, workers=workers)
+    assert len(together) == len(jobs)
+    for a, b in zip(one_by_one, together, strict=True):
+        if workers > imputer.BANDED_MAX_THREADS:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=8 * torch.finfo(torch.float32).eps)
+    assert not torch.equal(together[0], jobs[0][0])  # something was imputed
+
+
+def test_banded_solve_is_the_sparse_solve_and_falls_back_when_refused(monkeypatch) -> None:
+    """The banded Cholesky of the negated system equals SuperLU's solution of the library's
+    system (float64, values of order one), also when nothing is kept (the singular Laplacian
+    with a zero right-hand side: both give zeros); where LAPACK refuses the factorisation
+    (a non-positive pivot), the imputer takes the sparse solve's answer instead of failing."""
+    from scipy.sparse.linalg import spsolve
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, SIZE, SIZE, generator=g)
+    for keep in ((torch.rand(SIZE, SIZE, generator=g) > 0.7).float(), torch.zeros(SIZE, SIZE)):
+        matrix, b = xm._road_system(keep.numpy(), image.numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SuperLU's note when the matrix is singular
+            expected = spsolve(matrix, b)
+        banded = xm._road_banded(keep.numpy(), image.numpy())
+        np.testing.assert_allclose(banded, expected, rtol=0, atol=1e-10)
+
+    def refuse(*_: object) -> np.ndarray:
+        raise np.linalg.LinAlgError("2-th leading minor not positive definite")
+
+    monkeypatch.setattr(xm, "_road_banded", refuse)
+    keep = (torch.rand(SIZE, SIZE, generator=g) > 0.5).float()
+    assert torch.equal(
+        xm.FastNoisyLinearImputer._solve_banded(image, keep),
+        xm.FastNoisyLinearImputer._solve(image, keep),
+    )
 
 
 @pytest.mark.parametrize("variant", xm.ROAD_VARIANTS)
