@@ -184,7 +184,7 @@ def explain_bound(stage_s: float | None, work: dict[str, float]) -> str:
     """What the explain stage's seconds are made of, from the engine's account of its work.
 
     The scores forward every perturbed copy (deletion, insertion, ROAD, Average Drop) through
-    the model's inference twin, and ROAD in-fills each removed region with a sparse solve; at
+    the model's inference twin, and ROAD in-fills each removed region with a linear solve; at
     float32, with the same images, methods, layers and scores, that work is fixed, so its
     seconds are the floor no scheduling of the engine can go under.
     """
