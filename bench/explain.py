@@ -398,7 +398,7 @@ def _road_infill(part: Part, images: torch.Tensor, heatmaps: np.ndarray, kw: dic
     for name, note in (
         ("library", "pytorch_grad_cam NoisyLinearImputer, one system at a time (lil_matrix)"),
         ("banded", "banded Cholesky one after another" if banded_used
-         else f"width {width} > {fast.BANDED_MAX_WIDTH}: the sparse pool as well"),
+         else f"width {width} > {fast.BANDED_MAX_WIDTH}: sparse solves, one worker"),
         ("pool", f"the library's sparse solve in a thread pool ({threads} threads)"),
     ):  # fmt: skip
         diff = float(
