@@ -496,8 +496,9 @@ def _road_banded(mask: np.ndarray, img: np.ndarray) -> np.ndarray:
     has no sparse Cholesky, hence this function.
 
     Raises:
-        numpy.linalg.LinAlgError: the factorisation met a non-positive pivot (a singular
-            system: no pixel kept).
+        numpy.linalg.LinAlgError: the factorisation met a non-positive pivot. Only a system
+            with no pixel kept is singular, and rounding decides whether LAPACK notices (with
+            a zero right-hand side it usually returns zeros, as ``spsolve`` does).
     """
     from scipy.linalg import solveh_banded
 
