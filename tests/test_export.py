@@ -21,6 +21,7 @@ from torch import nn
 from tasks.export import (
     CalibratedClassifier,
     ParityError,
+    _cuda_present,
     benchmark,
     check_parity,
     export_onnx,
@@ -55,7 +56,9 @@ ARCHS = [
     )
     for a in ARCHITECTURES
 ]
-CUDA = torch.cuda.is_available()
+# A CUDA device and an onnxruntime build with its CUDA provider (the project's onnxruntime-gpu;
+# a CPU-only onnxruntime beside a GPU cannot run this test).
+CUDA = _cuda_present()
 
 
 def meta_for(arch: str) -> dict:
@@ -281,7 +284,7 @@ def test_calibrated_classifier_rejects_bad_temperature() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and onnxruntime's CUDA provider")
 def test_cuda_provider_and_iobinding_benchmark(small: tuple[nn.Module, Path]) -> None:
     model, path = small
     session, provider = ort_session(path, "auto")
