@@ -926,6 +926,24 @@ def _finite(maps: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
+def strict_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products without TF32, restored afterwards.
+
+    PyTorch lets cuDNN convolutions use TF32 on Ampere and later GPUs by default (10-bit
+    mantissas), and the algorithm it picks depends on the batch size, so one image explained
+    alone and in a batch of 64 can differ by 0.1 after a CAM's min-max scaling. Comparisons of
+    heatmaps that must agree to float32 rounding (tests, the bench's equal-maps checks) run
+    inside this. A no-op on the CPU.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextmanager
 def _explaining(model: nn.Module) -> Iterator[None]:
     """Eval mode with gradients on; restores the training flag and drops the parameter grads.
 

@@ -41,6 +41,7 @@ from tasks.cams import (
     layer_cams,
     lime,
     method_layers,
+    strict_float32,
     superpixels,
     to_heatmaps,
 )
@@ -234,6 +235,20 @@ def test_cams_see_the_layer_output_not_a_later_inplace_op() -> None:
     assert_maps_match(ours, reference, "densenet norm5")
 
 
+def test_strict_float32_turns_tf32_off_and_restores_it_after_an_error() -> None:
+    """The switches are process-wide: what the bench and the GPU test set must come back."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError), strict_float32():
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            raise RuntimeError("inside")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", list(SIZE))
@@ -244,8 +259,8 @@ def test_methods_run_on_the_gpu(models: dict[str, nn.Module], arch: str) -> None
     images = _images(arch, 2)
     classes = _predicted(cpu_model, images)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with strict_float32():
+        assert not torch.backends.cudnn.allow_tf32
         for method, layer in method_layers(list(METHODS), ["deep"], arch=arch):
             n = 1 if METHODS[method].expensive else 2
             args = (method, images[:n], classes[:n], layer)
@@ -254,8 +269,7 @@ def test_methods_run_on_the_gpu(models: dict[str, nn.Module], arch: str) -> None
             assert gpu.shape == cpu.shape and np.isfinite(gpu).all(), method
             assert gpu.min() >= 0 and gpu.max() <= 1, method
             assert np.abs(gpu - cpu).mean() < 0.05, method
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
 
 
 def test_lime_is_deterministic_for_a_seed(models: dict[str, nn.Module]) -> None:
