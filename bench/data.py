@@ -172,7 +172,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
             augment_batch(torch.from_numpy(np.stack(chunk)), device, augment, channels_last)
 
     # The augmentations alone on one batch already on the device: the per-image v2 loop (the
-    # CPU path) and the batched kornia path (what CUDA runs), side by side.
+    # CPU path) and the batched path (what CUDA runs), side by side.
     on_device = torch.from_numpy(np.array(split.images[: min(batch, n)])).to(device)
     on_device = on_device.permute(0, 3, 1, 2).float().div_(255.0)
 
@@ -244,7 +244,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         reference="augment_loop_images_per_s",
         ratio=r_batched / r_loop,
         timing=timings["augment_batched"],
-        note=f"tasks.train.BatchAugment's kornia path (per-sample parameters), batch {rows} "
+        note=f"tasks.train.batched_augment (per-sample parameters), batch {rows} "
         f"already on the {device.type}; ratio = batched / per-image loop",
     )
     part.add(

@@ -1,11 +1,13 @@
 """The training augmentations: the batched (GPU) path draws from the CPU path's distributions.
 
 The CPU path is torchvision v2 one image at a time (its exact RNG use is what a resumed run
-replays); the batched path is kornia with per-sample parameters, the one CUDA runs. Both run
-here on the CPU over many copies of one asymmetric test image, and two-sample Kolmogorov-
-Smirnov tests compare what the augmentations change: the position of a bright marker (crop,
-flips, rotation), the brightness and the contrast (colour jitter) and the share of pixels a
-rotation fills with black. A deliberately wrong batched pipeline fails the same comparison.
+replays); the batched path (``tasks.train.batched_augment``) draws per-sample parameters on
+the batch's device, the one CUDA runs. Each batched step is checked against torchvision's
+function with the same parameters; then both paths run here on the CPU over many copies of
+one asymmetric test image, and two-sample Kolmogorov-Smirnov tests compare what the
+augmentations change: the position of a bright marker (crop, flips, rotation), the brightness
+and the contrast (colour jitter) and the share of pixels a rotation fills with black. A
+deliberately wrong batched pipeline fails the same comparison.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import ks_2samp
+from torchvision.transforms.v2 import functional as F
 
 from tasks.config import load_params
-from tasks.train import BatchAugment, build_augment
+from tasks.train import (
+    BatchAugment,
+    _color_jitter,
+    _resized_crop,
+    _rotate,
+    batched_augment,
+    build_augment,
+    crop_boxes,
+)
 from tests.helpers import REPO
 
 SIZE = 32
@@ -65,6 +76,52 @@ def cfg():
     return load_params(REPO / "params.yaml").train  # rotation 20, crop 0.75-1, flips, jitter 0.1
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_batched_crop_is_resized_crop_of_each_box(flip: bool) -> None:
+    # not square, so swapped axes would show; never wider or taller than the output, as in
+    # training (the cache is at the output size), where a resize only enlarges
+    x = torch.rand(6, 3, SIZE, SIZE - 6)
+    torch.manual_seed(0)
+    boxes = crop_boxes(x.shape, (0.3, 1.0), "cpu")
+    hflip = torch.tensor([flip, False, flip, True, False, flip])
+    out = _resized_crop(x, SIZE, boxes, hflip, None)
+    for i, (top, left, h, w) in enumerate(zip(*(b.int().tolist() for b in boxes), strict=True)):
+        assert top >= 0 and top + h <= SIZE and left >= 0 and left + w <= SIZE - 6
+        ref = F.resized_crop(x[i], top, left, h, w, [SIZE, SIZE], antialias=True)
+        ref = F.horizontal_flip(ref) if hflip[i] else ref
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_fall_back_to_torchvision_s_centre_crop() -> None:
+    """A wide image at a scale no box of ratio <= 4/3 can reach: the centred 4:3 box."""
+    top, left, h, w = crop_boxes((50, 3, 20, 60), (0.9, 1.0), "cpu")
+    assert torch.equal(h, torch.full((50,), 20.0)) and torch.equal(w, torch.full((50,), 27.0))
+    assert torch.equal(top, torch.zeros(50)) and torch.equal(left, torch.full((50,), 16.0))
+
+
+def test_batched_rotation_is_torchvision_s_rotate() -> None:
+    x = torch.rand(5, 3, SIZE, SIZE)
+    angles = torch.tensor([-20.0, -7.5, 3.0, 13.0, 90.0])
+    out = _rotate(x, angles)
+    for i, angle in enumerate(angles.tolist()):
+        ref = F.rotate(x[i], angle, interpolation=F.InterpolationMode.NEAREST)
+        # nearest neighbour: a coordinate on a half-pixel tie may round the other way
+        assert (out[i] != ref).float().mean() < 0.01, angle
+
+
+def test_batched_jitter_is_torchvision_s_adjustments_in_each_image_s_order() -> None:
+    x = torch.rand(6, 3, 16, 16)
+    factors = torch.empty(3, 6).uniform_(0.6, 1.4)
+    order = torch.stack([torch.randperm(3) for _ in range(6)])
+    out = _color_jitter(x.clone(), factors, order)
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    for i in range(6):
+        ref = x[i]
+        for k in order[i].tolist():
+            ref = adjust[k](ref, factors[k, i].item())
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+
+
 def test_batched_augmentations_match_the_per_image_distributions(cfg) -> None:
     cpu, gpu = _both(build_augment(cfg, SIZE))
     for name in cpu:
@@ -101,8 +158,10 @@ def test_the_cpu_path_is_the_per_image_loop_and_reproducible(cfg) -> None:
 def test_a_cuda_batch_takes_the_batched_path(cfg) -> None:
     augment = build_augment(cfg, SIZE)
     batch = _image()[None].repeat(64, 1, 1, 1).cuda()
+    torch.manual_seed(3)
     out = augment(batch)
+    torch.manual_seed(3)
+    assert torch.equal(out, batched_augment(batch, cfg.augment, SIZE))  # the batched path
     assert out.is_cuda and out.shape == batch.shape
-    assert augment._batched is not None  # noqa: SLF001 - built on first CUDA use
     assert out.min() >= 0 and out.max() <= 1
     assert (out - batch).abs().flatten(1).amax(1).min() > 0  # every image was changed
