@@ -53,7 +53,6 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
-from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -318,19 +317,19 @@ def layer_cams(
     pytorch-grad-cam hooks one set of layers per object and runs its own forward and backward
     on every call, so five gradient methods at three layers would cost fifteen passes over the
     images. The passes are the same every time: the activations and gradients of one target
-    logit per image. So one recorder per layer (the library's ``ActivationsAndGradients``)
-    stays hooked for the whole batch, each chunk gets one forward and, when any method needs
-    gradients, one backward, and each method's own ``get_cam_image`` turns the recorded
-    arrays into its map, followed by :func:`to_heatmaps` (the library's post-processing). The
-    maps are the ones each library class computes on the same chunk (the tests compare them).
-    Score-CAM reuses the recorded activations and scores its masked inputs in batches
-    (:class:`BatchedScoreCAM`).
+    logit per image. So every layer stays tapped for the whole batch (:func:`_tapped`), each
+    chunk gets one forward and, when any method needs gradients, one backward, and each
+    method's own ``get_cam_image`` turns the recorded arrays into its map, followed by
+    :func:`to_heatmaps` (the library's post-processing). The maps are the ones each library
+    class computes on the same chunk (the tests compare them). Score-CAM reuses the recorded
+    activations and scores its masked inputs in batches (:class:`BatchedScoreCAM`).
 
-    The input requires grad so the hooked activations carry gradients even when the caller
-    froze the parameters. Activations are snapshotted (cloned) in the hook: pytorch-grad-cam
-    keeps ``activation.cpu()``, which on the CPU is the live tensor, so an in-place op later in
-    the forward (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) would change what
-    it sees, and the same model would give different maps on the CPU and on a GPU.
+    The backward is ``torch.autograd.grad`` of the target logits with respect to the tapped
+    activations alone, where the library calls ``backward()``: autograd then runs only the
+    part of the graph between the logits and the earliest tapped layer, with no gradients for
+    the weights or for the layers below it (at ResNet-50's deep layer, the head alone). The
+    gradients are the same numbers. The input requires grad so the activations are part of a
+    graph even when the caller froze the parameters.
 
     Args:
         model, arch, images, class_idx: as for :func:`explain_batch`.
@@ -354,29 +353,23 @@ def layer_cams(
     layers = list(dict.fromkeys(layer for _, layer in pairs))
     methods = list(dict.fromkeys(method for method, _ in pairs))
     parts: dict[Pair, list[np.ndarray]] = {p: [] for p in pairs}
-    with _explaining(model):
+    with _explaining(model), _tapped({lay: modules[lay] for lay in layers}) as taps:
         cams = {m: _cam_object(m, model, opts) for m in methods}
         needs_grads = any(cam.uses_gradients for cam in cams.values())
         step = grad_batch(model, images, opts.batch_size)
-        recorders = {
-            lay: ActivationsAndGradients(model, [modules[lay]], _snapshot) for lay in layers
-        }
         try:
             for start in range(0, len(images), step):
                 chunk = images[start : start + step].detach().clone().requires_grad_(needs_grads)
                 chunk_targets = [ClassifierOutputTarget(c) for c in targets[start : start + step]]
-                for recorder in recorders.values():
-                    recorder.activations, recorder.gradients = [], []
                 outputs = model(chunk)
+                acts = [taps[lay] for lay in layers]
+                grads: Sequence[torch.Tensor | None] = [None] * len(layers)
                 if needs_grads:
-                    model.zero_grad()
-                    sum(t(o) for t, o in zip(chunk_targets, outputs, strict=True)).backward()
+                    target = sum(t(o) for t, o in zip(chunk_targets, outputs, strict=True))
+                    grads = torch.autograd.grad(target, acts)
                 recorded = {
-                    lay: (
-                        rec.activations[0].numpy(),
-                        rec.gradients[0].numpy() if rec.gradients else None,
-                    )
-                    for lay, rec in recorders.items()
+                    lay: (a.detach().cpu().numpy(), None if g is None else g.cpu().numpy())
+                    for lay, a, g in zip(layers, acts, grads, strict=True)
                 }
                 for method, layer in pairs:
                     acts, grads = recorded[layer]
@@ -388,8 +381,6 @@ def layer_cams(
             # BaseCAM.__exit__ would swallow an IndexError (it prints and returns True): name it.
             raise RuntimeError(f"layer CAMs {pairs} failed: {exc}") from exc
         finally:
-            for recorder in recorders.values():
-                recorder.release()
             for cam in cams.values():
                 cam.activations_and_grads.release()
     return {p: _finite(np.concatenate(maps).astype(np.float32)) for p, maps in parts.items()}
@@ -403,8 +394,33 @@ def _cam_object(method: str, model: nn.Module, opts: Options) -> BaseCAM:
     return cls(model, [])
 
 
-def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone()
+@contextmanager
+def _tapped(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each module's output in the latest forward, by name, kept out of reach of in-place ops.
+
+    The hook keeps the output and hands the rest of the network a clone, so an in-place op
+    further on (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) changes the clone:
+    the kept tensor stays the activation the layer produced, and the graph node whose
+    gradient is asked for. (pytorch-grad-cam keeps ``activation.cpu()``, which on the CPU is
+    the live tensor, so there the same model would give other maps than on a GPU.)
+    """
+    taps: dict[str, torch.Tensor] = {}
+    names: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names.setdefault(id(module), []).append(name)
+
+    def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        for name in names[id(module)]:
+            taps[name] = output
+        return output.clone()
+
+    unique = {id(m): m for m in modules.values()}
+    handles = [m.register_forward_hook(keep) for m in unique.values()]
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class BatchedScoreCAM(ScoreCAM):

@@ -380,6 +380,25 @@ def test_registry_entries_are_callables_and_unknown_names_are_errors(
     assert calls == [2] and np.all(maps == 0.5)
 
 
+def test_the_backward_runs_from_the_logits_to_the_tapped_layer_only(models) -> None:
+    """No gradient below the tapped layer: the stem and layer1 never run backward."""
+    model = models["resnet18"]  # layers: early layer2, middle layer3, deep layer4.1
+    images = _images("resnet18", 2)
+    fired: dict[str, list[str]] = {"deep": [], "early": []}
+    for layer, seen in fired.items():
+        hooks = [
+            getattr(model, name).register_full_backward_hook(lambda *_, n=name, s=seen: s.append(n))
+            for name in ("conv1", "layer1", "layer3", "fc")
+        ]
+        try:
+            layer_cams(model, "resnet18", images, _predicted(model, images), [("gradcam", layer)])
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert sorted(set(fired["deep"])) == ["fc"]
+    assert sorted(set(fired["early"])) == ["fc", "layer3"]
+
+
 @pytest.fixture(scope="module")
 def shared_pass(models: dict[str, nn.Module]) -> dict[str, tuple]:
     """Every layer-wise CAM at every layer of each architecture from one shared pass."""
