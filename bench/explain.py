@@ -1,16 +1,16 @@
-"""Part 3: explanations, the engine's batched CAMs against their limit and the library.
+"""Part 3: explanations, the engine's batched CAMs against a full pass and the library.
 
 Three comparisons, run side by side in one process, each with the heatmaps checked equal (max
 absolute difference reported; the issue's bound is 1e-5):
 
 - batched Grad-CAM and Grad-CAM++ through :func:`tasks.cams.explain_batch` (the engine's
   shared pass, batch sized to the device by :mod:`tasks.forward`) against the bare
-  forward+backward rate of the same model at the same batch (the limit: a gradient CAM cannot
-  cost less than one forward and one backward pass);
+  forward+backward rate of the same model at the same batch (what pytorch-grad-cam runs per
+  call; the engine's backward stops at the explained layer, so it can run faster than this);
 - the same maps from a per-image loop over pytorch-grad-cam (``with GradCAM(model=...,
   target_layers=[...]) as cam`` opened once, one image per call), the way the library's
-  examples use it. On the CPU the target is the batching bound itself: bare forward+backward
-  at the engine's batch over the same at batch 1;
+  examples use it. On the CPU the target is what batching alone would give: bare
+  forward+backward at the engine's batch over the same at batch 1;
 - Score-CAM through ``explain_batch`` (:class:`tasks.cams.BatchedScoreCAM`: masked inputs in
   device-sized passes on the BatchNorm-folded, channels-last inference twin) against
   ``pytorch_grad_cam.ScoreCAM`` at its defaults, in seconds per image. Score-CAM scores every
@@ -163,7 +163,8 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
         r_bare,
         "images/s",
         timing=timings["bare"],
-        note=f"bare forward + backward of the target logits, batch {engine_batch} (the limit)",
+        note=f"bare forward + backward of the target logits, batch {engine_batch} "
+        "(what the library runs per call)",
     )
     part.add(
         "forward_backward_b1_images_per_s",
@@ -204,7 +205,7 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
         bound = (
             f"batched runs at {r_batched / r_bare:.0%} of the bare forward+backward at batch "
             f"{engine_batch} ({r_bare:.4g} img/s) and the loop at {r_loop / r_bare1:.0%} of the "
-            f"batch-1 forward+backward ({r_bare1:.4g} img/s): batching can win at most "
+            f"batch-1 forward+backward ({r_bare1:.4g} img/s): batching alone gives "
             f"{batching_bound:.3g}x here (bare batch {engine_batch} / bare batch 1)"
         )
         if not equal:
