@@ -362,14 +362,14 @@ def layer_cams(
                 chunk = images[start : start + step].detach().clone().requires_grad_(needs_grads)
                 chunk_targets = [ClassifierOutputTarget(c) for c in targets[start : start + step]]
                 outputs = model(chunk)
-                acts = [taps[lay] for lay in layers]
-                grads: Sequence[torch.Tensor | None] = [None] * len(layers)
+                tapped = [taps[lay] for lay in layers]
+                tapped_grads: Sequence[torch.Tensor | None] = [None] * len(layers)
                 if needs_grads:
                     target = sum(t(o) for t, o in zip(chunk_targets, outputs, strict=True))
-                    grads = torch.autograd.grad(target, acts)
+                    tapped_grads = torch.autograd.grad(target, tapped)
                 recorded = {
                     lay: (a.detach().cpu().numpy(), None if g is None else g.cpu().numpy())
-                    for lay, a, g in zip(layers, acts, grads, strict=True)
+                    for lay, a, g in zip(layers, tapped, tapped_grads, strict=True)
                 }
                 for method, layer in pairs:
                     acts, grads = recorded[layer]
