@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tasks.train import TrainingError, train
 from tests.helpers import REPO, env, prepare_tiny, run, write_params
@@ -77,6 +78,61 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny, tmp_path):
     model_cfg, cfg = _cfg(p, epochs=2, optimizer="sgd", lr=1e12, warmup_epochs=0)
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower train.lr"):
         train(model_cfg, cfg, root / "prepared", tmp_path / "nan.pt", "v1", show_progress=False)
+
+
+class _Scripted(torch.nn.Module):
+    """Cross-entropy whose ``bad``-th call (1-based) returns ``value`` instead."""
+
+    def __init__(self, bad: int, value: float) -> None:
+        super().__init__()
+        self.calls, self.bad, self.value, self.seen = 0, bad, value, []
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        if self.calls == self.bad:
+            loss = loss * self.value
+        self.seen.append(float(loss.detach()))
+        return loss
+
+
+def _one_epoch(p, loss_fn, batches: int = 5):
+    """train_one_epoch on ``batches`` random uint8 batches of 4 (one of 3) on the CPU."""
+    from tasks.train import build_augment, train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    sizes = [4] * (batches - 1) + [3]
+    loader = [
+        (torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8), torch.randint(0, 3, (n,)))
+        for n in sizes
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cfg = dataclasses.replace(p.train, channels_last=False, amp="none")
+    mean = train_one_epoch(
+        model, loader, loss_fn, optimizer, scheduler, torch.device("cpu"), cfg,
+        build_augment(cfg, 8), epoch=0,
+    )  # fmt: skip
+    return mean, sizes
+
+
+@pytest.mark.parametrize("bad", [2, 5])  # in the middle, and the last step (checked at the end)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_is_reported_at_its_own_step(tiny, bad, value):
+    """The check runs one step late (the host does not wait for each step) yet names the step."""
+    _, p = tiny
+    with pytest.raises(TrainingError, match=rf"loss became {value} at epoch 1, step {bad};"):
+        _one_epoch(p, _Scripted(bad, value))
+
+
+def test_the_epoch_loss_is_the_sample_weighted_mean_of_the_step_losses(tiny):
+    _, p = tiny
+    loss_fn = _Scripted(bad=0, value=1.0)
+    mean, sizes = _one_epoch(p, loss_fn)
+    assert len(loss_fn.seen) == len(sizes) == 5
+    expected = sum(v * n for v, n in zip(loss_fn.seen, sizes, strict=True)) / sum(sizes)
+    assert mean == pytest.approx(expected, rel=1e-12)  # summed in float64 on the device
 
 
 def test_channels_last_changes_the_memory_layout_not_the_model(tiny, tmp_path):
