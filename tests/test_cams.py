@@ -440,6 +440,29 @@ def test_shared_pass_equals_the_library_class(
     assert_maps_match(maps[(method, layer)], reference, f"{method}@{layer}")
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 64, 4, 4), (3, 8, 16, 16), (3, 16, 4, 4), (2, 32, 1, 1), (2, 256, 7, 7)],
+    ids=["channels>hw", "hw>channels", "square", "1x1", "resnet-deep-like"],
+)
+def test_thin_svd_projection_equals_the_library(shape: tuple[int, ...]) -> None:
+    """Eigen-CAM's first component from the thin SVD is the library's full-SVD one, bit for bit
+    (sign included: a flipped sign would turn the map upside down after the ReLU)."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from tasks.cams import first_component
+
+    rng = np.random.default_rng(sum(shape))
+    scale = rng.random(shape[:2] + (1, 1)).astype(np.float32)
+    activations = np.maximum(rng.standard_normal(shape).astype(np.float32), 0) * scale
+    activations[0, 0, 0, 0] = np.nan  # the library zeroes NaNs
+    expected = get_2d_projection(activations)
+    got = first_component(activations)
+    assert np.isnan(activations[0, 0, 0, 0])  # the caller's array is left alone
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_batched_scorecam_keeps_the_library_weights(models: dict[str, nn.Module]) -> None:
     """Channel weights themselves (before any normalisation) match the library's."""
     model = models["resnet18"]
