@@ -48,13 +48,29 @@ def pipeline_stages(repo: str | Path = ".") -> list[str]:
     DVC builds the graph from the stages' deps and outs; among stages that do not depend on
     each other, dvc.yaml's own order decides. A stage added to dvc.yaml alone is therefore
     run by the flows as well.
+
+    Raises:
+        StageFailed: DVC cannot build the pipeline (say, dvc.lock is git-ignored), with its
+            message and the fix, before any stage runs.
     """
     import networkx as nx
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     defined = list(yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"])
     with Repo(str(repo)) as dvc:
-        graph = dvc.index.graph.reverse()  # DVC's edges point from a stage to its deps
+        try:
+            graph = dvc.index.graph.reverse()  # DVC's edges point from a stage to its deps
+        except DvcException as err:  # e.g. dvc.lock git-ignored: DVC will not read it
+            hint = (
+                "; DVC must track dvc.lock: remove the line that ignores it "
+                "(`git check-ignore -v dvc.lock` names the file and line)"
+                if "is git-ignored" in str(err)
+                else ""
+            )
+            raise StageFailed(
+                "dvc.yaml", f"DVC cannot read the pipeline: {err}{hint}", None
+            ) from None
         names = {node: getattr(node, "name", None) for node in graph.nodes}
         pipeline = graph.subgraph([n for n, name in names.items() if name in defined])
         order = nx.lexicographical_topological_sort(

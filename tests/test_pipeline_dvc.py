@@ -54,3 +54,19 @@ def test_dvc_repro_runs_skips_and_reruns_only_what_changed(tmp_path):
     back = resize(32)  # the seed-43 run at 32 px is in the run cache: restored, not re-run
     assert ran(back) == [] and "Stage 'prepare' is cached" in back
     assert json.loads((project / "data/prepared/meta.json").read_text())["size"] == 32
+
+
+def test_a_git_ignored_dvc_lock_stops_the_flow_before_any_stage_with_the_fix(tmp_path):
+    """DVC refuses to read a git-ignored dvc.lock; the flow says so in one line, and how."""
+    from flows.stages import StageFailed, pipeline_stages
+
+    root = make_project(tmp_path / "p", TINY)
+    assert pipeline_stages(root)[: len(DATA_STAGES)] == DATA_STAGES  # readable as it comes
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (root / ".gitignore").write_text("dvc.lock\n")
+    with pytest.raises(StageFailed) as failed:
+        pipeline_stages(root)
+    assert failed.value.stage == "dvc.yaml"
+    message = str(failed.value)
+    assert "dvc.lock' is git-ignored" in message and "git check-ignore -v dvc.lock" in message
+    assert "\n" not in message
