@@ -421,16 +421,10 @@ def first_component(activations: np.ndarray) -> np.ndarray:
 class ThinEigenCAM(EigenCAM):
     """pytorch-grad-cam's ``EigenCAM`` projecting with :func:`first_component`."""
 
-    def get_cam_image(
-        self,
-        input_tensor: torch.Tensor,
-        target_layer: nn.Module,
-        targets: list[Callable],
-        activations: np.ndarray,
-        grads: np.ndarray | None,
-        eigen_smooth: bool,
-    ) -> np.ndarray:
-        return first_component(activations)
+    def get_cam_image(self, *args: object) -> np.ndarray:
+        """The library's positional ``(input_tensor, target_layer, targets, activations, grads,
+        eigen_smooth)``: the projection needs the activations alone."""
+        return first_component(args[3])
 
 
 @contextmanager
