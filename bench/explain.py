@@ -26,11 +26,13 @@ explain stage's default target.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
 
-from bench.common import Part, Settings, Target, judge, measure_many
+from bench.common import Part, Settings, Target, Timing, judge, measure_many
 from bench.data import Workload
 
 #: Issue targets for the explanations on a GPU.
@@ -155,6 +157,7 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
         fns[f"{method}_batched"] = lambda method=method: batched(method)
         fns[f"{method}_loop"] = lambda method=method, cls=cls: loop(method, cls)
     timings = measure_many(fns, device, **kw)
+    host = _host_share(model, images[:engine_batch], targets[:engine_batch], deep, methods, kw)
     r = {name: n / t.median_s for name, t in timings.items()}
     r_bare, r_bare1 = r["bare"], r["bare1"]
     batching_bound = r_bare / r_bare1
@@ -172,6 +175,14 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
         "images/s",
         timing=timings["bare1"],
         note="the same at batch 1: what a per-image loop could reach at most",
+    )
+    part.add(
+        "host_copy_ms_per_batch",
+        1000.0 * host["copy"].median_s,
+        "ms",
+        timing=host["copy"],
+        note=f"the deep layer's activations and gradients of {engine_batch} images to host "
+        "NumPy arrays (a no-op on the CPU)",
     )
     for method, cls, label in methods:
         r_batched, r_loop = r[f"{method}_batched"], r[f"{method}_loop"]
@@ -201,12 +212,24 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
             "",
             note="max |batched - per-image loop| over all heatmaps (values in [0, 1])",
         )
+        per_batch_ms = 1000.0 * engine_batch / r_batched
+        host_ms = 1000.0 * (host["copy"].median_s + host[method].median_s)
+        part.add(
+            f"{method}_host_ms_per_batch",
+            1000.0 * host[method].median_s,
+            "ms",
+            timing=host[method],
+            note=f"the library's NumPy get_cam_image + to_heatmaps for {engine_batch} images "
+            "on the host, alone (the batched call's host work after the device's)",
+        )
         equal = diff <= tolerance
         bound = (
             f"batched runs at {r_batched / r_bare:.0%} of the bare forward+backward at batch "
             f"{engine_batch} ({r_bare:.4g} img/s) and the loop at {r_loop / r_bare1:.0%} of the "
             f"batch-1 forward+backward ({r_bare1:.4g} img/s): batching alone gives "
-            f"{batching_bound:.3g}x here (bare batch {engine_batch} / bare batch 1)"
+            f"{batching_bound:.3g}x here (bare batch {engine_batch} / bare batch 1); of the "
+            f"batched {per_batch_ms:.4g} ms per batch, {host_ms:.3g} ms are host work (copy of "
+            f"the activations and gradients + NumPy / OpenCV maps)"
         )
         if not equal:
             bound = f"heatmaps differ (max {diff:.3g} > {tolerance:g}); " + bound
@@ -360,6 +383,43 @@ def _run(settings: Settings, workload: Workload, part: Part) -> None:
 
 #: Images whose ROAD masks (4 percentiles, most and least relevant first) time the in-filling.
 ROAD_IMAGES = 4
+
+
+def _host_share(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: list[int],
+    layer: nn.Module,
+    methods: tuple[tuple[str, type, str], ...],
+    kw: dict,
+) -> dict[str, Timing]:
+    """The host half of a batched layer CAM, timed alone: what a faster device cannot shrink.
+
+    One forward and the shortened backward record the layer's activations and gradients, as
+    :func:`tasks.cams.layer_cams` does; then ``copy`` times moving them to NumPy, and each
+    method its library ``get_cam_image`` plus :func:`tasks.cams.to_heatmaps` on those arrays.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from tasks.cams import Options, _cam_object, _tapped, to_heatmaps
+
+    x = images.detach().clone().requires_grad_(True)
+    with _tapped({"layer": layer}) as taps:
+        out = model(x)
+        index = torch.as_tensor(targets, device=x.device)[:, None]
+        (grads,) = torch.autograd.grad(out.gather(1, index).sum(), [taps["layer"]])
+        activations = taps["layer"].detach()
+    arrays = (activations.cpu().numpy(), grads.cpu().numpy())
+    chosen = [ClassifierOutputTarget(t) for t in targets]
+    size = (x.shape[-2], x.shape[-1])
+
+    def maps(cam: object) -> np.ndarray:
+        return to_heatmaps(cam.get_cam_image(x.detach(), layer, chosen, *arrays, False), size)
+
+    cams = {method: _cam_object(method, model, Options()) for method, _cls, _label in methods}
+    fns: dict[str, object] = {"copy": lambda: (activations.cpu().numpy(), grads.cpu().numpy())}
+    fns |= {method: functools.partial(maps, cam) for method, cam in cams.items()}
+    return measure_many(fns, x.device, **kw)
 
 
 def _road_infill(part: Part, images: torch.Tensor, heatmaps: np.ndarray, kw: dict) -> None:

@@ -111,6 +111,10 @@ def test_explanations_report_equal_heatmaps(report):
         assert m[f"{method}_batched_images_per_s"]["reference"] == "forward_backward_images_per_s"
         assert m[f"{method}_loop_images_per_s"]["value"] > 0
         assert 0 <= m[f"{method}_max_abs_diff"]["value"] < 1e-4, method
+        assert m[f"{method}_host_ms_per_batch"]["value"] > 0, method  # NumPy + OpenCV, timed
+    assert m["host_copy_ms_per_batch"]["value"] >= 0
+    bounds = {t["id"]: t["bound"] for t in report["parts"]["explain"]["targets"]}
+    assert "ms are host work" in bounds["gradcam_batched_vs_loop"]
     assert m["scorecam_project_s_per_image"]["value"] > 0
     assert m["scorecam_library_s_per_image"]["value"] > 0
     assert 0 <= m["scorecam_max_abs_diff"]["value"] < 1e-4
