@@ -10,12 +10,14 @@ Every flow (pipeline, compare, tune, recipe) and the pipeline benchmark run stag
   else a crash.
 
 The stage commands' own output goes straight to this process's stdout and stderr, so a long
-training shows its epochs live.
+training shows its epochs live. A failed stage has already said why on that stream; Prefect's
+engine would add an 80-line traceback of its own frames (:func:`_without_engine_traceback`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +34,25 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage} failed: {output}")
         self.stage, self.output, self.status = stage, output, status
         self.bad_input = status == EXIT_BAD_INPUT
+
+
+def _without_engine_traceback(record: logging.LogRecord) -> bool:
+    """Keep a :class:`StageFailed` log line, drop the traceback attached to it.
+
+    Prefect's flow engine logs every exception that leaves a flow with ``logger.exception``.
+    For a failed stage that traceback is the engine's own frames down to :func:`reproduce`,
+    while the cause (a validation rule, a config error, or the stage's own traceback for a
+    crash) is in the stage's output just above it and in ``StageFailed.output``. Installed as
+    a filter on Prefect's run loggers; every other exception keeps its traceback.
+    """
+    if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    if _without_engine_traceback not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_without_engine_traceback)
 
 
 def _venv_first_on_path() -> None:

@@ -227,6 +227,24 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, ca
     assert ((probs.sum(axis=1) - 1).abs() < 1e-5).all()
 
 
+def test_bad_data_stops_the_flow_at_once_with_the_stage_message(tmp_path, prefect_harness, capfd):
+    """A stage that rejects its data (exit 2) is not retried, and no engine traceback follows."""
+    from flows.pipeline import pipeline
+    from flows.stages import StageFailed
+
+    project = make_project(tmp_path / "proj", TINY + ["validate.min_images=100000"])
+    with pytest.raises(StageFailed) as failed:
+        pipeline(repo=str(project))
+    assert failed.value.stage == "validate" and failed.value.bad_input
+    said = capfd.readouterr()
+    text = said.out + said.err
+    # The rule is named once: the stage ran once (orchestration.retries is 1 for crashes).
+    assert text.count("at least 100000 are needed") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    # The one-line failure is still logged by the flow engine.
+    assert "Encountered exception during execution: StageFailed" in text, text[-3000:]
+
+
 def test_run_link_points_at_the_tracking_server(monkeypatch):
     """The Prefect artifact links to the team's MLflow server when there is one."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.lab.example:8443/")
