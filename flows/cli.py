@@ -164,7 +164,7 @@ def evaluate(
         help="model.pt bundle, model.onnx or models:/<name>@<alias>",
     ),
     name: str | None = typer.Option(None, help="the set's name (default: the root's folder name)"),
-    layout: str = typer.Option("auto", help="auto | isic2019 | isic2018 | ham10000 | folder"),
+    layout: str = typer.Option("auto", help="auto | isic2019 | isic2018 | ham10000 | ph2 | folder"),
     label_map: str | None = typer.Option(
         None, help="set label -> model class, e.g. common_nevus=NV,atypical_nevus=NV,melanoma=MEL"
     ),

@@ -65,7 +65,7 @@ class ConfigError(ValueError):
 # tasks.validate.RULE_NAMES, ...).
 # --------------------------------------------------------------------------------------------
 
-LAYOUTS = ("auto", "isic2019", "isic2018", "ham10000", "folder")
+LAYOUTS = ("auto", "isic2019", "isic2018", "ham10000", "ph2", "folder")
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "efficientnet_b0", "densenet121", "densenet201",
     "mobilenet_v3_large", "convnext_tiny", "custom_cnn",
@@ -153,7 +153,7 @@ def _non_empty(values: list[Any]) -> list[Any]:
 @dataclass(frozen=True, config=_SECTION)
 class DatasetConfig:
     name: Name  # dataset id: names the MLflow experiment and the reports
-    layout: Literal[LAYOUTS]  # auto | isic2019 | isic2018 | ham10000 | folder
+    layout: Literal[LAYOUTS]  # auto | isic2019 | isic2018 | ham10000 | ph2 | folder
     root: Name  # dataset root folder (relative to the repo or absolute)
     masks: Str | None = None  # optional folder of <image_id>_segmentation.png masks
     label_map: dict[Str, Str | None] = field(default_factory=dict)  # old -> new label; None drops
@@ -420,7 +420,7 @@ def _folder_name(name: str) -> str:
 class ExternalSetConfig:
     name: Annotated[Name, AfterValidator(_folder_name)]  # metric prefix and report folder
     root: Name  # the set's root folder (any layout ingest reads)
-    layout: Literal[LAYOUTS] = "auto"  # auto | isic2019 | isic2018 | ham10000 | folder
+    layout: Literal[LAYOUTS] = "auto"  # auto | isic2019 | isic2018 | ham10000 | ph2 | folder
     label_map: dict[Str, Str | None] = field(default_factory=dict)  # set label -> model class
 
 

@@ -57,7 +57,7 @@ MANIFEST_COLUMNS = [
     "sha256",  # hex digest of the image bytes (None if the file could not be read)
     "width",  # pixels (None if the image did not decode)
     "height",
-    "source",  # adapter: isic2019 | ham10000 | folder
+    "source",  # adapter: isic2019 | isic2018 | ham10000 | ph2 | folder
     "source_label",  # the adapter's label before dataset.label_map (equal to label without one)
     "onehot_sum",  # ISIC ground truth: number of classes marked 1 on the row (None elsewhere)
     "file_error",  # None | missing | empty | not_an_image | truncated | too_large
@@ -79,6 +79,12 @@ ISIC_META = "ISIC_2019_Training_Metadata.csv"
 ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
 HAM_PART_PREFIX = "HAM10000_images_part_"
+# PH2 as distributed: PH2_dataset.txt ('||' table) + "PH2 Dataset images/<id>/" per case.
+PH2_TXT = "PH2_dataset.txt"
+PH2_IMAGES = "PH2 Dataset images"
+# The txt's Clinical Diagnosis codes; map them to a model's classes with dataset.label_map
+# (e.g. common_nevus: NV, atypical_nevus: NV, melanoma: MEL).
+PH2_CLASSES = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
 MAX_LISTED_FILES = 1000  # unlisted image paths kept in the facts (the count is always exact)
 # EXIF orientations 5-8 turn the picture by 90 degrees: prepare swaps width and height.
 _TRANSPOSED = {5, 6, 7, 8}
@@ -97,8 +103,8 @@ class IngestError(ValueError):
 def choose_layout(root: Path) -> tuple[str, str]:
     """The adapter for ``root`` and the reason, from the files it holds.
 
-    A root that looks like ISIC 2019 or HAM10000 (their image folders or metadata CSV) but
-    lacks the ground-truth file is an error naming that file: read as class-per-folder, an
+    A root that looks like ISIC 2019, HAM10000 or PH2 (their image folders or metadata CSV)
+    but lacks the ground-truth file is an error naming that file: read as class-per-folder, an
     ISIC root would pass validation as a one-class set named ``ISIC_2019_Training_Input``.
 
     Raises:
@@ -111,7 +117,15 @@ def choose_layout(root: Path) -> tuple[str, str]:
         return "isic2018", f"{isic2018[0].name} found at the root"
     if (root / HAM_META).is_file() or (root / "HAM10000_metadata").is_file():
         return "ham10000", f"{HAM_META} found at the root"
+    if (root / PH2_TXT).is_file():
+        return "ph2", f"{PH2_TXT} found at the root"
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if (root / PH2_IMAGES).is_dir():
+        raise IngestError(
+            f"{root / PH2_TXT}: missing; the root looks like PH2 ({PH2_IMAGES}) but has no "
+            f"{PH2_TXT}. Put it there, or set dataset.layout: folder to read it as "
+            "class-per-folder on purpose"
+        )
     isic_signs = [p.name for p in entries if p.name in (ISIC_INPUT, ISIC_META)]
     if isic_signs:
         raise IngestError(
@@ -415,10 +429,77 @@ def read_isic2018(root: Path) -> Adapted:
     return Adapted(frame, gt_path.name, None, metadata)
 
 
+def read_ph2(root: Path) -> Adapted:
+    """PH2 as distributed: ``PH2_dataset.txt`` and one folder per case.
+
+    The txt is a '||'-separated table, not a CSV: a header row (``|| Name || Histological
+    Diagnosis || Clinical Diagnosis || ...``), one row per case, then a free-text legend. The
+    label is the Clinical Diagnosis code (:data:`PH2_CLASSES`); a case's dermoscopic image is
+    ``<id>_Dermoscopic_Image/<id>.bmp`` and its lesion mask ``<id>_lesion/<id>_lesion.bmp``
+    (so the localisation scores work on PH2). The case folders' colour-region images are
+    neither images nor masks of the set. PH2 has no age, sex or site, and one image per lesion.
+
+    Raises:
+        IngestError: the txt is missing, unreadable or has no header row, or a row's Clinical
+            Diagnosis is not 0, 1 or 2 (naming the file, line and column).
+    """
+    path = root / PH2_TXT
+    if not path.is_file():
+        raise IngestError(f"{path}: not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise IngestError(f"{path}: not UTF-8 text (line {line}); re-save it as UTF-8") from None
+    header = "|| Name || Histological Diagnosis || Clinical Diagnosis ||"
+    rows, seen_header = [], False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip().startswith("||"):
+            continue  # blank lines and the legend below the table
+        fields = [f.strip() for f in line.strip().split("||")]
+        if fields[1:4] == ["Name", "Histological Diagnosis", "Clinical Diagnosis"]:
+            seen_header = True
+            continue
+        if not seen_header:
+            raise IngestError(f"{path} line {number}: a table row before the header {header!r}")
+        code = fields[3] if len(fields) > 3 else ""
+        if code not in PH2_CLASSES:
+            raise IngestError(
+                f"{path} line {number}: column Clinical Diagnosis is {code!r}, not "
+                + ", ".join(f"{k} ({v})" for k, v in PH2_CLASSES.items())
+            )
+        case = fields[1]
+        folder = f"{PH2_IMAGES}/{case}"
+        rows.append(
+            {
+                "image_id": case,
+                "label": PH2_CLASSES[code],
+                "csv_line": number,
+                "path": f"{folder}/{case}_Dermoscopic_Image/{case}.bmp",
+                "mask_path": f"{folder}/{case}_lesion/{case}_lesion.bmp",
+            }
+        )
+    if not seen_header:
+        raise IngestError(f"{path}: no header row {header!r}; is it PH2's table?")
+    if not rows:
+        raise IngestError(f"{path}: the table lists no cases")
+    frame = pd.DataFrame(rows)
+    frame["mask_path"] = [m if (root / m).is_file() else None for m in frame["mask_path"]]
+    frame["source"] = "ph2"
+    metadata = {
+        "file": None,
+        "present": False,
+        "lesion_ids": False,
+        "note": "PH2 ships no age, sex or site; one image per lesion",
+    }
+    return Adapted(frame, PH2_TXT, None, metadata)
+
+
 ADAPTERS = {
     "isic2019": read_isic2019,
     "isic2018": read_isic2018,
     "ham10000": read_ham10000,
+    "ph2": read_ph2,
     "folder": read_folder,
 }
 
@@ -619,6 +700,12 @@ def _unlisted_images(
             and not p.stem.endswith(MASK_SUFFIX)
         )
     names = set(listed.astype(str))
+    if layout == "ph2":  # a listed case's folder also holds its mask and colour regions
+        return sorted(
+            _rel(path, root)
+            for path in images.values()
+            if not names.intersection(Path(_rel(path, root)).parts[:-1])
+        )
     return sorted(_rel(path, root) for stem, path in images.items() if stem not in names)
 
 
@@ -635,7 +722,7 @@ def build_manifest(
 
     Args:
         root: dataset root; manifest paths are relative to it.
-        layout: ``auto`` or an adapter name (isic2019, ham10000, folder).
+        layout: ``auto`` or an adapter name (isic2019, isic2018, ham10000, ph2, folder).
         masks: optional folder of ``<image_id>_segmentation.png``; by default masks are looked
             up anywhere under ``root``.
         workers: processes for hashing and decoding.
@@ -673,7 +760,11 @@ def build_manifest(
             _rel(images[i], root) if i in images else f"{default_dir}{i}.jpg"
             for i in frame["image_id"]
         ]
-    frame["mask_path"] = [_rel(mask_index.get(i), root) for i in frame["image_id"]]
+    found = [_rel(mask_index.get(i), root) for i in frame["image_id"]]
+    given = frame["mask_path"] if "mask_path" in frame.columns else [None] * len(frame)
+    frame["mask_path"] = [
+        g if isinstance(g, str) and g else f for g, f in zip(given, found, strict=True)
+    ]  # an adapter's own mask paths (PH2) come first
     for column in MANIFEST_COLUMNS:
         if column not in frame.columns:
             frame[column] = None

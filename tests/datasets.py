@@ -1,9 +1,9 @@
-"""Tiny real datasets on disk in the three layouts ingest reads, plus ways to break files.
+"""Tiny real datasets on disk in the layouts ingest reads, plus ways to break files.
 
 Every image is a real, small JPEG or PNG with its own pixels (seeded by its path), so that two
 files share a sha256 only when a test means them to. Tests build a clean dataset with
-``make_isic`` / ``make_ham`` / ``make_folder`` and then damage single files with ``truncate``,
-``empty`` or ``not_an_image``, the way real archives break.
+``make_isic`` / ``make_ham`` / ``make_folder`` / ``make_ph2`` and then damage single files with
+``truncate``, ``empty`` or ``not_an_image``, the way real archives break.
 """
 
 from __future__ import annotations
@@ -145,3 +145,33 @@ def make_folder(
         label: [write_image(root / label / f"{label}_{i}{suffix}", size) for i in range(n)]
         for label, n in counts.items()
     }
+
+
+PH2_CODES = {"common_nevus": 0, "atypical_nevus": 1, "melanoma": 2}
+
+
+def make_ph2(root: Path, labels: list[str], size: tuple[int, int] = (64, 48)) -> Path:
+    """PH2 as distributed: ``PH2_dataset.txt`` ('||' table + legend) and a folder per case.
+
+    Each case ``IMD<n>`` gets its dermoscopic BMP, its lesion mask and one colour-region BMP
+    (``<id>_roi``), the three kinds of image the real case folders hold.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "|| Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry | Pigment Network"
+        " | Dots/Globules | Streaks | Regression Areas | Blue-Whitish Veil || Colors ||"
+    ]
+    for i, label in enumerate(labels):
+        case = f"IMD{i + 2:03d}"
+        histology = "Melanoma" if label == "melanoma" else ""
+        lines.append(
+            f"|| {case} || {histology:>22} || {PH2_CODES[label]:>18} || 0 | T | A | A | A | A"
+            " || 3  4 ||"
+        )
+        folder = root / "PH2 Dataset images" / case
+        write_image(folder / f"{case}_Dermoscopic_Image" / f"{case}.bmp", size)
+        write_mask(folder / f"{case}_lesion" / f"{case}_lesion.bmp", size)
+        write_mask(folder / f"{case}_roi" / f"{case}_R1_Label4.bmp", size)
+    lines += ["", "Legends:", "Clinical Diagnosis: 0 - Common Nevus; 1 - Atypical; 2 - Melanoma"]
+    (root / "PH2_dataset.txt").write_text("\n".join(lines) + "\n")
+    return root

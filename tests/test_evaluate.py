@@ -34,6 +34,7 @@ from tasks.evaluate import (
 from tasks.ingest import IngestError, build_manifest
 from tasks.metrics import softmax
 from tasks.predict import load_predictor, predict_files
+from tests.datasets import make_ph2, write_image
 from tests.helpers import TINY, write_params
 
 CLASSES = ["MEL", "NV", "BCC"]
@@ -165,6 +166,52 @@ def test_isic2018_bad_cell_is_named(tmp_path: Path) -> None:
         build_manifest(root, progress=False)
 
 
+# --------------------------------------------------------------------------- PH2 adapter
+
+PH2_TO_ISIC = {"common_nevus": "NV", "atypical_nevus": "NV", "melanoma": "MEL"}
+
+
+def test_ph2_adapter_reads_the_distributed_layout(tmp_path: Path) -> None:
+    root = make_ph2(tmp_path / "PH2Dataset", ["common_nevus", "atypical_nevus", "melanoma"] * 2)
+    cases = root / "PH2 Dataset images"
+    stray = write_image(cases / "IMD900/IMD900_Dermoscopic_Image/IMD900.bmp", (64, 48))
+    (cases / "IMD007/IMD007_lesion/IMD007_lesion.bmp").unlink()  # a case without its mask
+
+    manifest = build_manifest(root, progress=False, label_map=PH2_TO_ISIC)
+
+    facts = manifest.attrs["ingest"]
+    assert facts["layout"] == "ph2" and facts["label_csv"] == "PH2_dataset.txt"
+    assert list(manifest["source_label"][:3]) == ["common_nevus", "atypical_nevus", "melanoma"]
+    assert list(manifest["label"]) == ["NV", "NV", "MEL"] * 2
+    assert list(manifest["csv_line"]) == [2, 3, 4, 5, 6, 7]  # the table's own lines
+    assert manifest["path"][2] == "PH2 Dataset images/IMD004/IMD004_Dermoscopic_Image/IMD004.bmp"
+    assert manifest["mask_path"][2] == "PH2 Dataset images/IMD004/IMD004_lesion/IMD004_lesion.bmp"
+    assert pd.isna(manifest["mask_path"][5])
+    assert manifest["file_error"].isna().all() and manifest["mask_error"].isna().all()
+    assert (manifest["mask_foreground"][:5] > 0.1).all() and (manifest["source"] == "ph2").all()
+    assert list(manifest["lesion_id"]) == list(manifest["image_id"])
+    # Each case's mask and colour-region images belong to it; a case the table omits does not.
+    assert facts["unlisted_images"]["paths"] == [stray.relative_to(root).as_posix()]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("||                  1 ||", "|| 1a ||"),
+         r"PH2_dataset.txt line 3: column Clinical Diagnosis is '1a', not 0 \(common_nevus\)"),
+        (lambda t: t.replace("|| Name ||", "|| Case ||"), r"line 1: a table row before the header"),
+        (lambda t: "Legends:\n", r"PH2_dataset.txt: no header row"),
+        (lambda t: t.splitlines()[0] + "\n", r"PH2_dataset.txt: the table lists no cases"),
+    ],
+)  # fmt: skip
+def test_a_bad_ph2_table_is_named(tmp_path: Path, edit, message: str) -> None:
+    root = make_ph2(tmp_path / "PH2Dataset", ["common_nevus", "atypical_nevus"])
+    txt = root / "PH2_dataset.txt"
+    txt.write_text(edit(txt.read_text()))
+    with pytest.raises(IngestError, match=message):
+        build_manifest(root, progress=False)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -247,7 +294,9 @@ def test_evaluate_isic2018_set_with_onnx_logged_to_mlflow(project: Path) -> None
     assert run.data.metrics["isic18/set_coverage"] == pytest.approx(got["coverage"])
 
 
-def test_evaluate_folder_set_with_label_map_and_fewer_classes(project: Path) -> None:
+@pytest.mark.parametrize("layout", ["folder", "ph2"])
+def test_evaluate_set_with_label_map_and_fewer_classes(project: Path, layout: str) -> None:
+    """PH2's classes, as class folders or as PH2 itself is distributed."""
     from tasks.config import load_params
     from tasks.models import save_bundle
     from tasks.train import MEAN, STD
@@ -255,10 +304,13 @@ def test_evaluate_folder_set_with_label_map_and_fewer_classes(project: Path) -> 
     bundle = save_bundle(project / "model.pt", tiny_cnn(1), "custom_cnn", CLASSES, 32, MEAN, STD,
                          temperature=1.5)  # fmt: skip
     root = project / "ph2"
-    for cls, colour, n in (("common_nevus", "NV", 4), ("atypical_nevus", "NV", 3),
-                           ("melanoma", "MEL", 4)):  # fmt: skip
-        for i in range(n):
-            write_jpeg(root / cls / f"{cls}_{i}.jpg", COLOURS[colour], hash(cls) % 1000 + i)
+    counts = (("common_nevus", "NV", 4), ("atypical_nevus", "NV", 3), ("melanoma", "MEL", 4))
+    if layout == "ph2":
+        make_ph2(root, [cls for cls, _, n in counts for _ in range(n)])
+    else:
+        for cls, colour, n in counts:
+            for i in range(n):
+                write_jpeg(root / cls / f"{cls}_{i}.jpg", COLOURS[colour], hash(cls) % 1000 + i)
     label_map = "common_nevus=NV,atypical_nevus=NV,melanoma=MEL"
     p = load_params("params.yaml")
 

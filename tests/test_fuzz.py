@@ -42,6 +42,7 @@ from tests.datasets import (
     make_folder,
     make_ham,
     make_isic,
+    make_ph2,
     write_image,
     write_mask,
 )
@@ -220,6 +221,16 @@ def isic2018_bad_cell(root: Path, assets: Assets) -> None:
     )
     for i in range(3):
         write_image(root / "ext" / "ISIC2018_Task3_Test_Input" / f"ISIC_{i}.jpg")
+
+
+def ph2_txt(edit: Callable[[str], str]) -> Callable[[Path, Assets], None]:
+    """PH2 as distributed at ``ext/`` (4 cases), its PH2_dataset.txt changed by ``edit``."""
+
+    def setup(root: Path, assets: Assets) -> None:
+        txt = make_ph2(root / "ext", ["common_nevus", "melanoma"] * 2) / "PH2_dataset.txt"
+        txt.write_text(edit(txt.read_text()))
+
+    return setup
 
 
 # A cache an earlier run left at another size and resize mode than the params name.
@@ -433,6 +444,19 @@ CASES = [
     Case("evaluate-isic2018-bad-row", ["evaluate", "ext", "-m", "model.pt"],
          ["ISIC2018_Task3_Test_GroundTruth.csv line 3: column NV is 'yes', not 0 or 1"],
          steps(bundle_here, isic2018_bad_cell), ["reports/external"]),
+    Case("evaluate-ph2-bad-code", ["evaluate", "ext", "-m", "model.pt"],
+         ["PH2_dataset.txt line 3: column Clinical Diagnosis is '3', not 0 (common_nevus)"],
+         steps(bundle_here, ph2_txt(lambda t: re.sub(r"\|\|\s+2 \|\|", "|| 3 ||", t, count=1))),
+         ["reports/external"]),
+    Case("evaluate-ph2-no-header", ["evaluate", "ext", "-m", "model.pt"],
+         ["PH2_dataset.txt line 1: a table row before the header"],
+         steps(bundle_here, ph2_txt(lambda t: t.replace("|| Name ||", "|| Case ||", 1))),
+         ["reports/external"]),
+    Case("evaluate-ph2-without-its-table", ["evaluate", "ext", "-m", "model.pt"],
+         ["PH2_dataset.txt: missing; the root looks like PH2 (PH2 Dataset images)"],
+         steps(bundle_here, ph2_txt(lambda t: t),
+               lambda root, a: (root / "ext/PH2_dataset.txt").unlink()),
+         ["reports/external"]),
     Case("evaluate-label-map-misses-a-class", ["evaluate", "ext", "-m", "model.pt",
          "--label-map", "naevus=a"], ["dataset.label_map does not map melanoma (6 images)"],
          steps(bundle_here, ext_folder({"melanoma": 6, "naevus": 6})), ["reports/external"]),
