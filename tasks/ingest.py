@@ -73,6 +73,8 @@ MANIFEST_COLUMNS = [
 ISIC_GT = "ISIC_2019_Training_GroundTruth.csv"
 # ISIC 2018 Task 3 ground truth, one file per part (Training, Validation, Test).
 ISIC2018_GT_GLOB = "ISIC2018_Task3_*_GroundTruth.csv"
+# The lesion ids ISIC published for the 2018 training part (image, lesion_id, ...).
+ISIC2018_GROUPS_GLOB = "ISIC2018_Task3_*_LesionGroupings.csv"
 ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC2018_TO_ISIC = {"AKIEC": "AK"}  # the 2018 AKIEC column is ISIC 2019's AK
 ISIC_META = "ISIC_2019_Training_Metadata.csv"
@@ -112,9 +114,10 @@ def choose_layout(root: Path) -> tuple[str, str]:
     """
     if (root / ISIC_GT).is_file():
         return "isic2019", f"{ISIC_GT} found at the root"
-    isic2018 = sorted(root.glob(ISIC2018_GT_GLOB))
+    isic2018 = _at_root_or_below(root, ISIC2018_GT_GLOB)
     if isic2018:
-        return "isic2018", f"{isic2018[0].name} found at the root"
+        where = "at the root" if isic2018[0].parent == root else f"in {isic2018[0].parent.name}/"
+        return "isic2018", f"{isic2018[0].name} found {where}"
     if (root / HAM_META).is_file() or (root / "HAM10000_metadata").is_file():
         return "ham10000", f"{HAM_META} found at the root"
     if (root / PH2_TXT).is_file():
@@ -148,6 +151,16 @@ def choose_layout(root: Path) -> tuple[str, str]:
         f"{root}: no {ISIC_GT}, no {HAM_META} and no class folders; "
         "set dataset.layout or point dataset.root at the dataset"
     )
+
+
+def _at_root_or_below(root: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` at the root, else in its sub-folders (one level).
+
+    ISIC's archives unzip to a folder of their own (``ISIC2018_Task3_Test_GroundTruth/`` holds
+    ``ISIC2018_Task3_Test_GroundTruth.csv``), so a root holding the unzipped archives is read
+    as it is.
+    """
+    return sorted(root.glob(pattern)) or sorted(root.glob(f"*/{pattern}"))
 
 
 def detect_layout(root: Path) -> str:
@@ -384,20 +397,23 @@ def read_isic2018(root: Path) -> Adapted:
 
     The columns are MEL NV BCC AKIEC BKL DF VASC; AKIEC becomes ISIC 2019's AK, so a model
     trained on either vocabulary scores this set. The images (``<image>.jpg``) may sit
-    anywhere under the root (the archives nest them in ``..._Input`` folders); the set has no
-    metadata CSV, so every image is its own lesion. Exactly one ground-truth file must be at
-    the root: two parts in one root would silently merge two sets.
+    anywhere under the root (the archives nest them in ``..._Input`` folders). The lesion ids
+    come from ``ISIC2018_Task3_<Part>_LesionGroupings.csv`` where it is there (ISIC published
+    it for the training part, which is HAM10000: about 1.4 images per lesion, so splits
+    without it leak lesions); without it every image is its own lesion. Exactly one
+    ground-truth file, at the root or in one of its folders (the unzipped archive's): two
+    parts in one root would silently merge two sets.
 
     Raises:
-        IngestError: several ground-truth files, an unexpected column, or a class cell that
-            is not a number (naming the file, line and column).
+        IngestError: several ground-truth or grouping files, an unexpected column, or a class
+            cell that is not a number (naming the file, line and column).
     """
-    found = sorted(root.glob(ISIC2018_GT_GLOB))
+    found = _at_root_or_below(root, ISIC2018_GT_GLOB)
     if len(found) != 1:
-        names = ", ".join(p.name for p in found) or "none"
+        names = ", ".join(_rel(p, root) for p in found) or "none"
         raise IngestError(
-            f"{root}: expected one {ISIC2018_GT_GLOB} at the root, found {names}; "
-            "put each part in its own folder"
+            f"{root}: expected one {ISIC2018_GT_GLOB} at the root or in one of its folders, "
+            f"found {names}; put each part in its own folder"
         )
     gt_path = found[0]
     gt = read_table(gt_path, ["image"], dtype={"image": str})
@@ -420,13 +436,30 @@ def read_isic2018(root: Path) -> Adapted:
         }
     )
     frame["source"] = "isic2018"
-    metadata = {
+    groups = _at_root_or_below(root, ISIC2018_GROUPS_GLOB)
+    if len(groups) > 1:
+        names = ", ".join(_rel(p, root) for p in groups)
+        raise IngestError(f"{root}: expected one {ISIC2018_GROUPS_GLOB} at most, found {names}")
+    metadata: dict[str, Any] = {
         "file": None,
         "present": False,
         "lesion_ids": False,
-        "note": "ISIC 2018 Task 3 ships no metadata CSV",
+        "note": "ISIC 2018 Task 3 ships no metadata CSV and this root no lesion groupings",
     }
-    return Adapted(frame, gt_path.name, None, metadata)
+    meta_csv = None
+    if groups:
+        meta_csv = _rel(groups[0], root)
+        table = read_table(
+            groups[0], ["image", "lesion_id"], dtype={"image": str, "lesion_id": str}
+        )
+        table = table.rename(columns={"image": "image_id", "_line": "meta_line"})
+        table["image_id"] = table["image_id"].astype(str).str.strip()
+        table = table.drop_duplicates("image_id", keep="first")
+        frame = frame.merge(
+            table[["image_id", "lesion_id", "meta_line"]], on="image_id", how="left"
+        )
+        metadata = {"file": meta_csv, "present": True, "lesion_ids": True}
+    return Adapted(frame, _rel(gt_path, root), meta_csv, metadata)
 
 
 def read_ph2(root: Path) -> Adapted:
@@ -486,12 +519,8 @@ def read_ph2(root: Path) -> Adapted:
     frame = pd.DataFrame(rows)
     frame["mask_path"] = [m if (root / m).is_file() else None for m in frame["mask_path"]]
     frame["source"] = "ph2"
-    metadata = {
-        "file": None,
-        "present": False,
-        "lesion_ids": False,
-        "note": "PH2 ships no age, sex or site; one image per lesion",
-    }
+    # One image per lesion: the case ids are the lesion ids (grouping is exact, not off).
+    metadata = {"file": None, "present": False, "lesion_ids": True}
     return Adapted(frame, PH2_TXT, None, metadata)
 
 

@@ -55,10 +55,16 @@ def write_jpeg(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
     return path
 
 
-def make_isic2018(root: Path, labels: list[str], part: str = "Validation") -> Path:
-    """ISIC 2018 Task 3 layout: one-hot CSV at the root, images nested one folder deeper."""
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / f"ISIC2018_Task3_{part}_GroundTruth.csv").open("w", newline="") as f:
+def make_isic2018(
+    root: Path, labels: list[str], part: str = "Validation", unzipped: bool = False
+) -> Path:
+    """ISIC 2018 Task 3 layout: one-hot CSV at the root, images nested one folder deeper.
+
+    ``unzipped``: the CSV in the folder its archive unzips to (``..._GroundTruth/``).
+    """
+    gt_dir = root / f"ISIC2018_Task3_{part}_GroundTruth" if unzipped else root
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    with (gt_dir / f"ISIC2018_Task3_{part}_GroundTruth.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", *ISIC2018_COLUMNS])
         for i, label in enumerate(labels):
@@ -156,6 +162,34 @@ def test_isic2018_adapter_reads_nested_images_and_maps_akiec(tmp_path: Path) -> 
     assert manifest["path"].iloc[2] == "ISIC2018_Task3_Validation_Input/ISIC_0000002.jpg"
     assert manifest["file_error"].isna().all() and (manifest["source"] == "isic2018").all()
     assert list(manifest["csv_line"]) == [2, 3, 4, 5]
+
+
+def test_isic2018_unzipped_with_lesion_groupings(tmp_path: Path) -> None:
+    """The archives as unzipped: the CSV in its own folder; ISIC's lesion groupings read."""
+    root = make_isic2018(tmp_path / "isic2018", ["NV", "NV", "MEL", "BCC"], "Training", True)
+    (root / "ISIC2018_Task3_Training_LesionGroupings.csv").write_text(
+        "image,lesion_id,diagnosis_confirm_type\n"
+        "ISIC_0000000,HAM_0000118,histopathology\n"
+        "ISIC_0000001,HAM_0000118,histopathology\n"
+        "ISIC_0000003,HAM_0002730,follow_up\n"
+    )
+    manifest = build_manifest(root, progress=False)
+    facts = manifest.attrs["ingest"]
+    assert facts["layout"] == "isic2018"
+    assert facts["layout_reason"] == (
+        "ISIC2018_Task3_Training_GroundTruth.csv found in ISIC2018_Task3_Training_GroundTruth/"
+    )
+    assert facts["label_csv"] == (
+        "ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"
+    )
+    assert facts["meta_csv"] == "ISIC2018_Task3_Training_LesionGroupings.csv"
+    assert facts["metadata"]["lesion_ids"]
+    # Two images of one lesion share its id; an image the groupings omit is its own lesion.
+    assert list(manifest["lesion_id"]) == [
+        "HAM_0000118", "HAM_0000118", "ISIC_0000002", "HAM_0002730"
+    ]  # fmt: skip
+    assert list(manifest["meta_line"].astype("object").fillna(0)) == [2, 3, 0, 4]
+    assert manifest["file_error"].isna().all() and list(manifest["label"])[2] == "MEL"
 
 
 def test_isic2018_bad_cell_is_named(tmp_path: Path) -> None:

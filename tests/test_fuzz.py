@@ -223,6 +223,14 @@ def isic2018_bad_cell(root: Path, assets: Assets) -> None:
         write_image(root / "ext" / "ISIC2018_Task3_Test_Input" / f"ISIC_{i}.jpg")
 
 
+def isic2018_groupings_without_lesion_id(root: Path, assets: Assets) -> None:
+    """An ISIC 2018 set whose LesionGroupings CSV lacks its lesion_id column."""
+    isic2018_bad_cell(root, assets)
+    gt = root / "ext" / "ISIC2018_Task3_Test_GroundTruth.csv"
+    gt.write_text(gt.read_text().replace(",yes,", ",1.0,"))
+    (root / "ext" / "ISIC2018_Task3_Test_LesionGroupings.csv").write_text("image,lesion\n")
+
+
 def ph2_txt(edit: Callable[[str], str]) -> Callable[[Path, Assets], None]:
     """PH2 as distributed at ``ext/`` (4 cases), its PH2_dataset.txt changed by ``edit``."""
 
@@ -444,6 +452,9 @@ CASES = [
     Case("evaluate-isic2018-bad-row", ["evaluate", "ext", "-m", "model.pt"],
          ["ISIC2018_Task3_Test_GroundTruth.csv line 3: column NV is 'yes', not 0 or 1"],
          steps(bundle_here, isic2018_bad_cell), ["reports/external"]),
+    Case("evaluate-isic2018-groupings-without-lesion-id", ["evaluate", "ext", "-m", "model.pt"],
+         ["ISIC2018_Task3_Test_LesionGroupings.csv: missing column(s) ['lesion_id']"],
+         steps(bundle_here, isic2018_groupings_without_lesion_id), ["reports/external"]),
     Case("evaluate-ph2-bad-code", ["evaluate", "ext", "-m", "model.pt"],
          ["PH2_dataset.txt line 3: column Clinical Diagnosis is '3', not 0 (common_nevus)"],
          steps(bundle_here, ph2_txt(lambda t: re.sub(r"\|\|\s+2 \|\|", "|| 3 ||", t, count=1))),
