@@ -77,6 +77,8 @@ ISIC2018_GT_GLOB = "ISIC2018_Task3_*_GroundTruth.csv"
 ISIC2018_GROUPS_GLOB = "ISIC2018_Task3_*_LesionGroupings.csv"
 ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC2018_TO_ISIC = {"AKIEC": "AK"}  # the 2018 AKIEC column is ISIC 2019's AK
+# Columns of ISIC's test ground truths that are not classes: the challenge's scoring weight.
+ISIC_NOT_CLASSES = ("score_weight",)
 ISIC_META = "ISIC_2019_Training_Metadata.csv"
 ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
@@ -301,7 +303,7 @@ def read_isic2019(root: Path) -> Adapted:
     """ISIC 2019: one-hot ground truth + metadata CSV (image, age_approx, site, lesion_id, sex)."""
     gt_path = root / ISIC_GT
     gt = read_table(gt_path, ["image"], dtype={"image": str})
-    classes = [c for c in gt.columns if c not in ("image", "_line")]
+    classes = [c for c in gt.columns if c not in ("image", "_line", *ISIC_NOT_CLASSES)]
     unknown = sorted(set(classes) - set(ISIC_CLASSES))
     if unknown or not classes:
         raise IngestError(
@@ -417,7 +419,7 @@ def read_isic2018(root: Path) -> Adapted:
         )
     gt_path = found[0]
     gt = read_table(gt_path, ["image"], dtype={"image": str})
-    classes = [c for c in gt.columns if c not in ("image", "_line")]
+    classes = [c for c in gt.columns if c not in ("image", "_line", *ISIC_NOT_CLASSES)]
     if sorted(classes) != sorted(ISIC2018_CLASSES):
         raise IngestError(
             f"{gt_path}: expected columns image + {', '.join(ISIC2018_CLASSES)}; "

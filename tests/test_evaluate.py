@@ -192,6 +192,14 @@ def test_isic2018_unzipped_with_lesion_groupings(tmp_path: Path) -> None:
     assert manifest["file_error"].isna().all() and list(manifest["label"])[2] == "MEL"
 
 
+def test_isic_test_ground_truth_score_weight_is_not_a_class(tmp_path: Path) -> None:
+    root = make_isic2018(tmp_path / "isic2018", ["MEL", "NV"], "Test")
+    gt = root / "ISIC2018_Task3_Test_GroundTruth.csv"
+    header, *rows = gt.read_text().splitlines()
+    gt.write_text(f"{header},score_weight\n{rows[0]},1.0\n{rows[1]},0.0\n")
+    assert list(build_manifest(root, progress=False)["label"]) == ["MEL", "NV"]
+
+
 def test_isic2018_bad_cell_is_named(tmp_path: Path) -> None:
     root = make_isic2018(tmp_path / "bad", ["MEL", "NV"])
     gt = root / "ISIC2018_Task3_Validation_GroundTruth.csv"
