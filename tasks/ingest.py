@@ -86,6 +86,7 @@ HAM_PART_PREFIX = "HAM10000_images_part_"
 # PH2 as distributed: PH2_dataset.txt ('||' table) + "PH2 Dataset images/<id>/" per case.
 PH2_TXT = "PH2_dataset.txt"
 PH2_IMAGES = "PH2 Dataset images"
+PH2_MASK_FOLDERS = ("lesion", "roi")  # <id>_lesion/ (the lesion mask), <id>_roi/ (colours)
 # The txt's Clinical Diagnosis codes; map them to a model's classes with dataset.label_map
 # (e.g. common_nevus: NV, atypical_nevus: NV, melanoma: MEL).
 PH2_CLASSES = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}

@@ -37,7 +37,7 @@ from PIL import Image
 
 from tasks.config import DEFAULT_MAX_PIXELS
 from tasks.export import INPUT_NAME, OUTPUT_NAMES, decode_metadata, normalize, ort_session
-from tasks.ingest import IMAGE_SUFFIXES, MASK_SUFFIX, pixel_limit_problem
+from tasks.ingest import IMAGE_SUFFIXES, MASK_SUFFIX, PH2_MASK_FOLDERS, pixel_limit_problem
 from tasks.io import atomic_path, check_output_file
 from tasks.prepare import PrepareError, decode_one
 from tasks.progress import progress_bar
@@ -425,8 +425,17 @@ class InputScan:
 
 
 def is_mask(path: Path) -> bool:
-    """An ISIC-2018-style segmentation mask (``<id>_segmentation.png``), not a lesion photo."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.stem.endswith(MASK_SUFFIX)
+    """A segmentation mask, not a lesion photo.
+
+    ISIC's ``<id>_segmentation.png``, or an image in one of PH2's per-case mask folders
+    (``<id>_lesion/<id>_lesion.bmp``, the colour regions ``<id>_roi/<id>_R1_Label4.bmp``), so
+    that a PH2 folder given as is yields its dermoscopic images only.
+    """
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    case, _, kind = path.parent.name.rpartition("_")
+    in_ph2_mask_folder = bool(case) and kind in PH2_MASK_FOLDERS and path.stem.startswith(case)
+    return path.stem.endswith(MASK_SUFFIX) or in_ph2_mask_folder
 
 
 def scan_inputs(paths: Iterable[str | os.PathLike[str]]) -> InputScan:

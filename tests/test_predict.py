@@ -30,7 +30,7 @@ from tasks.predict import (
 )
 from tasks.prepare import decode_one
 from tasks.train import MEAN, STD, to_input
-from tests.datasets import not_an_image, truncate, write_image
+from tests.datasets import make_ph2, not_an_image, truncate, write_image
 from tests.tolerances import PROB_ATOL
 
 SIZE = 32
@@ -94,6 +94,20 @@ def test_collect_images(images: dict[str, Path], tmp_path: Path) -> None:
     assert named_mask.files == [] and len(named_mask.masks) == 1  # named or found: skipped
     with pytest.raises(FileNotFoundError, match="missing"):
         collect_images([tmp_path / "missing"])
+
+
+def test_a_ph2_folder_as_distributed_yields_its_dermoscopic_images(tmp_path: Path) -> None:
+    root = make_ph2(tmp_path / "PH2Dataset", ["common_nevus", "melanoma"])
+    scan = scan_inputs([root])
+    cases = root / "PH2 Dataset images"
+    assert scan.files == [
+        cases / "IMD002/IMD002_Dermoscopic_Image/IMD002.bmp",
+        cases / "IMD003/IMD003_Dermoscopic_Image/IMD003.bmp",
+        root / "PH2_dataset.txt",  # any other file found gets an error row, as elsewhere
+    ]
+    assert sorted(p.name for p in scan.masks) == [
+        "IMD002_R1_Label4.bmp", "IMD002_lesion.bmp", "IMD003_R1_Label4.bmp", "IMD003_lesion.bmp"
+    ]  # fmt: skip
 
 
 def test_predict_files(predictor: Predictor, images: dict[str, Path], tmp_path: Path) -> None:
