@@ -109,14 +109,20 @@ def plan_compare(
     """
     from flows.explain_batch import ExplainBatchError, open_model
     from tasks import tracking
-    from tasks.compare import check_methods, check_same_data, resolve_variants, variant_params
+    from tasks.compare import (
+        check_methods,
+        check_same_data,
+        resolve_variants,
+        variant_params,
+        with_seeds,
+    )
 
     path = Path(repo) / params_path
     overrides = list(overrides or [])
     p = load_params(path, overrides)
     check_same_data(load_params(path), p, "--set")
     check_methods(p.compare.agreement_methods, p.compare.agreement_layer)
-    variants = resolve_variants(models, p.compare.variants, repo)
+    variants = with_seeds(resolve_variants(models, p.compare.variants, repo), p.compare.seeds)
     bundles: dict[str, str] = {}
     for v in variants:
         if v.trained:
@@ -279,7 +285,9 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     from tasks.train import normalize, pick_device, save_model_bundle
 
     log = get_run_logger()
-    v = cmp.Variant(variant["name"], tuple(variant["overrides"]), variant["source"])
+    v = cmp.Variant(
+        variant["name"], tuple(variant["overrides"]), variant["source"], variant.get("group")
+    )
     root = Path(job.repo)
     prepared = root / paths.PREPARED
     base = load_params(root / job.params_path, job.overrides)
@@ -447,6 +455,7 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
     across.insert(1, "layer", [layers.get(m, "input") for m in across["method"]])
     pairs = cmp.ablation_pairs({r["variant"]["name"]: r["params"] for r in results})
     ablation = cmp.ablation_table(table, pairs)
+    seeds = cmp.seed_summary(table, [r["variant"]["group"] for r in results])
 
     test = open_split(root / paths.PREPARED, "test")
     idx = np.asarray(job.image_indices, dtype=int)
@@ -482,6 +491,7 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
         "agreement_across": across.to_dict(orient="records"),
         "ablation": ablation.to_dict(orient="records"),
         "ablation_pairs": [list(pair) for pair in pairs],
+        "seeds": seeds.to_dict(orient="records"),
         "images": {
             "indices": [int(i) for i in idx],
             "image_ids": [str(i) for i in test.rows["image_id"].to_numpy()[idx]],
@@ -489,7 +499,7 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
     }
     with atomic_dir(Path(out_dir)) as tmp:
         summary["files"] = cmp.write_report(
-            tmp, table, quality, within, across, ablation, figures, summary
+            tmp, table, quality, within, across, ablation, figures, summary, seeds
         )
     return summary
 
@@ -617,6 +627,14 @@ def _compare(
             _LIVE.reset(token)
         tracking.log_artifacts({"compare": out})
         tracking.log_metrics({"models": len(results), "seconds": time.perf_counter() - start})
+        tracking.log_metrics(
+            {
+                f"{row['variant']}/{key}": value
+                for row in summary["seeds"]
+                for key, value in row.items()
+                if key.endswith(("_mean", "_sd"))
+            }
+        )
     create_markdown_artifact(
         markdown=(out / "comparison.md").read_text(),
         key="dermaflow-compare",

@@ -150,6 +150,13 @@ def _non_empty(values: list[Any]) -> list[Any]:
     return values
 
 
+def _distinct(values: list[Any]) -> list[Any]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{repeated} listed twice")
+    return values
+
+
 @dataclass(frozen=True, config=_SECTION)
 class DatasetConfig:
     name: Name  # dataset id: names the MLflow experiment and the reports
@@ -361,6 +368,9 @@ class CompareConfig:
         list[Literal[EXPLAIN_METHODS]], AfterValidator(_non_empty)
     ]  # methods compared pairwise (SSIM, Pearson, cosine, Jaccard)
     agreement_layer: Literal[LAYERS]  # layer of the CAM methods in the agreement
+    seeds: Annotated[list[NonNegInt], AfterValidator(_distinct)] = field(
+        default_factory=list
+    )  # train each trained variant once per seed (train.seed); [] = once, at train.seed
 
 
 @dataclass(frozen=True, config=_SECTION)

@@ -21,7 +21,9 @@ from tasks.compare import (
     agreement_within,
     pick_images,
     resolve_variants,
+    seed_summary,
     variant_params,
+    with_seeds,
 )
 from tasks.config import ConfigError
 from tests.helpers import TINY, make_project, run, write_params
@@ -69,6 +71,49 @@ def test_unknown_entry_names_the_choices(entry):
     message = str(err.value)
     for choice in (repr(entry), "custom_cnn_metadata", "resnet18", "efficientnet_b0", "models:/"):
         assert choice in message
+
+
+def test_seeds_repeat_trained_variants_only():
+    loaded = Variant("clf@champion", (), "models:/clf@champion")
+    got = with_seeds([*resolve_variants(None, VARIANTS), loaded], [0, 7])
+    assert [v.name for v in got] == [
+        "custom_cnn-s0", "custom_cnn-s7", "custom_cnn_metadata-s0", "custom_cnn_metadata-s7",
+        "clf@champion",
+    ]  # fmt: skip
+    assert got[3].overrides == (*VARIANTS["custom_cnn_metadata"], "train.seed=7")
+    assert [v.as_dict()["group"] for v in got] == ["custom_cnn"] * 2 + [
+        "custom_cnn_metadata"
+    ] * 2 + ["clf@champion"]
+    assert with_seeds([loaded], []) == [loaded]
+
+
+def test_seed_summary_is_the_mean_and_sample_sd_per_variant():
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(
+        {
+            "model": ["a-s0", "a-s1", "a-s2", "b"],
+            "balanced_accuracy": rng.random(4),
+            "auroc_macro": rng.random(4),
+            "ece_after": rng.random(4),
+            "train_minutes": rng.random(4),
+        }
+    )
+    got = seed_summary(table, ["a", "a", "a", "b"])
+    assert list(got["variant"]) == ["a"] and got.at[0, "seeds"] == 3  # b has no spread
+    for metric in ("balanced_accuracy", "auroc_macro", "ece_after", "train_minutes"):
+        values = table[metric].to_numpy()[:3]
+        assert got.at[0, f"{metric}_mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert got.at[0, f"{metric}_sd"] == pytest.approx(values.std(ddof=1), rel=1e-12)
+    assert got.at[0, "balanced_accuracy_min"] == table["balanced_accuracy"][:3].min()
+    assert seed_summary(table, ["a", "b", "c", "d"]).empty
+
+
+def test_a_seed_listed_twice_is_refused(tmp_path):
+    from tasks.config import load_params
+
+    write_params(tmp_path / "params.yaml", ["compare.seeds=[0, 1, 0]"])
+    with pytest.raises(ConfigError, match=r"compare\.seeds.*\[0\] listed twice"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_an_entry_twice_is_an_error():
@@ -378,5 +423,32 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     assert loaded.at[0, "balanced_accuracy"] == pytest.approx(trained["balanced_accuracy"])
     assert loaded.at[0, "ece_after"] == pytest.approx(trained["ece_after"], abs=1e-6)
     assert "No two variants differ only by" in (report / "comparison.md").read_text()
+    assert not (report / "seeds.csv").exists()
     second = [r for r in client.search_runs([experiment]) if r.info.run_name == "compare"]
     assert len(second) == 2
+
+    # compare.seeds: the trained variant once per seed, the loaded bundle once, and the spread.
+    run(["dermaflow", "compare", "--models", f"custom_cnn,{saved}", "--no-repro",
+         "--set", "compare.seeds=[3, 4]"], project)  # fmt: skip
+    seeded = pd.read_csv(report / "comparison.csv")
+    assert list(seeded["model"]) == ["custom_cnn-s3", "custom_cnn-s4", "random_resnet18"]
+    spread = pd.read_csv(report / "seeds.csv")
+    assert list(spread["variant"]) == ["custom_cnn"] and list(spread["seeds"]) == [2]
+    two = seeded["balanced_accuracy"][:2]
+    assert spread.at[0, "balanced_accuracy_mean"] == pytest.approx(two.mean(), rel=1e-9)
+    assert spread.at[0, "balanced_accuracy_sd"] == pytest.approx(two.std(ddof=1), abs=1e-9)
+    assert "## Across seeds" in (report / "comparison.md").read_text()
+    assert "Across seeds" in (report / "report.html").read_text()
+    latest = max(
+        (r for r in client.search_runs([experiment]) if r.info.run_name == "compare"),
+        key=lambda r: r.info.start_time,
+    )
+    assert latest.data.metrics["custom_cnn/balanced_accuracy_mean"] == pytest.approx(
+        spread.at[0, "balanced_accuracy_mean"]
+    )
+    seeds = {
+        r.info.run_name: r.data.params.get("train.seed")
+        for r in client.search_runs([experiment])
+        if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id
+    }
+    assert seeds == {"custom_cnn-s3": "3", "custom_cnn-s4": "4", "random_resnet18": None}
