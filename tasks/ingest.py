@@ -90,6 +90,7 @@ PH2_MASK_FOLDERS = ("lesion", "roi")  # <id>_lesion/ (the lesion mask), <id>_roi
 # The txt's Clinical Diagnosis codes; map them to a model's classes with dataset.label_map
 # (e.g. common_nevus: NV, atypical_nevus: NV, melanoma: MEL).
 PH2_CLASSES = {"0": "common_nevus", "1": "atypical_nevus", "2": "melanoma"}
+PH2_COLUMNS = ("histological diagnosis", "clinical diagnosis")  # after Name, any case
 MAX_LISTED_FILES = 1000  # unlisted image paths kept in the facts (the count is always exact)
 # EXIF orientations 5-8 turn the picture by 90 degrees: prepare swaps width and height.
 _TRANSPOSED = {5, 6, 7, 8}
@@ -492,8 +493,8 @@ def read_ph2(root: Path) -> Adapted:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip().startswith("||"):
             continue  # blank lines and the legend below the table
-        fields = [f.strip() for f in line.strip().split("||")]
-        if fields[1:4] == ["Name", "Histological Diagnosis", "Clinical Diagnosis"]:
+        fields = [" ".join(f.split()) for f in line.strip().split("||")]
+        if [f.lower() for f in fields[1:4]] == ["name", *PH2_COLUMNS]:
             seen_header = True
             continue
         if not seen_header:
