@@ -330,6 +330,12 @@ def compare(
     except (CompareError, *known_errors()) as err:
         raise typer.Exit(report_failure("compare", err)) from None
     console.print(results_table(summary))
+    for row in summary.get("seeds") or []:
+        console.print(
+            f"  {row['variant']} over {row['seeds']} seeds: balanced accuracy "
+            f"{row['balanced_accuracy_mean']:.3f} +- {row['balanced_accuracy_sd']:.3f} "
+            f"({row['balanced_accuracy_min']:.3f} to {row['balanced_accuracy_max']:.3f})"
+        )
     console.print(
         f"compare: report {out / 'report.html'}; MLflow parent run {summary['run_id']} "
         f"(experiment {summary['experiment']})"

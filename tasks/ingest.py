@@ -71,6 +71,9 @@ MANIFEST_COLUMNS = [
 ]
 
 ISIC_GT = "ISIC_2019_Training_GroundTruth.csv"
+# Any part of ISIC 2019 (Training; Test, whose ground truth ISIC released after the challenge),
+# with its metadata CSV beside it as ISIC_2019_<Part>_Metadata.csv.
+ISIC2019_GT_GLOB = "ISIC_2019_*_GroundTruth.csv"
 # ISIC 2018 Task 3 ground truth, one file per part (Training, Validation, Test).
 ISIC2018_GT_GLOB = "ISIC2018_Task3_*_GroundTruth.csv"
 # The lesion ids ISIC published for the 2018 training part (image, lesion_id, ...).
@@ -79,7 +82,6 @@ ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC2018_TO_ISIC = {"AKIEC": "AK"}  # the 2018 AKIEC column is ISIC 2019's AK
 # Columns of ISIC's test ground truths that are not classes: the challenge's scoring weight.
 ISIC_NOT_CLASSES = ("score_weight",)
-ISIC_META = "ISIC_2019_Training_Metadata.csv"
 ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
 HAM_PART_PREFIX = "HAM10000_images_part_"
@@ -116,8 +118,9 @@ def choose_layout(root: Path) -> tuple[str, str]:
     Raises:
         IngestError: no known layout, or an ISIC/HAM root without its ground truth.
     """
-    if (root / ISIC_GT).is_file():
-        return "isic2019", f"{ISIC_GT} found at the root"
+    isic2019 = sorted(root.glob(ISIC2019_GT_GLOB))
+    if isic2019:
+        return "isic2019", f"{isic2019[0].name} found at the root"
     isic2018 = _at_root_or_below(root, ISIC2018_GT_GLOB)
     if isic2018:
         where = "at the root" if isic2018[0].parent == root else f"in {isic2018[0].parent.name}/"
@@ -133,7 +136,7 @@ def choose_layout(root: Path) -> tuple[str, str]:
             f"{PH2_TXT}. Put it there, or set dataset.layout: folder to read it as "
             "class-per-folder on purpose"
         )
-    isic_signs = [p.name for p in entries if p.name in (ISIC_INPUT, ISIC_META)]
+    isic_signs = [p.name for p in entries if p.name.startswith("ISIC_2019_")]
     if isic_signs:
         raise IngestError(
             f"{root / ISIC_GT}: missing; the root looks like ISIC 2019 ({', '.join(isic_signs)}) "
@@ -301,9 +304,32 @@ def one_hot_rows(
     return hot, hot.sum(axis=1)
 
 
+def _isic2019_files(root: Path) -> tuple[Path, Path]:
+    """The ground-truth CSV of the one ISIC 2019 part at the root, and its metadata CSV's path.
+
+    Raises:
+        IngestError: no ground truth, or two parts in one root (they would silently merge).
+    """
+    found = sorted(root.glob(ISIC2019_GT_GLOB))
+    if not found:
+        raise IngestError(f"{root / ISIC_GT}: not found")
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise IngestError(
+            f"{root}: expected one {ISIC2019_GT_GLOB}, found {names}; "
+            "put each part in its own folder"
+        )
+    part = found[0].name.removeprefix("ISIC_2019_").removesuffix("_GroundTruth.csv")
+    return found[0], root / f"ISIC_2019_{part}_Metadata.csv"
+
+
 def read_isic2019(root: Path) -> Adapted:
-    """ISIC 2019: one-hot ground truth + metadata CSV (image, age_approx, site, lesion_id, sex)."""
-    gt_path = root / ISIC_GT
+    """ISIC 2019: one-hot ground truth + metadata CSV (image, age_approx, site, lesion_id, sex).
+
+    The training part's files (``ISIC_2019_Training_GroundTruth.csv``, ``..._Metadata.csv``)
+    or, named the same way, the test part's; one part per root (:func:`_isic2019_files`).
+    """
+    gt_path, meta_path = _isic2019_files(root)
     gt = read_table(gt_path, ["image"], dtype={"image": str})
     classes = [c for c in gt.columns if c not in ("image", "_line", *ISIC_NOT_CLASSES)]
     unknown = sorted(set(classes) - set(ISIC_CLASSES))
@@ -322,8 +348,7 @@ def read_isic2019(root: Path) -> Adapted:
             "csv_line": gt["_line"].to_numpy(),
         }
     )
-    meta_path = root / ISIC_META
-    metadata: dict[str, Any] = {"file": ISIC_META, "present": meta_path.is_file()}
+    metadata: dict[str, Any] = {"file": meta_path.name, "present": meta_path.is_file()}
     if meta_path.is_file():
         meta = read_table(meta_path, ["image"], dtype={"image": str, "lesion_id": str, "sex": str})
         meta = meta.rename(
@@ -342,12 +367,13 @@ def read_isic2019(root: Path) -> Adapted:
         frame = frame.merge(meta[keep], on="image_id", how="left")
         metadata["lesion_ids"] = "lesion_id" in meta.columns
         if not metadata["lesion_ids"]:
-            metadata["note"] = f"{ISIC_META} has no lesion_id column"
+            metadata["note"] = f"{meta_path.name} has no lesion_id column"
     else:
         metadata["lesion_ids"] = False
         metadata["note"] = f"{meta_path} is missing"
     frame["source"] = "isic2019"
-    return Adapted(frame, ISIC_GT, ISIC_META if meta_path.is_file() else None, metadata)
+    meta_csv = meta_path.name if meta_path.is_file() else None
+    return Adapted(frame, gt_path.name, meta_csv, metadata)
 
 
 def read_ham10000(root: Path) -> Adapted:

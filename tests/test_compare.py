@@ -428,8 +428,8 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     assert len(second) == 2
 
     # compare.seeds: the trained variant once per seed, the loaded bundle once, and the spread.
-    run(["dermaflow", "compare", "--models", f"custom_cnn,{saved}", "--no-repro",
-         "--set", "compare.seeds=[3, 4]"], project)  # fmt: skip
+    said = run(["dermaflow", "compare", "--models", f"custom_cnn,{saved}", "--no-repro",
+                "--set", "compare.seeds=[3, 4]"], project).stdout  # fmt: skip
     seeded = pd.read_csv(report / "comparison.csv")
     assert list(seeded["model"]) == ["custom_cnn-s3", "custom_cnn-s4", "random_resnet18"]
     spread = pd.read_csv(report / "seeds.csv")
@@ -438,6 +438,8 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     assert spread.at[0, "balanced_accuracy_mean"] == pytest.approx(two.mean(), rel=1e-9)
     assert spread.at[0, "balanced_accuracy_sd"] == pytest.approx(two.std(ddof=1), abs=1e-9)
     assert "## Across seeds" in (report / "comparison.md").read_text()
+    mean, sd = spread.at[0, "balanced_accuracy_mean"], spread.at[0, "balanced_accuracy_sd"]
+    assert f"custom_cnn over 2 seeds: balanced accuracy {mean:.3f} +- {sd:.3f}" in said
     assert "Across seeds" in (report / "report.html").read_text()
     latest = max(
         (r for r in client.search_runs([experiment]) if r.info.run_name == "compare"),

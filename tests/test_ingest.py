@@ -153,6 +153,31 @@ def test_auto_layout_says_which_and_why(tmp_path):
     assert summary["layout"] == "folder" and "class folder" in summary["layout_reason"]
 
 
+def test_isic2019_test_part_is_read_like_the_training_part(tmp_path):
+    """ISIC's released test ground truth: its own file names, a score_weight column."""
+    root = make_isic(
+        tmp_path / "isic_test",
+        [{"image": "ISIC_9", "label": "UNK", "age": 35}, {"image": "ISIC_8", "label": "SCC"}],
+    )
+    gt = (root / GT).read_text().splitlines()
+    (root / "ISIC_2019_Test_GroundTruth.csv").write_text(
+        "\n".join([gt[0] + ",score_weight", *(row + ",1.0" for row in gt[1:])]) + "\n"
+    )
+    (root / META).rename(root / "ISIC_2019_Test_Metadata.csv")
+    (root / GT).unlink()
+    m = build_manifest(root, progress=False)
+    facts = m.attrs["ingest"]
+    assert facts["layout_reason"] == "ISIC_2019_Test_GroundTruth.csv found at the root"
+    assert (facts["label_csv"], facts["meta_csv"]) == (
+        "ISIC_2019_Test_GroundTruth.csv", "ISIC_2019_Test_Metadata.csv"
+    )  # fmt: skip
+    assert list(m["label"]) == ["UNK", "SCC"] and m["age"].tolist()[0] == 35
+    # Two parts in one root would merge two sets: refused, naming both.
+    (root / "ISIC_2019_Training_GroundTruth.csv").write_text("\n".join(gt) + "\n")
+    with pytest.raises(IngestError, match="ISIC_2019_Test_GroundTruth.csv, ISIC_2019_Training"):
+        build_manifest(root, progress=False)
+
+
 def test_isic_root_without_its_csv_is_an_error_not_a_folder_set(tmp_path):
     """Today's bug: read as class-per-folder, it became one class ISIC_2019_Training_Input."""
     root = _isic(tmp_path)
