@@ -84,6 +84,8 @@ ISIC2018_TO_ISIC = {"AKIEC": "AK"}  # the 2018 AKIEC column is ISIC 2019's AK
 ISIC_NOT_CLASSES = ("score_weight",)
 ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
+# Harvard Dataverse's default download of it: tab-separated, quoted, one more column (dataset).
+HAM_META_TAB = "HAM10000_metadata.tab"
 HAM_PART_PREFIX = "HAM10000_images_part_"
 # PH2 as distributed: PH2_dataset.txt ('||' table) + "PH2 Dataset images/<id>/" per case.
 PH2_TXT = "PH2_dataset.txt"
@@ -125,8 +127,9 @@ def choose_layout(root: Path) -> tuple[str, str]:
     if isic2018:
         where = "at the root" if isic2018[0].parent == root else f"in {isic2018[0].parent.name}/"
         return "isic2018", f"{isic2018[0].name} found {where}"
-    if (root / HAM_META).is_file() or (root / "HAM10000_metadata").is_file():
-        return "ham10000", f"{HAM_META} found at the root"
+    for name in (HAM_META, HAM_META_TAB, "HAM10000_metadata"):
+        if (root / name).is_file():
+            return "ham10000", f"{name} found at the root"
     if (root / PH2_TXT).is_file():
         return "ph2", f"{PH2_TXT} found at the root"
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
@@ -180,7 +183,9 @@ def detect_layout(root: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def read_table(path: Path, required: Iterable[str], dtype: Any = None) -> pd.DataFrame:
+def read_table(
+    path: Path, required: Iterable[str], dtype: Any = None, sep: str = ","
+) -> pd.DataFrame:
     """Read a dataset CSV, with ``_line`` (its line in the file), or fail naming the file.
 
     Accepts UTF-8 with or without a byte-order mark (Excel writes one). Every other way a CSV
@@ -208,7 +213,7 @@ def read_table(path: Path, required: Iterable[str], dtype: Any = None) -> pd.Dat
             "Latin-1 or Windows-1252?); re-save it as UTF-8"
         ) from None
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=dtype, skipinitialspace=True)
+        frame = pd.read_csv(io.StringIO(text), dtype=dtype, skipinitialspace=True, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IngestError(f"{path}: not a readable CSV ({reason})") from None
@@ -216,14 +221,14 @@ def read_table(path: Path, required: Iterable[str], dtype: Any = None) -> pd.Dat
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise IngestError(f"{path}: missing column(s) {missing}; found {list(frame.columns)[:12]}")
-    lines = _record_lines(text)
+    lines = _record_lines(text, sep)
     frame["_line"] = lines if len(lines) == len(frame) else range(2, len(frame) + 2)
     return frame
 
 
-def _record_lines(text: str) -> list[int]:
+def _record_lines(text: str, sep: str = ",") -> list[int]:
     """The first line of every data record (quoted fields may span lines; blanks skipped)."""
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
     starts: list[int] = []
     previous = 0
     for record in reader:
@@ -377,10 +382,18 @@ def read_isic2019(root: Path) -> Adapted:
 
 
 def read_ham10000(root: Path) -> Adapted:
-    """HAM10000: metadata CSV (lesion_id, image_id, dx, dx_type, age, sex, localization)."""
-    meta_path = root / HAM_META if (root / HAM_META).exists() else root / "HAM10000_metadata"
+    """HAM10000: metadata CSV (lesion_id, image_id, dx, dx_type, age, sex, localization).
+
+    ``HAM10000_metadata.csv``, else Harvard Dataverse's tab-separated ``.tab`` (what its
+    download button gives), else the file without an extension.
+    """
+    names = (HAM_META, HAM_META_TAB, "HAM10000_metadata")
+    meta_path = next((root / n for n in names if (root / n).exists()), root / HAM_META)
     meta = read_table(
-        meta_path, ["lesion_id", "image_id", "dx"], dtype={"lesion_id": str, "image_id": str}
+        meta_path,
+        ["lesion_id", "image_id", "dx"],
+        dtype={"lesion_id": str, "image_id": str},
+        sep="\t" if meta_path.suffix == ".tab" else ",",
     )
     frame = pd.DataFrame(
         {

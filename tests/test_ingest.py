@@ -54,6 +54,32 @@ def test_ham10000_adapter_maps_codes_and_reads_both_parts(tmp_path):
     assert pd.isna(m.loc[0, "sex"]) and m.loc[1, "sex"] == "male"
 
 
+def test_ham10000_dataverse_tab_reads_as_the_csv(tmp_path):
+    """Harvard Dataverse's download: HAM10000_metadata.tab, tab-separated, quoted, + dataset."""
+    rows = [
+        {"image_id": f"ISIC_00{i}", "dx": dx, "lesion_id": f"HAM_{i // 2}", "age": 40 + i}
+        for i, dx in enumerate(["mel", "nv", "bkl", "df"])
+    ]
+    root = make_ham(tmp_path / "ham", rows)
+    from_csv = build_manifest(root, progress=False)
+    header, *lines = (root / "HAM10000_metadata.csv").read_text().splitlines()
+    quoted = [
+        "\t".join(f'"{v}"' if not v.isdigit() else f"{v}.0" for v in line.split(","))
+        + '\t"vidir_modern"'
+        for line in lines
+    ]
+    tab = "\n".join(["\t".join(header.split(",") + ["dataset"]), *quoted]) + "\n"
+    (root / "HAM10000_metadata.tab").write_text(tab)
+    (root / "HAM10000_metadata.csv").unlink()
+
+    from_tab = build_manifest(root, progress=False)
+    facts = from_tab.attrs["ingest"]
+    assert facts["layout_reason"] == "HAM10000_metadata.tab found at the root"
+    assert facts["label_csv"] == "HAM10000_metadata.tab"
+    columns = ["image_id", "label", "lesion_id", "age", "sex", "site", "csv_line", "sha256"]
+    pd.testing.assert_frame_equal(from_tab[columns], from_csv[columns])
+
+
 def test_folder_adapter_and_file_defects(tmp_path):
     files = make_folder(tmp_path / "f", {"melanoma": 3, "naevus": 2}, size=(40, 30))
     truncate(files["melanoma"][0])
