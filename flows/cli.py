@@ -334,7 +334,8 @@ def compare(
         console.print(
             f"  {row['variant']} over {row['seeds']} seeds: balanced accuracy "
             f"{row['balanced_accuracy_mean']:.3f} +- {row['balanced_accuracy_sd']:.3f} "
-            f"({row['balanced_accuracy_min']:.3f} to {row['balanced_accuracy_max']:.3f})"
+            f"({row['balanced_accuracy_min']:.3f} to {row['balanced_accuracy_max']:.3f})",
+            soft_wrap=True,
         )
     console.print(
         f"compare: report {out / 'report.html'}; MLflow parent run {summary['run_id']} "

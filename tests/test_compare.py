@@ -428,8 +428,9 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     assert len(second) == 2
 
     # compare.seeds: the trained variant once per seed, the loaded bundle once, and the spread.
-    said = run(["dermaflow", "compare", "--models", f"custom_cnn,{saved}", "--no-repro",
-                "--set", "compare.seeds=[3, 4]"], project).stdout  # fmt: skip
+    proc = run(["dermaflow", "compare", "--models", f"custom_cnn,{saved}", "--no-repro",
+                "--set", "compare.seeds=[3, 4]"], project)  # fmt: skip
+    said = proc.stdout + proc.stderr
     seeded = pd.read_csv(report / "comparison.csv")
     assert list(seeded["model"]) == ["custom_cnn-s3", "custom_cnn-s4", "random_resnet18"]
     spread = pd.read_csv(report / "seeds.csv")
