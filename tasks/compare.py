@@ -773,8 +773,8 @@ def write_report(
     within.to_csv(out / "agreement_within.csv", index=False)
     across.to_csv(out / "agreement_across.csv", index=False)
     ablation.to_csv(out / "ablation.csv", index=False)
-    with_seeds = seeds is not None and not seeds.empty
-    if with_seeds:
+    has_seeds = seeds is not None and not seeds.empty
+    if has_seeds:
         seeds.to_csv(out / "seeds.csv", index=False)
     for name, fig in figures.items():
         save_figure(fig, out / name)
@@ -785,7 +785,7 @@ def write_report(
         "agreement_within.csv",
         "agreement_across.csv",
         "ablation.csv",
-        *(["seeds.csv"] if with_seeds else []),
+        *(["seeds.csv"] if has_seeds else []),
         *figures,
         "report.html",
         "summary.json",

@@ -86,6 +86,7 @@ ISIC_INPUT = "ISIC_2019_Training_Input"
 HAM_META = "HAM10000_metadata.csv"
 # Harvard Dataverse's default download of it: tab-separated, quoted, one more column (dataset).
 HAM_META_TAB = "HAM10000_metadata.tab"
+HAM_META_NAMES = (HAM_META, HAM_META_TAB, "HAM10000_metadata")  # looked for in this order
 HAM_PART_PREFIX = "HAM10000_images_part_"
 # PH2 as distributed: PH2_dataset.txt ('||' table) + "PH2 Dataset images/<id>/" per case.
 PH2_TXT = "PH2_dataset.txt"
@@ -127,7 +128,7 @@ def choose_layout(root: Path) -> tuple[str, str]:
     if isic2018:
         where = "at the root" if isic2018[0].parent == root else f"in {isic2018[0].parent.name}/"
         return "isic2018", f"{isic2018[0].name} found {where}"
-    for name in (HAM_META, HAM_META_TAB, "HAM10000_metadata"):
+    for name in HAM_META_NAMES:
         if (root / name).is_file():
             return "ham10000", f"{name} found at the root"
     if (root / PH2_TXT).is_file():
@@ -196,22 +197,12 @@ def read_table(
             malformed, or without a required column.
     """
     required = list(required)
-    if not path.is_file():
-        raise IngestError(f"{path}: not found")
-    data = path.read_bytes()
-    if not data.strip():
+    text = _read_text(path)
+    if not text.strip():
         raise IngestError(
-            f"{path}: empty file ({len(data)} bytes of whitespace at most); expected a CSV "
-            f"with a header row ({', '.join(required)}, ...)"
+            f"{path}: empty file ({path.stat().st_size} bytes of whitespace at most); expected "
+            f"a CSV with a header row ({', '.join(required)}, ...)"
         )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise IngestError(
-            f"{path}: not UTF-8 text (byte {data[err.start]:#04x} on line {line}; saved as "
-            "Latin-1 or Windows-1252?); re-save it as UTF-8"
-        ) from None
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=dtype, skipinitialspace=True, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
@@ -224,6 +215,25 @@ def read_table(
     lines = _record_lines(text, sep)
     frame["_line"] = lines if len(lines) == len(frame) else range(2, len(frame) + 2)
     return frame
+
+
+def _read_text(path: Path) -> str:
+    """A dataset table's text, UTF-8 with or without a byte-order mark.
+
+    Raises:
+        IngestError: missing, or not UTF-8 (with the line of the first bad byte).
+    """
+    if not path.is_file():
+        raise IngestError(f"{path}: not found")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise IngestError(
+            f"{path}: not UTF-8 text (byte {data[err.start]:#04x} on line {line}; saved as "
+            "Latin-1 or Windows-1252?); re-save it as UTF-8"
+        ) from None
 
 
 def _record_lines(text: str, sep: str = ",") -> list[int]:
@@ -387,8 +397,7 @@ def read_ham10000(root: Path) -> Adapted:
     ``HAM10000_metadata.csv``, else Harvard Dataverse's tab-separated ``.tab`` (what its
     download button gives), else the file without an extension.
     """
-    names = (HAM_META, HAM_META_TAB, "HAM10000_metadata")
-    meta_path = next((root / n for n in names if (root / n).exists()), root / HAM_META)
+    meta_path = next((root / n for n in HAM_META_NAMES if (root / n).exists()), root / HAM_META)
     meta = read_table(
         meta_path,
         ["lesion_id", "image_id", "dx"],
@@ -520,13 +529,7 @@ def read_ph2(root: Path) -> Adapted:
             Diagnosis is not 0, 1 or 2 (naming the file, line and column).
     """
     path = root / PH2_TXT
-    if not path.is_file():
-        raise IngestError(f"{path}: not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise IngestError(f"{path}: not UTF-8 text (line {line}); re-save it as UTF-8") from None
+    text = _read_text(path)
     header = "|| Name || Histological Diagnosis || Clinical Diagnosis ||"
     rows, seen_header = [], False
     for number, line in enumerate(text.splitlines(), start=1):
