@@ -14,9 +14,17 @@ sentence, plus an error row per unreadable file), ``predictions.csv`` (a row per
 
 Choices:
 
-- No masks, so no localisation metrics. Of the faithfulness metrics only Average Drop and
-  Increase in Confidence are kept (one extra forward pass per map); deletion/insertion AUC and
-  ROAD cost tens of passes per map and stay in the explain stage.
+- Of the faithfulness metrics only Average Drop and Increase in Confidence are kept (one extra
+  forward pass per map); deletion/insertion AUC and ROAD cost tens of passes per map and stay
+  in the explain stage.
+- Lesion masks that come with the images are used, by the layouts ingest reads
+  (:func:`tasks.predict.match_masks`: PH2's ``<case>_lesion/``, ISIC's ``<id>_segmentation``
+  beside the image, HAM10000's ``HAM10000_segmentations/`` under the inputs). An image with a
+  mask gets the explain stage's localisation scores (pointing game, energy pointing game: the
+  share of the map inside the lesion, IoU of the top ``top_k_percent``) and the outside flag of
+  its sentence; its overlay of the input outlines the lesion. A mask that does not
+  decode, or whose shape disagrees with its image (the validate stage's rule), turns the file
+  into an error row naming the mask: a score against the wrong region would look valid.
 - Every method explains every image: the Score-CAM/LIME budgets of ``explain`` are for its
   test sample, not for a batch job, so choose ``methods`` for the volume at hand.
 - The explained class is the predicted one (new images have no truth), unless
@@ -72,6 +80,8 @@ CALIBRATOR_ARTIFACT = "calibrate/calibrator.json"
 BUNDLE, OUT_DIR = str(paths.BUNDLE), Path("reports/explain_batch")
 TABLE = ["image_id", "image", "method", "layer", "predicted", "confidence", "target"]
 TABLE += ["average_drop", "increase_in_confidence", "location", "area_percent", "text", "error"]
+TABLE += ["mask", "pointing_game", "energy_pointing_game", "iou", "outside_flag"]
+LOCALISATION = ["pointing_game", "energy_pointing_game", "iou"]
 
 
 class ExplainBatchError(RuntimeError):
@@ -108,9 +118,16 @@ def find_images(inputs: list[str]) -> list[Path]:
     found gets one row, masks and hidden files are skipped and counted. Paths are made absolute
     without resolving symlinks, so a broken link's error row carries the link's own name.
     """
+    return [image for image, _, _ in find_items(inputs)]
+
+
+def find_items(inputs: list[str]) -> list[tuple[Path, Path | None, str | None]]:
+    """:func:`find_images`, each with its lesion mask among the skipped masks, or None, and
+    the problem that stops the pairing (several candidates), or None
+    (:func:`tasks.predict.match_masks`)."""
     import os
 
-    from tasks.predict import scan_inputs
+    from tasks.predict import match_masks, scan_inputs
 
     scan = scan_inputs(inputs)
     skipped = scan.skipped()
@@ -120,7 +137,9 @@ def find_images(inputs: list[str]) -> list[Path]:
     if skipped and tuple(inputs) not in _ANNOUNCED:  # the flow looks again: say it once
         _ANNOUNCED.add(tuple(inputs))
         print(f"explain-batch: {len(scan.files)} file(s) to explain; {skipped}", flush=True)
-    return [Path(os.path.abspath(f)) for f in scan.files]
+    files = [Path(os.path.abspath(f)) for f in scan.files]
+    pairs = match_masks(files, scan.masks)
+    return [(f, m, problem) for f, (m, problem) in zip(files, pairs, strict=True)]
 
 
 _ANNOUNCED: set[tuple[str, ...]] = set()
@@ -274,12 +293,15 @@ def explain_images(
     raw: np.ndarray,
     calibrator: dict[str, Any],
     cfg: ExplainConfig,
+    masks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], np.ndarray], pd.DataFrame]:
     """Calibrated probabilities, explained classes, per (method, layer) maps and their scores.
 
-    A pure function of decoded uint8 images (N, H, W, 3): the explanation engine
-    (:func:`tasks.engine.explain`) computes the maps and Average Drop / Increase in Confidence
-    (one extra forward pass per map); this only predicts and picks the explained class.
+    A pure function of decoded uint8 images (N, H, W, 3) and optional lesion masks (N, H, W),
+    all-zero for an image without one: the explanation engine (:func:`tasks.engine.explain`)
+    computes the maps, Average Drop / Increase in Confidence (one extra forward pass per map)
+    and, where there is a mask, the localisation scores; this only predicts and picks the
+    explained class.
     """
     import torch
 
@@ -304,7 +326,9 @@ def explain_images(
         targets,
         engine.plan(cfg.methods, cfg.layers, meta["arch"]),
         options=engine.options(cfg, mean, std),
-        scores=("average_drop",),
+        scores=("average_drop", "localisation") if masks is not None else ("average_drop",),
+        masks=masks,
+        top_k_percent=cfg.top_k_percent,
     )
     return probs, targets, result.maps, result.table
 
@@ -344,8 +368,10 @@ def explain_chunk(
     cfg: ExplainConfig,
     resize: str,
     staging: str,
+    aspect_tolerance: float = 0.02,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Decode, predict and explain one chunk of ``(path, image_id)``; write its files.
+    """Decode, predict and explain one chunk of ``(path, image_id, mask, mask problem)``; write
+    its files (``aspect_tolerance``: ``validate.mask_aspect_tolerance``).
 
     Overlays go to ``staging/overlays``, the heatmaps to a shard ``staging/_shards/<index>.npz``
     that the flow merges. An unreadable file becomes an error row; the rest still run.
@@ -356,23 +382,34 @@ def explain_chunk(
     import torch
 
     from tasks.explain_text import describe_heatmap, explain_text
-    from tasks.gallery import overlay, overlay_name, save_png
+    from tasks.gallery import outline, overlay, overlay_name, save_png
     from tasks.models import load_bundle
-    from tasks.predict import _DECODE_ERRORS, load_image
+    from tasks.predict import _DECODE_ERRORS, load_image, load_image_and_mask
     from tasks.prepare import PrepareError
 
     model, meta = load_bundle(bundle_file(bundle, tracking_uri))
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # the worker's hardware decides
     size = meta["input_size"] if isinstance(meta["input_size"], int) else meta["input_size"][0]
-    images, errors = {}, {}
-    for path, image_id in items:
+    images, masks, errors = {}, {}, {}
+    color = (meta.get("extra") or {}).get("color_constancy", "none")  # as trained
+    for path, image_id, mask, problem in items:
         try:
-            color = (meta.get("extra") or {}).get("color_constancy", "none")  # as trained
-            images[image_id] = load_image(path, size, resize, color=color)
+            if problem:
+                raise PrepareError(problem)
+            if mask is None:
+                images[image_id] = load_image(path, size, resize, color=color)
+            else:
+                images[image_id], masks[image_id] = load_image_and_mask(
+                    path, mask, size, resize, color, aspect_tolerance=aspect_tolerance
+                )
         except _DECODE_ERRORS as err:
             errors[image_id] = str(err) if isinstance(err, PrepareError) else f"{path}: {err}"
+    empty = np.zeros((size, size), dtype=np.uint8)
+    lesions = np.stack([masks.get(i, empty) for i in images]) if masks else None
     probs, targets, maps, scores = (
-        explain_images(model, meta, np.stack(list(images.values())), calibration["calibrator"], cfg)
+        explain_images(
+            model, meta, np.stack(list(images.values())), calibration["calibrator"], cfg, lesions
+        )
         if images
         else (None, None, {}, None)
     )
@@ -383,7 +420,7 @@ def explain_chunk(
     rows, predictions, arrays, scale = [], [], {}, max(1, 256 // size)
     position = {image_id: i for i, image_id in enumerate(images)}
     drops = {} if scores is None else {(r.method, r.layer, r.index): r for r in scores.itertuples()}
-    for path, image_id in items:
+    for path, image_id, mask, _ in items:
         if image_id in errors:
             rows.append({"image_id": image_id, "image": path, "error": errors[image_id]})
             predictions.append(rows[-1].copy())
@@ -394,19 +431,24 @@ def explain_chunk(
         head["confidence"] = float(probs[i, k])
         probabilities = {f"p_{c}": float(p) for c, p in zip(classes, probs[i], strict=True)}
         predictions.append({**head, **probabilities, **referral[i], "error": None})
-        save_png(raw, out / "overlays" / f"{image_id}.png", scale)
+        lesion = masks.get(image_id)
+        picture = raw if lesion is None else outline(raw, lesion)
+        save_png(picture, out / "overlays" / f"{image_id}.png", scale)
         for (method, layer), heat in maps.items():
             name = overlay_name(image_id, method, layer)
             arrays[name] = heat[i].astype(np.float16)
             save_png(overlay(raw, heat[i]), out / "overlays" / f"{name}.png", scale)
-            facts = describe_heatmap(heat[i])
-            score = drops[(method, layer or "input", i)]
+            facts = describe_heatmap(heat[i], lesion)
+            score = drops[(method, layer or "input", i)]._asdict()
             rows.append(
                 {**head, "method": method, "layer": layer or "input"}
-                | {"target": classes[targets[i]], "average_drop": score.average_drop}
-                | {"increase_in_confidence": score.increase_in_confidence}
+                | {"target": classes[targets[i]], "average_drop": score["average_drop"]}
+                | {"increase_in_confidence": score["increase_in_confidence"]}
                 | {"location": facts["location"], "area_percent": facts["area_percent"]}
                 | {"text": explain_text(classes[k], head["confidence"], facts), "error": None}
+                | {"mask": None if mask is None else str(mask)}
+                | {key: score.get(key) for key in LOCALISATION}
+                | {"outside_flag": None if lesion is None else facts["outside_flag"]}
             )
     np.savez_compressed(out / "_shards" / f"{index:06d}.npz", **arrays)
     return {"rows": rows, "predictions": predictions}
@@ -455,6 +497,10 @@ def write_outputs(
     write_batch_gallery(tmp / "gallery.html", table, layer)
     faith = table.dropna(subset=["method"]).groupby(["method", "layer"], sort=False)
     faith = faith[["average_drop", "increase_in_confidence"]].mean().reset_index()
+    located = table.dropna(subset=["method", "mask"])
+    located = located.astype({k: float for k in LOCALISATION})
+    where = located.groupby(["method", "layer"], sort=False)[LOCALISATION]
+    where = where.mean().join(where.size().rename("images")).reset_index()
     referred = preds["refer"].dropna()
     summary = {
         "files": len(preds),
@@ -464,6 +510,8 @@ def write_outputs(
         "predicted": {k: int(v) for k, v in preds["predicted"].value_counts().items()},
         "referred": int(referred.sum()) if len(referred) else None,
         "faithfulness": faith.to_dict(orient="records"),
+        "masks": int(preds["image"].isin(located["image"]).sum()),
+        "localisation": where.astype(object).where(where.notna(), None).to_dict("records"),
     }
     return table, preds, summary
 
@@ -504,15 +552,23 @@ def explain_batch_flow(
     size = chunk_size or p.orchestration.chunk_size
     if size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {size}")
-    files, uri = find_images(inputs), tracking.configure()
+    files, uri = find_items(inputs), tracking.configure()
     ref, meta = open_model(model, uri)
     pairs = method_layers(cfg.methods, cfg.layers, meta["arch"])
     calibration = resolve_calibration(ref, meta, temperature, uri)
     calibration.update(resolve_guards(ref, uri))
     calibrator_from_dict(calibration["calibrator"])  # a broken calibrator fails here, not per chunk
-    items = list(zip(map(str, files), image_ids(files), strict=True))
+    ids = image_ids([image for image, _, _ in files])
+    items = [
+        (str(image), image_id, None if mask is None else str(mask), problem)
+        for (image, mask, problem), image_id in zip(files, ids, strict=True)
+    ]
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    log.info("%d files, %d chunks, %d maps per image", len(files), len(chunks), len(pairs))
+    paired = sum(mask is not None for _, mask, _ in files)
+    log.info(
+        "%d files (%d with a lesion mask), %d chunks, %d maps per image",
+        len(files), paired, len(chunks), len(pairs),
+    )  # fmt: skip
     run_chunk = explain_chunk.with_options(
         retries=p.orchestration.retries, retry_delay_seconds=p.orchestration.retry_delay_s
     )
@@ -526,8 +582,16 @@ def explain_batch_flow(
     with atomic_dir(out) as tmp:
         futures = [
             run_chunk.submit(
-                chunk, k, ref.bundle, uri, calibration, cfg, p.prepare.resize, str(tmp)
-            )
+                chunk,
+                k,
+                ref.bundle,
+                uri,
+                calibration,
+                cfg,
+                p.prepare.resize,
+                str(tmp),
+                p.validate.mask_aspect_tolerance,
+            )  # fmt: skip
             for k, chunk in enumerate(chunks)
         ]
         table, preds, summary = write_outputs(
@@ -559,6 +623,11 @@ def log_run(
     for row in summary["faithfulness"]:
         for key in ("average_drop", "increase_in_confidence"):
             metrics[f"xai_{row['method']}_{row['layer']}_{key}"] = row[key]
+    for row in summary["localisation"]:  # images with a lesion mask only
+        for key in LOCALISATION:
+            if row[key] is not None:  # None: every map of the pair empty
+                metrics[f"xai_{row['method']}_{row['layer']}_{key}"] = row[key]
+    metrics["masks"] = summary["masks"]
     experiment_id = tracking.ensure_experiment(experiment)
     run_name = f"explain-batch-{Path(inputs[0]).name}"
     clean = {k: str(v) for k, v in tags.items() if v is not None}

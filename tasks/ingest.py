@@ -654,7 +654,8 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _transposed(img: Image.Image) -> bool:
+def is_transposed(img: Image.Image) -> bool:
+    """Whether the EXIF orientation turns the image by 90 degrees (width and height swap)."""
     try:
         return img.getexif().get(_ORIENTATION_TAG) in _TRANSPOSED
     except Exception:  # noqa: BLE001 - a broken EXIF block is not the image's defect
@@ -667,7 +668,7 @@ def _decode(data: bytes, max_pixels: int) -> tuple[int | None, int | None, str |
         try:
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
-                turned = _transposed(img)
+                turned = is_transposed(img)
                 if w * h > max_pixels:
                     return w, h, "too_large", turned
                 try:
@@ -687,7 +688,7 @@ def _decode_mask(
         try:
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
-                turned = _transposed(img)
+                turned = is_transposed(img)
                 if w * h > max_pixels:
                     return w, h, "too_large", turned, None
                 try:

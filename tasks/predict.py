@@ -37,7 +37,13 @@ from PIL import Image
 
 from tasks.config import DEFAULT_MAX_PIXELS
 from tasks.export import INPUT_NAME, OUTPUT_NAMES, decode_metadata, normalize, ort_session
-from tasks.ingest import IMAGE_SUFFIXES, MASK_SUFFIX, PH2_MASK_FOLDERS, pixel_limit_problem
+from tasks.ingest import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIX,
+    PH2_MASK_FOLDERS,
+    is_transposed,
+    pixel_limit_problem,
+)
 from tasks.io import atomic_path, check_output_file
 from tasks.prepare import PrepareError, decode_one
 from tasks.progress import progress_bar
@@ -436,6 +442,102 @@ def is_mask(path: Path) -> bool:
     case, _, kind = path.parent.name.rpartition("_")
     in_ph2_mask_folder = bool(case) and kind in PH2_MASK_FOLDERS and path.stem.startswith(case)
     return path.stem.endswith(MASK_SUFFIX) or in_ph2_mask_folder
+
+
+def match_masks(
+    images: Sequence[Path], masks: Sequence[Path]
+) -> list[tuple[Path | None, str | None]]:
+    """Each image's lesion mask among the ``masks`` a scan skipped: ``(mask, None)``,
+    ``(None, None)`` when it has none, or ``(None, problem)`` when several could be it.
+
+    The rules are the layouts the ingest stage reads, first match wins:
+
+    1. PH2: ``<case>_lesion/<case>_lesion.<ext>`` beside the image's ``<case>_Dermoscopic_Image/``;
+    2. ISIC: ``<stem>_segmentation.<ext>`` in the image's own folder;
+    3. HAM10000: ``<stem>_segmentation.<ext>`` anywhere else under the inputs (its
+       ``HAM10000_segmentations/`` folder), when exactly one such file exists.
+
+    Two candidates under one rule (``a_segmentation.png`` and ``.jpg``, or two folders) are a
+    problem naming both, never a guess. Paths are compared as absolute paths.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for m in masks:
+        by_stem.setdefault(m.stem.lower(), []).append(Path(os.path.abspath(m)))
+    out: list[tuple[Path | None, str | None]] = []
+    for image in images:
+        image = Path(os.path.abspath(image))
+        stem, folder = image.stem.lower(), image.parent
+        ph2 = folder.name.lower() == f"{stem}_dermoscopic_image"
+        rules = [
+            [m for m in by_stem.get(f"{stem}_lesion", []) if m.parent.parent == folder.parent]
+            if ph2
+            else [],
+            [m for m in by_stem.get(stem + MASK_SUFFIX, []) if m.parent == folder],
+            [m for m in by_stem.get(stem + MASK_SUFFIX, []) if m.parent != folder],
+        ]
+        found = next((r for r in rules if r), [])
+        if len(found) > 1:
+            named = ", ".join(map(str, sorted(found)))
+            out.append((None, f"{image}: {len(found)} masks could be its mask ({named})"))
+        else:
+            out.append((found[0] if found else None, None))
+    return out
+
+
+def load_image_and_mask(
+    path: str | os.PathLike[str],
+    mask: str | os.PathLike[str],
+    size: int,
+    resize: str = "center_crop",
+    color: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    aspect_tolerance: float = 0.02,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_image` plus its lesion mask, (size, size) uint8 in {0, 1}, cut the same way.
+
+    The validate stage's mask rule holds: the mask has the image's size (upright), or its
+    aspect ratio within ``aspect_tolerance`` (``validate.mask_aspect_tolerance``), since a
+    mask of another shape would be cropped to another part of the scene.
+
+    Raises:
+        PrepareError: the image or the mask does not decode, is a broken link or too large, or
+            the two shapes disagree; the message names the file and the rule.
+    """
+    path, mask = Path(path), Path(mask)
+    for file in (path, mask):
+        problem = file_problem(file, max_pixels)
+        if problem:
+            raise PrepareError(problem)
+    try:
+        with Image.open(mask) as m:
+            mask_w, mask_h = _upright_size(m)
+    except _DECODE_ERRORS as err:
+        raise PrepareError(f"{mask}: cannot decode the mask ({err})") from err
+    try:
+        with Image.open(path) as img:
+            width, height = _upright_size(img)
+    except _DECODE_ERRORS as err:
+        raise PrepareError(f"{path}: cannot decode ({err})") from err
+    gap = abs((mask_w / mask_h) / (width / height) - 1.0)
+    if (mask_w, mask_h) != (width, height) and gap > aspect_tolerance:
+        raise PrepareError(
+            f"{mask}: mask {mask_w}x{mask_h} px vs image {width}x{height} px: aspect "
+            f"{mask_w / mask_h:.3f} vs {width / height:.3f}, more than {aspect_tolerance:g} "
+            "apart (validate.mask_aspect_tolerance)"
+        )
+    try:
+        rgb, out, _ = decode_one(path, mask, size, resize, color)
+    except PrepareError:
+        raise
+    except _DECODE_ERRORS as err:  # the mask's pixels (the image's raise PrepareError)
+        raise PrepareError(f"{mask}: cannot decode the mask ({err})") from err
+    return rgb, out
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height after the EXIF orientation that :func:`tasks.prepare.to_rgb` applies."""
+    width, height = img.size
+    return (height, width) if is_transposed(img) else (width, height)
 
 
 def scan_inputs(paths: Iterable[str | os.PathLike[str]]) -> InputScan:

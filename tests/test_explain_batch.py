@@ -1,8 +1,9 @@
 """explain-batch: the Prefect flow over new images, on threads, on Dask, and from the registry.
 
 Real Prefect (its test harness starts a temporary server once per session), a real sqlite
-MLflow store in a temp folder, real JPEG/PNG files with a corrupt one among them, and a
-random-init custom CNN at 32 px: the numbers mean nothing, the plumbing is what is tested.
+MLflow store in a temp folder, real JPEG/PNG files with a corrupt one among them (two with
+lesion masks, ISIC- and HAM10000-style), and a random-init custom CNN at 32 px: the numbers
+mean nothing, the plumbing is what is tested.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.explain_batch import run_explain_batch
+from flows.explain_batch import explain_chunk, run_explain_batch
 from tasks import tracking
+from tasks.explain_text import OUTSIDE_SHARE
 from tasks.export import normalize
 from tasks.metrics import softmax
 from tasks.models import build_model, load_bundle, save_bundle
 from tasks.predict import load_image
 from tasks.train import MEAN, STD
-from tests.datasets import not_an_image, write_image
+from tests.datasets import not_an_image, write_image, write_mask
 from tests.helpers import write_params
 
 SIZE = 32
@@ -72,6 +74,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     ):
         write_image(folder / name, size, seed=i)
     not_an_image(folder / "broken.jpg")
+    write_mask(folder / "a_segmentation.png", (48, 48))  # beside its image (ISIC)
+    write_mask(folder / "segmentations" / "d_segmentation.png", (48, 48))  # elsewhere (HAM)
     params = write_params(
         root / "params.yaml",
         [
@@ -126,6 +130,20 @@ def test_local_run_writes_every_output_and_an_error_row(ws: SimpleNamespace, loc
     assert set(zip(good["method"], good["layer"], strict=True)) == PAIRS
     assert good["text"].str.startswith("Predicted").all()
     assert good["average_drop"].between(0, 1).all()
+    located = good[good["mask"].notna()]  # a and d: scored against their lesion
+    assert set(located["image_id"]) == {"a", "d"}
+    assert set(located["mask"].map(lambda m: Path(m).name)) == {
+        "a_segmentation.png", "d_segmentation.png"
+    }  # fmt: skip
+    for column in ("pointing_game", "energy_pointing_game", "iou"):
+        assert located[column].astype(float).between(0, 1).all(), column
+        assert good.loc[good["mask"].isna(), column].isna().all(), column
+    outside = 1 - located["energy_pointing_game"].astype(float) > OUTSIDE_SHARE
+    assert located["outside_flag"].tolist() == outside.tolist()  # the sentence's rule
+    lesion = np.asarray(Image.open(out / "overlays" / "a.png"))
+    assert ((lesion == (0, 255, 255)).all(axis=-1)).any()  # the input, outlined
+    plain = np.asarray(Image.open(out / "overlays" / "b.png"))
+    assert not ((plain == (0, 255, 255)).all(axis=-1)).any()
 
     with np.load(out / "heatmaps.npz") as npz:
         keys = {f"{i}__{m}__{lay}" for i in ids for m, lay in PAIRS}
@@ -144,6 +162,9 @@ def test_local_run_writes_every_output_and_an_error_row(ws: SimpleNamespace, loc
 
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["images"], summary["errors"], summary["chunks"]) == (5, 1, 3)
+    assert summary["masks"] == 2
+    assert {(r["method"], r["layer"]) for r in summary["localisation"]} == PAIRS
+    assert all(r["images"] == 2 for r in summary["localisation"])
     config = json.loads((out / "config.json").read_text())
     assert config["calibration"]["source"] == "bundle temperature"
     assert "broken.jpg" in (out / "gallery.html").read_text()
@@ -152,8 +173,43 @@ def test_local_run_writes_every_output_and_an_error_row(ws: SimpleNamespace, loc
     assert run.data.tags["model_uri"] == str(ws.bundle)
     assert run.data.tags["source"] == str(ws.folder)
     assert run.data.metrics["images"] == 5 and run.data.metrics["errors"] == 1
+    assert run.data.metrics["masks"] == 2
+    assert 0 <= run.data.metrics["xai_gradcam_deep_pointing_game"] <= 1
     logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "explain_batch")}
     assert {"explain_batch/heatmaps.npz", "explain_batch/predictions.csv"} <= logged
+
+
+def test_a_mask_that_does_not_fit_its_image_makes_an_error_row(
+    ws: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The chunk task itself (no flow): each mask problem names the mask and the rule; the
+    image without a mask in the same chunk is still explained."""
+    from tasks.config import load_params
+
+    image = write_image(tmp_path / "x.jpg", (64, 48))
+    wrong = write_mask(tmp_path / "masks" / "wrong.png", (48, 48))
+    broken = not_an_image(tmp_path / "masks" / "broken.png")
+    items = [
+        (str(image), "wrong", str(wrong), None),
+        (str(image), "broken", str(broken), None),
+        (str(image), "two", None, f"{image}: 2 masks could be its mask (m1, m2)"),
+        (str(image), "plain", None, None),
+    ]
+    calibration = {"calibrator": {"method": "temperature", "temperature": 1.0}}
+    calibration["referral_threshold"] = None  # as resolve_calibration gives it without one
+    cfg = load_params(ws.params).explain
+    out = explain_chunk.fn(items, 0, str(ws.bundle), None, calibration, cfg, "center_crop",
+                           str(tmp_path / "staging"), 0.02)  # fmt: skip
+    errors = {r["image_id"]: r["error"] for r in out["rows"] if r["error"]}
+    assert set(errors) == {"wrong", "broken", "two"}
+    assert (
+        errors["wrong"].startswith(str(wrong))
+        and "validate.mask_aspect_tolerance" in errors["wrong"]
+    )
+    assert errors["broken"].startswith(str(broken)) and "cannot decode the mask" in errors["broken"]
+    assert errors["two"].endswith("2 masks could be its mask (m1, m2)")
+    plain = [r for r in out["rows"] if r["image_id"] == "plain"]
+    assert len(plain) == len(PAIRS) and all(r["mask"] is None for r in plain)
 
 
 def test_dask_cluster_gives_the_same_table(ws: SimpleNamespace, local) -> None:

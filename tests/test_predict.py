@@ -22,15 +22,17 @@ from tasks.predict import (
     Predictor,
     collect_images,
     load_image,
+    load_image_and_mask,
     load_predictor,
+    match_masks,
     predict_files,
     preprocess,
     scan_inputs,
     write_csv,
 )
-from tasks.prepare import decode_one
+from tasks.prepare import PrepareError, decode_one
 from tasks.train import MEAN, STD, to_input
-from tests.datasets import make_ph2, not_an_image, truncate, write_image
+from tests.datasets import make_ph2, not_an_image, truncate, write_image, write_mask
 from tests.tolerances import PROB_ATOL
 
 SIZE = 32
@@ -108,6 +110,54 @@ def test_a_ph2_folder_as_distributed_yields_its_dermoscopic_images(tmp_path: Pat
     assert sorted(p.name for p in scan.masks) == [
         "IMD002_R1_Label4.bmp", "IMD002_lesion.bmp", "IMD003_R1_Label4.bmp", "IMD003_lesion.bmp"
     ]  # fmt: skip
+
+
+def test_each_image_finds_its_mask_by_the_layouts_ingest_reads(tmp_path: Path) -> None:
+    ph2 = make_ph2(tmp_path / "PH2Dataset", ["common_nevus", "melanoma"])
+    isic = tmp_path / "isic"
+    write_image(isic / "ISIC_1.jpg")
+    write_mask(isic / "ISIC_1_segmentation.png")
+    write_image(isic / "ISIC_2.jpg")  # no mask anywhere
+    ham = tmp_path / "ham"
+    write_image(ham / "HAM10000_images_part_1" / "ISIC_3.jpg")
+    write_mask(ham / "HAM10000_segmentations" / "ISIC_3_segmentation.png")
+    two = tmp_path / "two"  # a mask in two other folders: which one is a guess
+    write_image(two / "images" / "ISIC_4.jpg")
+    for folder in ("a", "b"):
+        write_mask(two / folder / "ISIC_4_segmentation.png")
+
+    scan = scan_inputs([ph2, isic, ham, two])
+    found = dict(zip(scan.files, match_masks(scan.files, scan.masks), strict=True))
+    cases = ph2 / "PH2 Dataset images"
+    for case in ("IMD002", "IMD003"):
+        image = cases / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp"
+        assert found[image] == (cases / case / f"{case}_lesion" / f"{case}_lesion.bmp", None)
+    assert found[isic / "ISIC_1.jpg"] == (isic / "ISIC_1_segmentation.png", None)
+    assert found[isic / "ISIC_2.jpg"] == (None, None)
+    image = ham / "HAM10000_images_part_1" / "ISIC_3.jpg"
+    assert found[image] == (ham / "HAM10000_segmentations" / "ISIC_3_segmentation.png", None)
+    mask, problem = found[two / "images" / "ISIC_4.jpg"]
+    assert mask is None and problem.startswith(str(two / "images" / "ISIC_4.jpg"))
+    assert "2 masks could be its mask" in problem and str(two / "b") in problem
+    assert found[ph2 / "PH2_dataset.txt"] == (None, None)
+
+
+def test_an_image_and_its_mask_decode_with_one_geometry(tmp_path: Path) -> None:
+    image = write_image(tmp_path / "x.jpg", (64, 48))
+    write_mask(tmp_path / "half.png", (32, 24))  # same aspect, half the pixels: accepted
+    rgb, mask = load_image_and_mask(image, tmp_path / "half.png", 32)
+    np.testing.assert_array_equal(rgb, load_image(image, 32))
+    assert mask.shape == (32, 32) and set(np.unique(mask)) == {0, 1}
+    assert mask[16, 16] == 1 and mask[0, 0] == 0  # the centred ellipse, cropped like the image
+
+    write_mask(tmp_path / "square.png", (48, 48))
+    with pytest.raises(PrepareError) as caught:
+        load_image_and_mask(image, tmp_path / "square.png", 32)
+    text = str(caught.value)
+    assert text.startswith(str(tmp_path / "square.png")) and "\n" not in text
+    assert "48x48 px vs image 64x48 px" in text and "validate.mask_aspect_tolerance" in text
+    with pytest.raises(PrepareError, match="cannot decode the mask"):
+        load_image_and_mask(image, not_an_image(tmp_path / "bad_segmentation.png"), 32)
 
 
 def test_predict_files(predictor: Predictor, images: dict[str, Path], tmp_path: Path) -> None:
