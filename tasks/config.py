@@ -292,6 +292,8 @@ class TrainConfig:
     cutmix_alpha: NonNegFloat = 0.0  # CutMix Beta(alpha, alpha) (0 = off)
     mix_prob: Probability = 1.0  # share of batches mixed when Mixup or CutMix is on
     tta: Literal[TTA_MODES] = "none"  # none | flips | flips_rot90: views averaged at evaluation
+    mask_loss: NonNegFloat = 0.0  # weight of the auxiliary lesion-mask loss (0 = off)
+    mask_layer: Literal["early", "middle", "deep"] = "deep"  # layer the mask head reads
     distributed: DistributedConfig = field(
         default_factory=DistributedConfig
     )  # data-parallel processes (torchrun); batch_size stays the global batch
@@ -808,6 +810,15 @@ def _cross_checks(tree: dict[str, Any]) -> list[str]:
             problems.append(
                 f"train.loss: focal takes class indices, but {' and '.join(mixing)} make soft "
                 "targets; use train.loss ce | logit_adjusted, or set them to 0"
+            )
+    if isinstance(train, dict) and train.get("mask_loss"):
+        clash = [k for k in ("mixup_alpha", "cutmix_alpha") if train.get(k)]
+        clash += ["compile"] if train.get("compile") else []
+        if clash:
+            problems.append(
+                f"train.mask_loss: the auxiliary mask loss cannot be combined with "
+                f"{' and '.join(clash)} (mixed images have no one mask; hooks and "
+                "torch.compile do not mix); set them off, or train.mask_loss to 0"
             )
     variants = _get(tree, "compare", "variants")
     if isinstance(variants, dict):

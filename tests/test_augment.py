@@ -153,6 +153,40 @@ def test_the_cpu_path_is_the_per_image_loop_and_reproducible(cfg) -> None:
     assert torch.equal(augment(batch), expected)  # a CPU tensor takes the per-image path
 
 
+def _centroids(bright: torch.Tensor) -> torch.Tensor:
+    """Row and column centroid of each image's set pixels, ``(N, 2)``; NaN where none."""
+    rows = torch.arange(SIZE, dtype=torch.float32)[None, :, None]
+    cols = torch.arange(SIZE, dtype=torch.float32)[None, None, :]
+    weight = bright.sum(dim=(1, 2))
+    return torch.stack(
+        [(bright * rows).sum(dim=(1, 2)) / weight, (bright * cols).sum(dim=(1, 2)) / weight], 1
+    )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_mask_channel_takes_the_geometry_and_not_the_jitter(cfg, batched: bool) -> None:
+    """train.mask_loss: the lesion mask rides as a fourth channel through both paths."""
+    image = _image()
+    marker = (image.mean(dim=0, keepdim=True) > 0.8).float()  # the mask marks the marker
+    batch = torch.cat([image, marker])[None].repeat(128, 1, 1, 1)
+    augment = build_augment(cfg, SIZE)
+    torch.manual_seed(2)
+    out = augment(batch, batched=batched)
+    torch.manual_seed(2)
+    alone = augment(batch[:, :3], batched=batched)
+    assert out.shape == (128, 4, SIZE, SIZE)
+    assert torch.equal(out[:, :3], alone)  # the same random draws: the image is unchanged
+    mask = out[:, 3]
+    if not batched:  # v2 resamples a tv_tensors.Mask by nearest neighbour and never jitters it
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    seen = _centroids((mask > 0.5).float())
+    bright = _centroids((out[:, :3].mean(dim=1) > 0.7).float())
+    both = ~(seen.isnan().any(1) | bright.isnan().any(1))
+    assert both.sum() > 100  # the marker stays in view in most copies
+    assert (seen[both] - bright[both]).abs().max() < 1.5  # and the mask moved with it
+    assert seen[both][:, 1].std() > 3  # flips moved both: the geometry was exercised
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_batch_takes_the_batched_path(cfg) -> None:

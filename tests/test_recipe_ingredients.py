@@ -61,6 +61,13 @@ def test_focal_with_mixup_is_a_config_error(tmp_path: Path) -> None:
         load_params(path)
 
 
+@pytest.mark.parametrize("clash", ["train.mixup_alpha=0.2", "train.compile=true"])
+def test_mask_loss_with_mixing_or_compile_is_a_config_error(tmp_path: Path, clash: str) -> None:
+    path = write_params(tmp_path / "params.yaml", ["train.mask_loss=0.5", clash])
+    with pytest.raises(ConfigError, match="train.mask_loss: the auxiliary mask loss cannot"):
+        load_params(path)
+
+
 def test_deferred_reweighting_switches_the_weights_on_at_drw_epoch() -> None:
     weights = torch.tensor([0.4, 1.0, 3.0])
     for epoch in range(3):

@@ -286,6 +286,42 @@ def test_mednode_training_run_lands_in_mlflow(mednode, tmp_path):
     assert preds["logits"].shape[1] == 2 and len(preds["labels"]) == len(preds["image_ids"])
 
 
+def test_the_mask_loss_trains_a_side_head_that_is_not_exported(tiny, tmp_path):
+    """train.mask_loss: the head's loss changes the training, not the model that is saved."""
+    root, p = tiny
+    model_cfg, plain = _cfg(p, epochs=2)
+    _, masked = _cfg(p, epochs=2, mask_loss=0.5, mask_layer="middle")
+    a = train(model_cfg, plain, root / "prepared", tmp_path / "a.pt", "v1", show_progress=False)
+    b = train(model_cfg, masked, root / "prepared", tmp_path / "b.pt", "v1", show_progress=False)
+    assert a.model.state_dict().keys() == b.model.state_dict().keys()  # no head exported
+    assert all(not m._forward_hooks for m in b.model.modules())  # nor its hook
+    assert not np.array_equal(a.test_logits, b.test_logits)  # but the loss changed training
+    head = torch.load(tmp_path / "b.pt", weights_only=True)["mask_head"]
+    assert head["conv.weight"].shape[0] == 1 and head["conv.weight"].shape[2:] == (1, 1)
+    assert "mask_head" not in torch.load(tmp_path / "a.pt", weights_only=True)
+    # The head is part of the resumable state: a finished run resumes as finished.
+    again = train(
+        model_cfg, masked, root / "prepared", tmp_path / "b.pt", "v1", show_progress=False
+    )
+    assert again.resumed_from == 2
+    np.testing.assert_array_equal(again.test_logits, b.test_logits)
+
+
+def test_the_mask_loss_refuses_images_without_masks_and_data_parallelism(tiny):
+    from tasks.prepare import open_split
+    from tasks.train import _check_masks
+
+    root, _ = tiny
+    split = open_split(root / "prepared", "train")
+    _check_masks(split, False)  # the synthetic set has every mask
+    rows = split.rows.copy()
+    rows.loc[rows.index[3], "has_mask"] = False
+    with pytest.raises(TrainingError, match=r"1 of \d+ have none \(first: "):
+        _check_masks(dataclasses.replace(split, rows=rows), False)
+    with pytest.raises(TrainingError, match="runs in one process"):
+        _check_masks(split, True)
+
+
 def test_cached_images_reach_loader_workers_by_file_name(tiny):
     """forkserver workers get the cache's path (a few hundred bytes), not a copy of its pixels."""
     import pickle
@@ -305,3 +341,10 @@ def test_cached_images_reach_loader_workers_by_file_name(tiny):
     batches = DataLoader(data, batch_size=8, num_workers=1, multiprocessing_context="forkserver")
     seen = torch.cat([images for images, _ in batches])
     assert torch.equal(seen, torch.from_numpy(np.array(data.images)))
+    # With train.mask_loss the mask is a fourth channel (0 | 255), also sent by file name.
+    masked = CachedImages(open_split(root / "prepared", "val"), masks=True)
+    assert len(pickle.dumps(masked)) < data.images[0].nbytes
+    image = pickle.loads(pickle.dumps(masked))[3][0]
+    assert torch.equal(image[..., :3], data[3][0])
+    assert torch.equal(image[..., 3], torch.from_numpy(np.array(masked.masks[3]) * 255))
+    assert set(image[..., 3].unique().tolist()) == {0, 255}
