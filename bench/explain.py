@@ -401,10 +401,11 @@ def _host_share(
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from tasks.cams import Options, _cam_object, _tapped, to_heatmaps
+    from tasks.cams import Options, _cam_object, to_heatmaps
+    from tasks.models import tapped
 
     x = images.detach().clone().requires_grad_(True)
-    with _tapped({"layer": layer}) as taps:
+    with tapped({"layer": layer}) as taps:
         out = model(x)
         index = torch.as_tensor(targets, device=x.device)[:, None]
         (grads,) = torch.autograd.grad(out.gather(1, index).sum(), [taps["layer"]])

@@ -61,7 +61,7 @@ from torch import nn
 
 from tasks.forward import batch_size as sized_batch
 from tasks.forward import forward_batch, inference_twin, model_key
-from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, target_layers
+from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, tapped, target_layers
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def layer_cams(
     pytorch-grad-cam hooks one set of layers per object and runs its own forward and backward
     on every call, so five gradient methods at three layers would cost fifteen passes over the
     images. The passes are the same every time: the activations and gradients of one target
-    logit per image. So every layer stays tapped for the whole batch (:func:`_tapped`), each
+    logit per image. So every layer stays tapped for the whole batch (:func:`tapped`), each
     chunk gets one forward and, when any method needs gradients, one backward, and each
     method's own ``get_cam_image`` turns the recorded arrays into its map, followed by
     :func:`to_heatmaps` (the library's post-processing). The maps are the ones each library
@@ -353,7 +353,7 @@ def layer_cams(
     layers = list(dict.fromkeys(layer for _, layer in pairs))
     methods = list(dict.fromkeys(method for method, _ in pairs))
     parts: dict[Pair, list[np.ndarray]] = {p: [] for p in pairs}
-    with _explaining(model), _tapped({lay: modules[lay] for lay in layers}) as taps:
+    with _explaining(model), tapped({lay: modules[lay] for lay in layers}) as taps:
         cams = {m: _cam_object(m, model, opts) for m in methods}
         needs_grads = any(cam.uses_gradients for cam in cams.values())
         step = grad_batch(model, images, opts.batch_size)
@@ -362,14 +362,14 @@ def layer_cams(
                 chunk = images[start : start + step].detach().clone().requires_grad_(needs_grads)
                 chunk_targets = [ClassifierOutputTarget(c) for c in targets[start : start + step]]
                 outputs = model(chunk)
-                tapped = [taps[lay] for lay in layers]
+                activations = [taps[lay] for lay in layers]
                 tapped_grads: Sequence[torch.Tensor | None] = [None] * len(layers)
                 if needs_grads:
                     target = sum(t(o) for t, o in zip(chunk_targets, outputs, strict=True))
-                    tapped_grads = torch.autograd.grad(target, tapped)
+                    tapped_grads = torch.autograd.grad(target, activations)
                 recorded = {
                     lay: (a.detach().cpu().numpy(), None if g is None else g.cpu().numpy())
-                    for lay, a, g in zip(layers, tapped, tapped_grads, strict=True)
+                    for lay, a, g in zip(layers, activations, tapped_grads, strict=True)
                 }
                 for method, layer in pairs:
                     acts, grads = recorded[layer]
@@ -425,35 +425,6 @@ class ThinEigenCAM(EigenCAM):
         """The library's positional ``(input_tensor, target_layer, targets, activations, grads,
         eigen_smooth)``: the projection needs the activations alone."""
         return first_component(args[3])
-
-
-@contextmanager
-def _tapped(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Each module's output in the latest forward, by name, kept out of reach of in-place ops.
-
-    The hook keeps the output and hands the rest of the network a clone, so an in-place op
-    further on (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) changes the clone:
-    the kept tensor stays the activation the layer produced, and the graph node whose
-    gradient is asked for. (pytorch-grad-cam keeps ``activation.cpu()``, which on the CPU is
-    the live tensor, so there the same model would give other maps than on a GPU.)
-    """
-    taps: dict[str, torch.Tensor] = {}
-    names: dict[int, list[str]] = {}
-    for name, module in modules.items():
-        names.setdefault(id(module), []).append(name)
-
-    def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        for name in names[id(module)]:
-            taps[name] = output
-        return output.clone()
-
-    unique = {id(m): m for m in modules.values()}
-    handles = [m.register_forward_hook(keep) for m in unique.values()]
-    try:
-        yield taps
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class BatchedScoreCAM(ScoreCAM):

@@ -494,6 +494,35 @@ def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
 
 
 @contextlib.contextmanager
+def tapped(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each module's output in the latest forward, by name, kept out of reach of in-place ops.
+
+    The hook keeps the output and hands the rest of the network a clone, so an in-place op
+    further on (DenseNet's ``F.relu(..., inplace=True)`` after ``norm5``) changes the clone:
+    the kept tensor stays the activation the layer produced, and the graph node whose
+    gradient is asked for. (pytorch-grad-cam keeps ``activation.cpu()``, which on the CPU is
+    the live tensor, so there the same model would give other maps than on a GPU.)
+    """
+    taps: dict[str, torch.Tensor] = {}
+    names: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names.setdefault(id(module), []).append(name)
+
+    def keep(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        for name in names[id(module)]:
+            taps[name] = output
+        return output.clone()
+
+    unique = {id(m): m for m in modules.values()}
+    handles = [m.register_forward_hook(keep) for m in unique.values()]
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode (dropout off, BatchNorm running stats) for the duration, then the flag back.
 

@@ -36,7 +36,15 @@ from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, sit
 from tasks.io import atomic_path
 from tasks.losses import class_weights, epoch_class_weights, make_loss, sampler_weights
 from tasks.metrics import classification_metrics
-from tasks.models import build_model, image_part, set_backbone_frozen, target_layers, with_tta
+from tasks.models import (
+    build_model,
+    eval_mode,
+    image_part,
+    set_backbone_frozen,
+    tapped,
+    target_layers,
+    with_tta,
+)
 from tasks.prepare import PreparedSplit, check_cache, color_constancy, open_split
 from tasks.progress import progress_bar
 from tasks.split import data_version, read_split
@@ -112,9 +120,9 @@ class MaskHead(nn.Module):
     classifier itself is unchanged and the head is not exported: it only steers the features
     towards the lesion, which on ham10000-dev left balanced accuracy where it was and moved
     Grad-CAM's pointing game onto the lesion (see the README). Hand-written because no library
-    adds a segmentation side-loss to a torchvision classifier. The features come through a
-    forward hook that lives as long as the ``with`` block, so the trained model leaves
-    without it.
+    adds a segmentation side-loss to a torchvision classifier. The features are tapped as the
+    explanations tap them (:func:`tasks.models.tapped`: safe from later in-place ops) for as
+    long as the ``with`` block lasts, so the trained model leaves without the hook.
 
     Args:
         layer: the module whose output (``B x C x h x w``) the head reads.
@@ -127,26 +135,22 @@ class MaskHead(nn.Module):
         self.conv = nn.Conv2d(channels, 1, kernel_size=1)
         self.weight = weight
         self.layer = [layer]  # a list, so the layer is not a submodule of the head
-        self.features: torch.Tensor | None = None
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._tap = contextlib.ExitStack()
+        self._taps: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> MaskHead:
-        self._hook = self.layer[0].register_forward_hook(self._keep)
+        self._taps = self._tap.enter_context(tapped({"features": self.layer[0]}))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook, self.features = None, None
-
-    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.features = output
+        self._tap.close()
+        self._taps = {}
 
     def loss(self, masks: torch.Tensor) -> torch.Tensor:
         """The weighted loss of the last forward's features against ``masks`` (B x 1 x H x W)."""
-        if self.features is None:
+        if "features" not in self._taps:
             raise RuntimeError("MaskHead.loss before a forward pass inside its with block")
-        logits = self.conv(self.features).float()
+        logits = self.conv(self._taps["features"]).float()
         target = nn.functional.adaptive_avg_pool2d(masks.float(), logits.shape[-2:])
         return self.weight * nn.functional.binary_cross_entropy_with_logits(logits, target)
 
@@ -156,17 +160,9 @@ def make_mask_head(
 ) -> MaskHead:
     """A :class:`MaskHead` on ``model``'s ``layer`` (early | middle | deep), sized by a probe."""
     target = target_layers(model, arch)[layer]
-    seen: list[torch.Tensor] = []
-    hook = target.register_forward_hook(lambda m, i, o: seen.append(o))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            image_part(model)(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return MaskHead(target, seen[0].shape[1], weight).to(device)
+    with eval_mode(model), torch.no_grad(), tapped({"features": target}) as taps:
+        image_part(model)(torch.zeros(1, 3, size, size, device=device))
+    return MaskHead(target, taps["features"].shape[1], weight).to(device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -960,7 +956,7 @@ def train(
                         "history": history,
                         "best": best,
                         **({"ema": ema.state_dict()} if ema is not None else {}),
-                        **({"mask_head": mask_head.state_dict()} if mask_head else {}),
+                        **({"mask_head": mask_head.state_dict()} if mask_head is not None else {}),
                     },
                 )
             if on_epoch is not None:
