@@ -299,11 +299,22 @@ def test_the_mask_loss_trains_a_side_head_that_is_not_exported(tiny, tmp_path):
     head = torch.load(tmp_path / "b.pt", weights_only=True)["mask_head"]
     assert head["conv.weight"].shape[0] == 1 and head["conv.weight"].shape[2:] == (1, 1)
     assert "mask_head" not in torch.load(tmp_path / "a.pt", weights_only=True)
-    # The head is part of the resumable state: a finished run resumes as finished.
-    again = train(
-        model_cfg, masked, root / "prepared", tmp_path / "b.pt", "v1", show_progress=False
-    )
-    assert again.resumed_from == 2
+
+    # The head is part of the resumable state: stopped after epoch 1 and resumed, the run
+    # ends where the uninterrupted one did (a fresh head would steer epoch 2 elsewhere).
+    class Stop(Exception):
+        pass
+
+    def stop(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Stop
+
+    cut = tmp_path / "cut.pt"
+    with pytest.raises(Stop):
+        train(model_cfg, masked, root / "prepared", cut, "v1", on_epoch=stop, show_progress=False)
+    again = train(model_cfg, masked, root / "prepared", cut, "v1", show_progress=False)
+    assert again.resumed_from == 1
+    assert again.history[-1]["train_loss"] == b.history[-1]["train_loss"]  # epoch 2 itself
     np.testing.assert_array_equal(again.test_logits, b.test_logits)
 
 
