@@ -269,7 +269,8 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
     Returns:
         ``variant``, ``row`` (its line of comparison.csv), ``bins`` (reliability before /
         after), ``quality`` and ``within`` (records), ``maps`` (path of its heatmaps ``.npz``),
-        ``layers`` (method -> layer), ``params`` (flat resolved params; None when loaded).
+        ``layers`` (method -> layer), ``params`` (flat resolved params; None when loaded),
+        ``predicted`` (its predicted class per test image).
     """
     import mlflow
     import torch
@@ -426,6 +427,7 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         "maps": str(work / "heatmaps.npz"),
         "layers": {m: layer or "input" for m, layer in layers.items()},
         "params": got["params"],
+        "predicted": got["logits"]["test"].argmax(axis=1).tolist(),  # the paired table's input
     }
 
 
@@ -456,8 +458,13 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
     pairs = cmp.ablation_pairs({r["variant"]["name"]: r["params"] for r in results})
     ablation = cmp.ablation_table(table, pairs)
     seeds = cmp.seed_summary(table, [r["variant"]["group"] for r in results])
-
     test = open_split(root / paths.PREPARED, "test")
+    paired = cmp.paired_table(
+        test.labels,
+        {r["variant"]["name"]: np.asarray(r["predicted"]) for r in results},
+        cmp.reference_pairs([r["variant"] for r in results]),
+    )
+
     idx = np.asarray(job.image_indices, dtype=int)
     eces = {r["row"]["model"]: (r["row"]["ece_before"], r["row"]["ece_after"]) for r in results}
     figures = {
@@ -492,6 +499,7 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
         "ablation": ablation.to_dict(orient="records"),
         "ablation_pairs": [list(pair) for pair in pairs],
         "seeds": seeds.to_dict(orient="records"),
+        "paired": paired.to_dict(orient="records"),
         "images": {
             "indices": [int(i) for i in idx],
             "image_ids": [str(i) for i in test.rows["image_id"].to_numpy()[idx]],
@@ -499,7 +507,7 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
     }
     with atomic_dir(Path(out_dir)) as tmp:
         summary["files"] = cmp.write_report(
-            tmp, table, quality, within, across, ablation, figures, summary, seeds
+            tmp, table, quality, within, across, ablation, figures, summary, seeds, paired
         )
     return summary
 
@@ -633,6 +641,13 @@ def _compare(
                 for row in summary["seeds"]
                 for key, value in row.items()
                 if key.endswith(("_mean", "_sd"))
+            }
+        )
+        tracking.log_metrics(
+            {
+                f"{row['model']}/{key}": row[key]
+                for row in summary["paired"]
+                for key in ("gain", "ci_low", "ci_high", "p_value")
             }
         )
     create_markdown_artifact(

@@ -37,10 +37,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score
 
 from tasks import xai_metrics as xm
 from tasks.cams import method_layers
 from tasks.config import ConfigError, Params, flatten, load_params
+from tasks.gate import mcnemar_p_value, paired_bootstrap
 from tasks.io import write_json, write_text
 from tasks.metrics import DPI, save_figure
 from tasks.models import ARCHITECTURES, arch_spec
@@ -345,6 +347,101 @@ def ablation_table(table: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd.
             )
     columns = ["without", "with", "metric", "value_without", "value_with", "delta"]
     return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------- paired
+
+
+PAIRED_TEXT = (
+    "Each model against the first row, on the same test images: the balanced-accuracy gain "
+    "with a paired bootstrap 95 % interval (both models scored on the same resamples, so the "
+    "images' difficulty cancels and only their disagreements count), the one-sided p-value of "
+    "a gain <= 0, and the exact McNemar p-value (plain accuracy, images where one model alone "
+    "is right). `verdict`: better or worse when the interval excludes 0, else within noise. "
+    "With `compare.seeds` each seed meets the first row's same seed: this interval is the test "
+    "images' luck only, so an ingredient earns its place when its seeds agree (Across seeds)."
+)
+PAIRED_COLUMNS: tuple[str, ...] = (
+    "model",
+    "reference",
+    "balanced_accuracy",
+    "reference_balanced_accuracy",
+    "gain",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "mcnemar_p_value",
+    "verdict",
+)
+
+
+def reference_pairs(variants: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(model, reference)`` for every model outside the first variant's group.
+
+    The first row is the reference: an ablation recipe puts its baseline there, so each
+    ingredient is read against it. With ``compare.seeds`` a model ``x-s<k>`` meets
+    ``<first>-s<k>`` when the first variant has that seed (the same initialisation and batch
+    order), else the first variant's first model.
+
+    Args:
+        variants: :meth:`Variant.as_dict` of each model, in the comparison's order.
+    """
+    if not variants:
+        return []
+    reference = variants[0]["group"] or variants[0]["name"]
+    members = [v["name"] for v in variants if (v["group"] or v["name"]) == reference]
+    pairs = []
+    for v in variants:
+        group = v["group"] or v["name"]
+        if group == reference:
+            continue
+        same_seed = reference + v["name"][len(group) :]
+        pairs.append((v["name"], same_seed if same_seed in members else members[0]))
+    return pairs
+
+
+def paired_table(
+    labels: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    pairs: Sequence[tuple[str, str]],
+    resamples: int = BOOTSTRAP,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """The paired significance of each ``(model, reference)`` pair on the test images.
+
+    The gate's own tests (:func:`tasks.gate.paired_bootstrap`, :func:`tasks.gate.
+    mcnemar_p_value`) with a gain threshold of 0: one definition of "better than luck" for
+    the promotion gate and the comparison.
+
+    Args:
+        labels: true class per test image.
+        predicted: model name -> its predicted class per test image (same order).
+        pairs: from :func:`reference_pairs`.
+
+    Returns:
+        One row per pair, :data:`PAIRED_COLUMNS`.
+    """
+    rows = []
+    for model, reference in pairs:
+        new, old = predicted[model], predicted[reference]
+        s = paired_bootstrap(labels, new, old, 0.0, confidence, resamples, seed)
+        verdict = "better" if s.ci_low > 0 else "worse" if s.ci_high < 0 else "within noise"
+        rows.append(
+            {
+                "model": model,
+                "reference": reference,
+                "balanced_accuracy": float(balanced_accuracy_score(labels, new)),
+                "reference_balanced_accuracy": float(balanced_accuracy_score(labels, old)),
+                "gain": s.gain,
+                "ci_low": s.ci_low,
+                "ci_high": s.ci_high,
+                "p_value": s.p_value,
+                "mcnemar_p_value": mcnemar_p_value(labels, new, old),
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 # --------------------------------------------------------------------------- explanations
@@ -671,6 +768,7 @@ def report_markdown(
     ablation: pd.DataFrame,
     info: Mapping[str, Any],
     seeds: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """``comparison.md``: the tables of the report, in reading order."""
     parts = [
@@ -687,6 +785,8 @@ def report_markdown(
             f"{SEEDS_TEXT}\n",
             markdown_table(seeds),
         ]
+    if paired is not None and not paired.empty:
+        parts += ["## Against the first row\n", f"{PAIRED_TEXT}\n", markdown_table(paired, 4)]
     parts += [
         "## Explanation quality\n",
         "Deletion AUC: lower is more faithful; insertion AUC, pointing game and energy pointing "
@@ -724,6 +824,7 @@ def report_html(
     figures: Sequence[str],
     info: Mapping[str, Any],
     seeds: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """``report.html``: the tables and the figures on one page (files beside it), from the
     ``compare_report.html.j2`` template (:func:`tasks.gallery.render`)."""
@@ -736,9 +837,11 @@ def report_html(
         figures=list(figures),
         links=[f for f in info["files"] if f.endswith((".csv", ".md", ".json"))],
         seeds_text=SEEDS_TEXT,
+        paired_text=PAIRED_TEXT,
         tables={
             "models": html_table(_main_table(table)),
             "seeds": None if seeds is None or seeds.empty else html_table(seeds),
+            "paired": None if paired is None or paired.empty else html_table(paired),
             "quality": html_table(_quality_long(quality)),
             "ablation": None if ablation.empty else html_table(ablation),
             "within": html_table(within),
@@ -757,12 +860,14 @@ def write_report(
     figures: Mapping[str, Figure],
     summary: dict[str, Any],
     seeds: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> list[str]:
     """Write every report file into ``out`` (the flow's atomic staging folder).
 
     Files: ``comparison.{csv,md}``, ``explanation_quality.csv``, ``agreement_within.csv``,
-    ``agreement_across.csv``, ``ablation.csv``, ``seeds.csv`` (with ``compare.seeds``), the
-    figures (PNG), ``report.html`` and ``summary.json``.
+    ``agreement_across.csv``, ``ablation.csv``, ``seeds.csv`` (with ``compare.seeds``),
+    ``paired.csv`` (with two variants or more), the figures (PNG), ``report.html`` and
+    ``summary.json``.
 
     Returns:
         The file names written.
@@ -776,6 +881,9 @@ def write_report(
     has_seeds = seeds is not None and not seeds.empty
     if has_seeds:
         seeds.to_csv(out / "seeds.csv", index=False)
+    has_paired = paired is not None and not paired.empty
+    if has_paired:
+        paired.to_csv(out / "paired.csv", index=False)
     for name, fig in figures.items():
         save_figure(fig, out / name)
     files = [
@@ -786,6 +894,7 @@ def write_report(
         "agreement_across.csv",
         "ablation.csv",
         *(["seeds.csv"] if has_seeds else []),
+        *(["paired.csv"] if has_paired else []),
         *figures,
         "report.html",
         "summary.json",
@@ -793,11 +902,11 @@ def write_report(
     info = {**summary, "files": files}
     write_text(
         out / "comparison.md",
-        report_markdown(table, quality, within, across, ablation, info, seeds),
+        report_markdown(table, quality, within, across, ablation, info, seeds, paired),
     )
     write_text(
         out / "report.html",
-        report_html(table, quality, within, across, ablation, list(figures), info, seeds),
+        report_html(table, quality, within, across, ablation, list(figures), info, seeds, paired),
     )
     write_json(out / "summary.json", summary)
     return files

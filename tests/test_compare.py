@@ -19,7 +19,9 @@ from tasks.compare import (
     ablation_table,
     agreement_across,
     agreement_within,
+    paired_table,
     pick_images,
+    reference_pairs,
     resolve_variants,
     seed_summary,
     variant_params,
@@ -106,6 +108,49 @@ def test_seed_summary_is_the_mean_and_sample_sd_per_variant():
         assert got.at[0, f"{metric}_sd"] == pytest.approx(values.std(ddof=1), rel=1e-12)
     assert got.at[0, "balanced_accuracy_min"] == table["balanced_accuracy"][:3].min()
     assert seed_summary(table, ["a", "b", "c", "d"]).empty
+
+
+def test_each_model_meets_the_first_rows_same_seed():
+    loaded = Variant("clf@champion", (), "models:/clf@champion")
+    seeded = with_seeds([*resolve_variants(None, VARIANTS), loaded], [0, 7])
+    assert reference_pairs([v.as_dict() for v in seeded]) == [
+        ("custom_cnn_metadata-s0", "custom_cnn-s0"),
+        ("custom_cnn_metadata-s7", "custom_cnn-s7"),
+        ("clf@champion", "custom_cnn-s0"),  # no seed of its own: the first row's first seed
+    ]
+    plain = [v.as_dict() for v in resolve_variants(None, VARIANTS)]
+    assert reference_pairs(plain) == [("custom_cnn_metadata", "custom_cnn")]
+    assert reference_pairs(plain[:1]) == [] and reference_pairs([]) == []
+
+
+def test_paired_table_calls_a_gain_only_when_its_interval_excludes_zero():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    noisy = np.where(rng.random(300) < 0.5, labels, (labels + 1) % 3)  # right half the time
+    close = noisy.copy()
+    close[np.flatnonzero(noisy != labels)[:3]] = labels[np.flatnonzero(noisy != labels)[:3]]
+    predicted = {"ref": noisy, "perfect": labels, "same": noisy.copy(), "close": close}
+    predicted["wrong"] = (labels + 2) % 3
+    pairs = [(name, "ref") for name in ("perfect", "same", "close", "wrong")]
+    got = paired_table(labels, predicted, pairs).set_index("model")
+    assert list(got["verdict"]) == ["better", "within noise", "within noise", "worse"]
+    for name in got.index:
+        expected = balanced_accuracy_score(labels, predicted[name]) - balanced_accuracy_score(
+            labels, noisy
+        )
+        assert got.at[name, "gain"] == pytest.approx(expected, abs=1e-12)
+        assert got.at[name, "ci_low"] <= got.at[name, "gain"] <= got.at[name, "ci_high"]
+    assert got.at["perfect", "p_value"] < 0.01 and got.at["wrong", "p_value"] > 0.99
+    assert got.at["same", "gain"] == 0 and got.at["same", "mcnemar_p_value"] == 1.0
+    close_gain = got.loc["close", ["ci_low", "gain", "ci_high"]].to_numpy(dtype=float)
+    assert close_gain[0] <= 0 < close_gain[1] < close_gain[2]  # 3 images better: not enough
+    assert got.at["perfect", "mcnemar_p_value"] < 1e-10 < got.at["wrong", "mcnemar_p_value"]
+    assert list(got.reset_index().columns) == [
+        "model", "reference", "balanced_accuracy", "reference_balanced_accuracy", "gain",
+        "ci_low", "ci_high", "p_value", "mcnemar_p_value", "verdict",
+    ]  # fmt: skip
 
 
 def test_a_seed_listed_twice_is_refused(tmp_path):
@@ -347,6 +392,7 @@ def test_compare_three_models_then_load_bundles(tmp_path):
         "agreement_within.png",
         "agreement_across.png",
         "gallery.png",
+        "paired.csv",
         "report.html",
         "summary.json",
     ):
@@ -380,7 +426,23 @@ def test_compare_three_models_then_load_bundles(tmp_path):
         unit = values[["cosine", "topk_jaccard"]]
         assert ((unit >= 0) & (unit <= 1)).all().all()
 
+    # Each model against the first row, on the same test images (gain = the difference of
+    # the balanced accuracies in comparison.csv), also as parent-run metrics.
+    paired = pd.read_csv(report / "paired.csv")
+    assert list(zip(paired["model"], paired["reference"], strict=True)) == [
+        ("custom_cnn_metadata", "custom_cnn"),
+        ("resnet18", "custom_cnn"),
+    ]
+    accuracy = table.set_index("model")["balanced_accuracy"]
+    for _, row in paired.iterrows():
+        gain = accuracy[row["model"]] - accuracy["custom_cnn"]
+        assert row["gain"] == pytest.approx(gain, abs=1e-9)
+        assert row["ci_low"] <= row["gain"] <= row["ci_high"] and 0 < row["p_value"] <= 1
+        assert row["verdict"] in {"better", "worse", "within noise"}
+        assert parent.data.metrics[f"{row['model']}/gain"] == pytest.approx(row["gain"])
     markdown = (report / "comparison.md").read_text()
+    assert "## Against the first row" in markdown
+    assert "Against the first row" in (report / "report.html").read_text()
     assert "## Ablation: metadata" in markdown
     assert "custom_cnn_metadata (with metadata) minus custom_cnn (without)" in markdown
     assert "Ablation: metadata" in (report / "report.html").read_text()

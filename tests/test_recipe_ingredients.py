@@ -291,3 +291,8 @@ def test_ablation_recipe_runs_end_to_end_on_tens_of_images(tmp_path: Path) -> No
     assert (ba <= table["balanced_accuracy_ci_high"]).all()
     assert table[["ece_before", "ece_after", "train_minutes"]].notna().all().all()
     np.testing.assert_allclose(table["train_minutes"] * 60, table["train_seconds"])
+    # Which ingredients earn their place: each row against the bare script, same test images.
+    paired = pd.read_csv(project / "reports" / "compare" / "paired.csv")
+    assert list(paired["model"]) == kept[1:] and set(paired["reference"]) == {"baseline"}
+    gain = table.set_index("model")["balanced_accuracy"] - ba[0]
+    np.testing.assert_allclose(paired["gain"], gain[kept[1:]], atol=1e-9)
