@@ -675,7 +675,8 @@ def run_compare(
 
 
 def results_table(summary: dict) -> Table:
-    """The final printed table: one row per model, the headline numbers."""
+    """The final printed table: one row per model, the headline numbers and its gain in
+    balanced accuracy over the first row with the paired verdict (``paired.csv``)."""
     from rich.table import Table
 
     def num(value: Any, digits: int = 3) -> str:
@@ -687,16 +688,19 @@ def results_table(summary: dict) -> Table:
     table.add_column("model", overflow="fold")
     table.add_column("arch", overflow="fold")
     columns = ["meta", "bal. acc", "acc", "macro F1", "AUROC", "ECE before > after"]
-    columns += [f"{first} del. AUC" if first else "del. AUC", "train s", "params"]
+    columns += [f"{first} del. AUC" if first else "del. AUC", "train s", "params", "vs first"]
     for name in columns:
         table.add_column(name, justify="right")
+    paired = {row["model"]: row for row in summary.get("paired") or []}
     for r in summary["models"]:
+        gain = paired.get(r["model"])
         table.add_row(
             str(r["model"]), str(r["arch"]), "yes" if r["metadata"] else "no",
             num(r["balanced_accuracy"]), num(r["accuracy"]), num(r["macro_f1"]),
             num(r["auroc_macro"]), f"{num(r['ece_before'])} > {num(r['ece_after'])}",
             num(r.get(f"{first}_deletion_auc")), num(r["train_seconds"], 1),
             f"{r['parameters']:,}",
+            "-" if gain is None else f"{gain['gain']:+.3f} {gain['verdict']}",
         )  # fmt: skip
     return table
 

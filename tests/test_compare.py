@@ -153,6 +153,29 @@ def test_paired_table_calls_a_gain_only_when_its_interval_excludes_zero():
     ]  # fmt: skip
 
 
+def test_the_printed_table_shows_each_models_gain_over_the_first_row():
+    from rich.console import Console
+
+    from flows.compare import results_table
+
+    row = {
+        "arch": "resnet18", "metadata": False, "balanced_accuracy": 0.5, "accuracy": 0.6,
+        "macro_f1": 0.4, "auroc_macro": 0.8, "ece_before": 0.1, "ece_after": 0.05,
+        "train_seconds": 10.0, "parameters": 1000,
+    }  # fmt: skip
+    summary = {
+        "dataset": "d",
+        "methods": ["gradcam"],
+        "models": [{**row, "model": "base"}, {**row, "model": "better_one"}],
+        "paired": [{"model": "better_one", "gain": 0.0421, "verdict": "within noise"}],
+    }
+    console = Console(width=240, record=True)
+    console.print(results_table(summary))
+    lines = {line.split()[1]: line for line in console.export_text().splitlines() if "│" in line}
+    assert lines["better_one"].rstrip(" │").endswith("+0.042 within noise")
+    assert lines["base"].rstrip(" │").endswith("-")
+
+
 def test_a_seed_listed_twice_is_refused(tmp_path):
     from tasks.config import load_params
 
