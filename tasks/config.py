@@ -294,6 +294,7 @@ class TrainConfig:
     tta: Literal[TTA_MODES] = "none"  # none | flips | flips_rot90: views averaged at evaluation
     mask_loss: NonNegFloat = 0.0  # weight of the auxiliary lesion-mask loss (0 = off)
     mask_layer: Literal["early", "middle", "deep"] = "deep"  # layer the mask head reads
+    mask_missing: Literal["error", "skip"] = "error"  # training images without a mask
     distributed: DistributedConfig = field(
         default_factory=DistributedConfig
     )  # data-parallel processes (torchrun); batch_size stays the global batch

@@ -147,12 +147,24 @@ class MaskHead(nn.Module):
         self._taps = {}
 
     def loss(self, masks: torch.Tensor) -> torch.Tensor:
-        """The weighted loss of the last forward's features against ``masks`` (B x 1 x H x W)."""
+        """The weighted loss of the last forward's features against ``masks`` (B x 1 x H x W).
+
+        Only images whose mask channel marks a lesion count: an image without a mask has an
+        all-zero channel (``train.mask_missing: skip``), and validation's ``mask_nonempty``
+        rule makes every real mask mark at least one pixel. With every image masked this is
+        the plain mean over the batch, bit for bit; the choice is a ``torch.where``, not a
+        Python ``if``, so a CUDA step does not wait for the host to read ``known``.
+        """
         if "features" not in self._taps:
             raise RuntimeError("MaskHead.loss before a forward pass inside its with block")
+        bce = nn.functional.binary_cross_entropy_with_logits
         logits = self.conv(self._taps["features"]).float()
         target = nn.functional.adaptive_avg_pool2d(masks.float(), logits.shape[-2:])
-        return self.weight * nn.functional.binary_cross_entropy_with_logits(logits, target)
+        known = masks.flatten(1).amax(dim=1) > 0
+        per_image = bce(logits, target, reduction="none").flatten(1).mean(dim=1)
+        weights = known.float()
+        partial = (per_image * weights).sum() / weights.sum().clamp(min=1.0)
+        return self.weight * torch.where(known.all(), bce(logits, target), partial)
 
 
 def make_mask_head(
@@ -586,21 +598,36 @@ def train_one_epoch(
     return distributed.mean_over_ranks(float(total), count, device)
 
 
-def _check_masks(split: PreparedSplit, data_parallel: bool) -> None:
-    """Refuse ``train.mask_loss`` where it cannot hold: a training image without its mask
-    (an all-zero target would teach "no lesion"), or data parallelism (the head is outside
-    DistributedDataParallel, so its gradients would not be averaged across processes)."""
+def _check_masks(split: PreparedSplit, data_parallel: bool, missing_policy: str) -> int:
+    """Check ``train.mask_loss`` can hold, and return how many training images have a mask.
+
+    Data parallelism is refused (the head is outside DistributedDataParallel, so its gradients
+    would not be averaged across processes). A training image without its mask is refused
+    with ``train.mask_missing: error``; with ``skip`` it adds no mask loss
+    (:meth:`MaskHead.loss`) and the console says how many images that is, so a preset that
+    turns the loss on still trains a set that came without masks, and a set with masks for
+    part of its images (ISIC 2019: the ISIC 2018 Task 1 ones) uses those it has.
+    """
     if data_parallel:
         raise TrainingError(
             "train.mask_loss runs in one process; set train.mask_loss: 0 for data parallelism"
         )
     missing = split.rows.loc[~split.rows["has_mask"].astype(bool), "image_id"]
-    if len(missing):
+    n, first = len(split.rows), (missing.iloc[0] if len(missing) else None)
+    if len(missing) and missing_policy == "error":
         raise TrainingError(
-            f"train.mask_loss needs every training image's lesion mask: {len(missing)} of "
-            f"{len(split.rows)} have none (first: {missing.iloc[0]}); give dataset.masks or "
+            f"train.mask_loss needs every training image's lesion mask: {len(missing)} of {n} "
+            f"have none (first: {first}); give dataset.masks, set train.mask_missing: skip, or "
             "set train.mask_loss: 0"
         )
+    if len(missing):
+        console.print(
+            f"[yellow]train: {len(missing)} of {n} training images have no lesion mask (first: "
+            f"{first}); they add no mask loss (train.mask_missing: skip)"
+            + (", so the mask loss is off" if len(missing) == n else "")
+            + "[/]"
+        )
+    return n - len(missing)
 
 
 def _check_finite(step: int, loss: torch.Tensor, epoch: int) -> None:
@@ -828,9 +855,9 @@ def train(
     if train_cfg.channels_last:  # NHWC: faster convolutions with cuDNN and with oneDNN on the CPU
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train_cfg)
-    mask_head = None
+    mask_head, mask_images = None, 0
     if train_cfg.mask_loss:
-        _check_masks(splits["train"], distributed.active())
+        mask_images = _check_masks(splits["train"], distributed.active(), train_cfg.mask_missing)
         mask_head = make_mask_head(
             model, model_cfg.arch, train_cfg.mask_layer, train_cfg.mask_loss, size, device
         )
@@ -979,6 +1006,7 @@ def train(
         "resize": splits["train"].resize,
         "tta": train_cfg.tta,
         "ema_decay": float(train_cfg.ema_decay),
+        **({"mask_images": mask_images} if mask_head is not None else {}),
     }
     return TrainResult(
         model=scored.cpu().eval(),

@@ -318,19 +318,93 @@ def test_the_mask_loss_trains_a_side_head_that_is_not_exported(tiny, tmp_path):
     np.testing.assert_array_equal(again.test_logits, b.test_logits)
 
 
-def test_the_mask_loss_refuses_images_without_masks_and_data_parallelism(tiny):
+def test_the_mask_loss_trains_on_the_masks_a_set_has_with_mask_missing_skip(tiny, tmp_path):
+    """A cache whose first half of training images came without masks (all-zero, has_mask
+    false): error refuses it, skip trains the head on the other half."""
+    import shutil
+
+    import pandas as pd
+
+    root, p = tiny
+    prepared = tmp_path / "prepared"
+    shutil.copytree(root / "prepared", prepared)
+    rows = pd.read_parquet(prepared / "train.parquet")
+    half = len(rows) // 2
+    rows.loc[rows.index[:half], "has_mask"] = False
+    rows.to_parquet(prepared / "train.parquet")
+    masks = np.load(prepared / "train_masks.npy")
+    masks[:half] = 0
+    np.save(prepared / "train_masks.npy", masks)
+    model_cfg, strict = _cfg(p, epochs=1, mask_loss=0.5)
+    with pytest.raises(TrainingError, match=rf"{half} of {len(rows)} have none"):
+        train(model_cfg, strict, prepared, tmp_path / "a.pt", "v1", show_progress=False)
+    _, lenient = _cfg(p, epochs=1, mask_loss=0.5, mask_missing="skip")
+    got = train(model_cfg, lenient, prepared, tmp_path / "b.pt", "v1", show_progress=False)
+    assert got.extra["mask_images"] == len(rows) - half
+    assert np.isfinite(got.history[-1]["train_loss"])
+    assert "mask_head" in torch.load(tmp_path / "b.pt", weights_only=True)
+
+
+def test_the_mask_loss_refuses_images_without_masks_and_data_parallelism(tiny, capsys):
     from tasks.prepare import open_split
     from tasks.train import _check_masks
 
     root, _ = tiny
     split = open_split(root / "prepared", "train")
-    _check_masks(split, False)  # the synthetic set has every mask
+    n = len(split.rows)
+    assert _check_masks(split, False, "error") == n  # the synthetic set has every mask
     rows = split.rows.copy()
     rows.loc[rows.index[3], "has_mask"] = False
-    with pytest.raises(TrainingError, match=r"1 of \d+ have none \(first: "):
-        _check_masks(dataclasses.replace(split, rows=rows), False)
+    partial = dataclasses.replace(split, rows=rows)
+    with pytest.raises(TrainingError, match=r"1 of \d+ have none \(first: .*mask_missing: skip"):
+        _check_masks(partial, False, "error")
+    # skip: the images without a mask are counted out loud, not refused
+    capsys.readouterr()
+    assert _check_masks(partial, False, "skip") == n - 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"1 of {n} training images have no lesion mask" in said and "is off" not in said
+    rows["has_mask"] = False
+    assert _check_masks(dataclasses.replace(split, rows=rows), False, "skip") == 0
+    assert "so the mask loss is off" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(TrainingError, match="runs in one process"):
-        _check_masks(split, True)
+        _check_masks(split, True, "skip")
+
+
+def test_the_mask_loss_counts_only_the_images_that_have_a_mask():
+    import torch
+    from torch import nn
+
+    from tasks.train import MaskHead
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(4, 3, 8, 8)
+    masks = (torch.rand(4, 1, 8, 8) > 0.5).float()
+    masks[[1, 3]] = 0  # two images came without a mask
+
+    def loss(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        with MaskHead(layer, 5, 0.5) as head:
+            head.conv.load_state_dict(reference.state_dict())
+            layer(images)
+            return head.loss(m)
+
+    reference = nn.Conv2d(5, 1, 1)
+    kept = loss(x, masks)
+    torch.testing.assert_close(kept, loss(x[[0, 2]], masks[[0, 2]]))  # the others add nothing
+    target = nn.functional.adaptive_avg_pool2d(masks, (8, 8))
+    plain = 0.5 * nn.functional.binary_cross_entropy_with_logits(reference(layer(x)), target)
+    assert not torch.allclose(kept, plain)  # the unmasked images would pull towards "no lesion"
+    full = masks.clone()
+    full[[1, 3]] = 1.0
+    torch.testing.assert_close(  # every image masked: the plain mean over the batch
+        loss(x, full),
+        0.5 * nn.functional.binary_cross_entropy_with_logits(reference(layer(x)), full),
+    )
+    with MaskHead(layer, 5, 0.5) as head:  # a batch without any mask: nothing to learn
+        layer(x)
+        none = head.loss(torch.zeros_like(masks))
+        none.backward()
+    assert none.item() == 0.0 and not head.conv.weight.grad.any()
 
 
 def test_cached_images_reach_loader_workers_by_file_name(tiny):
