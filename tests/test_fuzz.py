@@ -285,6 +285,8 @@ CASES = [
     Case("set-wrong-type", ["train", "--set", "train.epochs=abc"],
          ["train.epochs: 'abc' is not an integer"], outs=["models"]),
     Case("set-not-yaml", ["ingest", "-S", "train.epochs=[1,"], ["the value is not valid YAML"]),
+    Case("set-mask-missing", ["train", "--set", "train.mask_missing=maybe"],
+         ["unknown train.mask_missing 'maybe'", "error | skip"], outs=["models"]),
     Case("many-bad-keys", ["validate"], ["3 invalid params", "train.lr: 0.0; must be > 0",
          "unknown export.provider 'gpu9'", "gate.confidence: 2.0; must be < 1"],
          steps(edit_params(put("train.lr", 0.0)), edit_params(put("export.provider", "gpu9")),
