@@ -118,8 +118,9 @@ class MaskHead(nn.Module):
     It is trained to predict the lesion mask average-pooled to that layer's grid (binary
     cross-entropy, weighted by ``train.mask_loss``) next to the classification loss. The
     classifier itself is unchanged and the head is not exported: it only steers the features
-    towards the lesion, which on ham10000-dev left balanced accuracy where it was and moved
-    Grad-CAM's pointing game onto the lesion (see the README). Hand-written because no library
+    towards the lesion: on ham10000-dev it left balanced accuracy level at 96 px, raised it
+    in each of three seeds at 160 px, and moved Grad-CAM's deep-layer pointing game onto the
+    lesion (see the README). Hand-written because no library
     adds a segmentation side-loss to a torchvision classifier. The features are tapped as the
     explanations tap them (:func:`tasks.models.tapped`: safe from later in-place ops) for as
     long as the ``with`` block lasts, so the trained model leaves without the hook.
@@ -858,6 +859,7 @@ def train(
     mask_head, mask_images = None, 0
     if train_cfg.mask_loss:
         mask_images = _check_masks(splits["train"], distributed.active(), train_cfg.mask_missing)
+    if mask_images:  # no mask at all (skip): no head, no fourth channel, as with the loss off
         mask_head = make_mask_head(
             model, model_cfg.arch, train_cfg.mask_layer, train_cfg.mask_loss, size, device
         )
@@ -1006,7 +1008,7 @@ def train(
         "resize": splits["train"].resize,
         "tta": train_cfg.tta,
         "ema_decay": float(train_cfg.ema_decay),
-        **({"mask_images": mask_images} if mask_head is not None else {}),
+        **({"mask_images": mask_images} if train_cfg.mask_loss else {}),
     }
     return TrainResult(
         model=scored.cpu().eval(),

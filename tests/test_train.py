@@ -343,6 +343,15 @@ def test_the_mask_loss_trains_on_the_masks_a_set_has_with_mask_missing_skip(tiny
     assert got.extra["mask_images"] == len(rows) - half
     assert np.isfinite(got.history[-1]["train_loss"])
     assert "mask_head" in torch.load(tmp_path / "b.pt", weights_only=True)
+    # No mask at all: the same training as with the loss off, to the last logit.
+    rows["has_mask"] = False
+    rows.to_parquet(prepared / "train.parquet")
+    np.save(prepared / "train_masks.npy", np.zeros_like(masks))
+    none = train(model_cfg, lenient, prepared, tmp_path / "c.pt", "v1", show_progress=False)
+    _, off = _cfg(p, epochs=1)
+    plain = train(model_cfg, off, prepared, tmp_path / "d.pt", "v1", show_progress=False)
+    assert none.extra["mask_images"] == 0
+    np.testing.assert_array_equal(none.test_logits, plain.test_logits)
 
 
 def test_the_mask_loss_refuses_images_without_masks_and_data_parallelism(tiny, capsys):
