@@ -388,14 +388,13 @@ def reference_pairs(variants: Sequence[Mapping[str, Any]]) -> list[tuple[str, st
     """
     if not variants:
         return []
-    reference = variants[0]["group"] or variants[0]["name"]
-    members = [v["name"] for v in variants if (v["group"] or v["name"]) == reference]
+    reference = variants[0]["group"]  # as_dict: the variant's own name when it has no seeds
+    members = [v["name"] for v in variants if v["group"] == reference]
     pairs = []
     for v in variants:
-        group = v["group"] or v["name"]
-        if group == reference:
+        if v["group"] == reference:
             continue
-        same_seed = reference + v["name"][len(group) :]
+        same_seed = reference + v["name"][len(v["group"]) :]
         pairs.append((v["name"], same_seed if same_seed in members else members[0]))
     return pairs
 
