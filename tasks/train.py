@@ -123,7 +123,10 @@ class MaskHead(nn.Module):
     lesion (see the README). Hand-written because no library
     adds a segmentation side-loss to a torchvision classifier. The features are tapped as the
     explanations tap them (:func:`tasks.models.tapped`: safe from later in-place ops) for as
-    long as the ``with`` block lasts, so the trained model leaves without the hook.
+    long as the ``with`` block lasts, so the trained model leaves without the hook. Calling the
+    head returns its loss, so under data parallelism it trains in its own
+    DistributedDataParallel wrapper (:func:`tasks.distributed.wrap_model`), which averages its
+    gradients over the processes as the classifier's are.
 
     Args:
         layer: the module whose output (``B x C x h x w``) the head reads.
@@ -147,7 +150,7 @@ class MaskHead(nn.Module):
         self._tap.close()
         self._taps = {}
 
-    def loss(self, masks: torch.Tensor) -> torch.Tensor:
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
         """The weighted loss of the last forward's features against ``masks`` (B x 1 x H x W).
 
         Only images whose mask channel marks a lesion count: an image without a mask has an
@@ -157,7 +160,7 @@ class MaskHead(nn.Module):
         Python ``if``, so a CUDA step does not wait for the host to read ``known``.
         """
         if "features" not in self._taps:
-            raise RuntimeError("MaskHead.loss before a forward pass inside its with block")
+            raise RuntimeError("MaskHead called before a model forward pass inside its with block")
         bce = nn.functional.binary_cross_entropy_with_logits
         logits = self.conv(self._taps["features"]).float()
         target = nn.functional.adaptive_avg_pool2d(masks.float(), logits.shape[-2:])
@@ -540,13 +543,14 @@ def train_one_epoch(
     progress: Progress | None = None,
     mix: v2.Transform | None = None,
     ema: AveragedModel | None = None,
-    mask_head: MaskHead | None = None,
+    mask_head: nn.Module | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss. Stops on a non-finite loss.
 
     ``mix`` (:func:`build_mix`) mixes a share ``cfg.mix_prob`` of the batches into soft
     targets; ``ema`` (:func:`make_ema`) is updated after every optimiser step; ``mask_head``
-    adds its lesion-mask loss, read from the batches' fourth channel (``masks=True`` loader).
+    (a :class:`MaskHead`, or its DistributedDataParallel wrapper) adds its lesion-mask loss,
+    read from the batches' fourth channel (``masks=True`` loader).
 
     The host never waits for the step it has just queued: the loss sum stays on the device,
     and a step's loss is checked for finiteness only once the next step is queued (or at the
@@ -573,7 +577,7 @@ def train_one_epoch(
         with autocast(device, cfg.amp):
             loss = loss_fn(model(x, *extra).float(), y)
             if mask_head is not None and masks is not None:
-                loss = loss + mask_head.loss(masks)
+                loss = loss + mask_head(masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -599,20 +603,15 @@ def train_one_epoch(
     return distributed.mean_over_ranks(float(total), count, device)
 
 
-def _check_masks(split: PreparedSplit, data_parallel: bool, missing_policy: str) -> int:
+def _check_masks(split: PreparedSplit, missing_policy: str) -> int:
     """Check ``train.mask_loss`` can hold, and return how many training images have a mask.
 
-    Data parallelism is refused (the head is outside DistributedDataParallel, so its gradients
-    would not be averaged across processes). A training image without its mask is refused
-    with ``train.mask_missing: error``; with ``skip`` it adds no mask loss
-    (:meth:`MaskHead.loss`) and the console says how many images that is, so a preset that
+    A training image without its mask is refused with ``train.mask_missing: error``; with
+    ``skip`` it adds no mask loss (:meth:`MaskHead.forward`) and the console says how many
+    images that is, so a preset that
     turns the loss on still trains a set that came without masks, and a set with masks for
     part of its images (ISIC 2019: the ISIC 2018 Task 1 ones) uses those it has.
     """
-    if data_parallel:
-        raise TrainingError(
-            "train.mask_loss runs in one process; set train.mask_loss: 0 for data parallelism"
-        )
     missing = split.rows.loc[~split.rows["has_mask"].astype(bool), "image_id"]
     n, first = len(split.rows), (missing.iloc[0] if len(missing) else None)
     if len(missing) and missing_policy == "error":
@@ -858,7 +857,7 @@ def train(
     optimizer = make_optimizer(model, train_cfg)
     mask_head, mask_images = None, 0
     if train_cfg.mask_loss:
-        mask_images = _check_masks(splits["train"], distributed.active(), train_cfg.mask_missing)
+        mask_images = _check_masks(splits["train"], train_cfg.mask_missing)
     if mask_images:  # no mask at all (skip): no head, no fourth channel, as with the loss off
         mask_head = make_mask_head(
             model, model_cfg.arch, train_cfg.mask_layer, train_cfg.mask_loss, size, device
@@ -900,6 +899,9 @@ def train(
     )
     if train_cfg.compile:
         runner = torch.compile(runner)
+    # The head in its own DDP wrapper (after the resume, so rank 0's state is what it
+    # broadcasts): its gradients are averaged over the processes, as the classifier's are.
+    head_runner = None if mask_head is None else distributed.wrap_model(mask_head, device, False)
     augment = build_augment(train_cfg, size)
     val_loader = _loader(splits["val"], train_cfg, device, metadata.get("val"), todo, shuffle=False)
     stale = 0
@@ -950,7 +952,7 @@ def train(
                 bar,
                 mix,
                 ema,
-                mask_head,
+                head_runner,
             )
             seconds = time.perf_counter() - t0
             # The bare module under DDP: each rank predicts its own shard, with no collectives.

@@ -5,6 +5,7 @@
   val and test image exactly once.
 - Two processes and one process with the same global batch give the same loss curves, and a
   two-process run SIGKILLed after epoch 2 resumes to the uninterrupted two-process result.
+- With the lesion-mask side loss the same holds, and the mask head's weights match too.
 - The sampler's sharding and the batch rule, without processes.
 """
 
@@ -35,6 +36,10 @@ from tests.helpers import REPO, TINY, env, write_params
 FIRST_EPOCH_RTOL = 1e-5
 CURVE_RTOL = 1e-3
 LOGIT_ATOL = 0.05
+# The lesion-mask head's weights after the same 2 epochs (|w| <= 0.04): measured 3.5e-8 apart
+# with the head inside DDP, 4e-3 apart with each rank stepping on its own half-batch gradient
+# (and epoch 1's loss then 3e-5 apart, past FIRST_EPOCH_RTOL).
+HEAD_ATOL = 1e-4
 
 # Augmentation off, dropout off, no class weights: the runs differ only in how the global
 # batch is split. The class-balanced sampler is on: its sharding is what is compared.
@@ -118,6 +123,7 @@ WORKER = textwrap.dedent("""
                 json.dump({"history": r.history, "resumed_from": r.resumed_from,
                            "test_logits": r.test_logits.tolist(),
                            "test_labels": r.test_labels.tolist(),
+                           "mask_images": r.extra.get("mask_images"),
                            "processes": distributed.world_size()}, f)
 """)
 
@@ -177,6 +183,40 @@ def test_two_processes_match_one_and_resume_after_a_kill(project, tmp_path):
     # gloo sums two ranks' gradients in a fixed order: the resumed run is the uninterrupted one.
     assert resumed["history"][-1]["train_loss"] == two["history"][-1]["train_loss"]
     np.testing.assert_array_equal(resumed["test_logits"], two["test_logits"])
+
+
+@pytest.mark.slow
+def test_the_mask_loss_trains_alike_on_one_and_two_processes(project, tmp_path):
+    """The lesion-mask head trains in its own DDP wrapper: two processes match one.
+
+    Outside DDP each rank's head would step on its own half-batch gradient: the two-process
+    head would then leave the one-process head by far more than float rounding, and its loss
+    with it.
+    """
+    import shutil
+
+    root = tmp_path / "mask"
+    shutil.copytree(project / "data", root / "data")
+    write_params(root / "params.yaml", [*EQUIVALENT, "train.mask_loss=0.5"])
+    one_proc, one = _train(root, tmp_path, "one", 1)
+    assert one_proc.returncode == 0, one_proc.stderr[-3000:]
+    two_proc, two = _train(root, tmp_path, "two", 2)
+    assert two_proc.returncode == 0, two_proc.stderr[-3000:]
+    assert one["mask_images"] == two["mask_images"] == 100  # every training image's mask
+
+    first = two["history"][0]["train_loss"], one["history"][0]["train_loss"]
+    np.testing.assert_allclose(*first, rtol=FIRST_EPOCH_RTOL)
+    for key in ("train_loss", "val_loss"):
+        curve_one = [h[key] for h in one["history"]]
+        curve_two = [h[key] for h in two["history"]]
+        np.testing.assert_allclose(curve_two, curve_one, rtol=CURVE_RTOL, err_msg=key)
+    heads = [
+        torch.load(tmp_path / f"{n}.pt", weights_only=True)["mask_head"] for n in ("one", "two")
+    ]
+    assert heads[0].keys() == heads[1].keys() == {"conv.weight", "conv.bias"}
+    for name in heads[0]:
+        np.testing.assert_allclose(heads[1][name], heads[0][name], rtol=0, atol=HEAD_ATOL)
+    np.testing.assert_allclose(two["test_logits"], one["test_logits"], rtol=0, atol=LOGIT_ATOL)
 
 
 @pytest.mark.slow

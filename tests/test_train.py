@@ -354,29 +354,27 @@ def test_the_mask_loss_trains_on_the_masks_a_set_has_with_mask_missing_skip(tiny
     np.testing.assert_array_equal(none.test_logits, plain.test_logits)
 
 
-def test_the_mask_loss_refuses_images_without_masks_and_data_parallelism(tiny, capsys):
+def test_the_mask_loss_refuses_images_without_masks(tiny, capsys):
     from tasks.prepare import open_split
     from tasks.train import _check_masks
 
     root, _ = tiny
     split = open_split(root / "prepared", "train")
     n = len(split.rows)
-    assert _check_masks(split, False, "error") == n  # the synthetic set has every mask
+    assert _check_masks(split, "error") == n  # the synthetic set has every mask
     rows = split.rows.copy()
     rows.loc[rows.index[3], "has_mask"] = False
     partial = dataclasses.replace(split, rows=rows)
     with pytest.raises(TrainingError, match=r"1 of \d+ have none \(first: .*mask_missing: skip"):
-        _check_masks(partial, False, "error")
+        _check_masks(partial, "error")
     # skip: the images without a mask are counted out loud, not refused
     capsys.readouterr()
-    assert _check_masks(partial, False, "skip") == n - 1
+    assert _check_masks(partial, "skip") == n - 1
     said = " ".join(capsys.readouterr().err.split())
     assert f"1 of {n} training images have no lesion mask" in said and "is off" not in said
     rows["has_mask"] = False
-    assert _check_masks(dataclasses.replace(split, rows=rows), False, "skip") == 0
+    assert _check_masks(dataclasses.replace(split, rows=rows), "skip") == 0
     assert "so the mask loss is off" in " ".join(capsys.readouterr().err.split())
-    with pytest.raises(TrainingError, match="runs in one process"):
-        _check_masks(split, True, "skip")
 
 
 def test_the_mask_loss_counts_only_the_images_that_have_a_mask():
@@ -395,7 +393,7 @@ def test_the_mask_loss_counts_only_the_images_that_have_a_mask():
         with MaskHead(layer, 5, 0.5) as head:
             head.conv.load_state_dict(reference.state_dict())
             layer(images)
-            return head.loss(m)
+            return head(m)
 
     reference = nn.Conv2d(5, 1, 1)
     kept = loss(x, masks)
@@ -411,7 +409,7 @@ def test_the_mask_loss_counts_only_the_images_that_have_a_mask():
     )
     with MaskHead(layer, 5, 0.5) as head:  # a batch without any mask: nothing to learn
         layer(x)
-        none = head.loss(torch.zeros_like(masks))
+        none = head(torch.zeros_like(masks))
         none.backward()
     assert none.item() == 0.0 and not head.conv.weight.grad.any()
 
