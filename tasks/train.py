@@ -608,9 +608,9 @@ def _check_masks(split: PreparedSplit, missing_policy: str) -> int:
 
     A training image without its mask is refused with ``train.mask_missing: error``; with
     ``skip`` it adds no mask loss (:meth:`MaskHead.forward`) and the console says how many
-    images that is, so a preset that
-    turns the loss on still trains a set that came without masks, and a set with masks for
-    part of its images (ISIC 2019: the ISIC 2018 Task 1 ones) uses those it has.
+    images that is, so a preset that turns the loss on still trains a set that came without
+    masks, and a set with masks for part of its images (ISIC 2019: the ISIC 2018 Task 1 ones)
+    uses those it has.
     """
     missing = split.rows.loc[~split.rows["has_mask"].astype(bool), "image_id"]
     n, first = len(split.rows), (missing.iloc[0] if len(missing) else None)
