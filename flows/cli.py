@@ -334,7 +334,9 @@ def compare(
         console.print(
             f"  {row['variant']} over {row['seeds']} seeds: balanced accuracy "
             f"{row['balanced_accuracy_mean']:.3f} +- {row['balanced_accuracy_sd']:.3f} "
-            f"({row['balanced_accuracy_min']:.3f} to {row['balanced_accuracy_max']:.3f})",
+            f"({row['balanced_accuracy_min']:.3f} to {row['balanced_accuracy_max']:.3f}); "
+            f"their ensemble {row['ensemble_balanced_accuracy']:.3f} "
+            f"[{row['ensemble_ci_low']:.3f}, {row['ensemble_ci_high']:.3f}]",
             soft_wrap=True,
         )
     console.print(

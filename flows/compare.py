@@ -428,6 +428,8 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         "layers": {m: layer or "input" for m, layer in layers.items()},
         "params": got["params"],
         "predicted": got["logits"]["test"].argmax(axis=1).tolist(),  # the paired table's input
+        # calibrated test probabilities: the seeds' ensemble (seeds.csv)
+        "probabilities": cal.calibrator.probabilities(got["logits"]["test"]).tolist(),
     }
 
 
@@ -457,8 +459,13 @@ def report_task(results: list[dict], job: CompareJob, out_dir: str, info: dict) 
     across.insert(1, "layer", [layers.get(m, "input") for m in across["method"]])
     pairs = cmp.ablation_pairs({r["variant"]["name"]: r["params"] for r in results})
     ablation = cmp.ablation_table(table, pairs)
-    seeds = cmp.seed_summary(table, [r["variant"]["group"] for r in results])
     test = open_split(root / paths.PREPARED, "test")
+    seeds = cmp.seed_summary(
+        table,
+        [r["variant"]["group"] for r in results],
+        {r["row"]["model"]: np.asarray(r["probabilities"]) for r in results},
+        test.labels,
+    )
     paired = cmp.paired_table(
         test.labels,
         {r["variant"]["name"]: np.asarray(r["predicted"]) for r in results},
@@ -640,7 +647,7 @@ def _compare(
                 f"{row['variant']}/{key}": value
                 for row in summary["seeds"]
                 for key, value in row.items()
-                if key.endswith(("_mean", "_sd"))
+                if key.endswith(("_mean", "_sd")) or key == "ensemble_balanced_accuracy"
             }
         )
         tracking.log_metrics(

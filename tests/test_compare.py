@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
 from tasks.compare import (
@@ -108,6 +109,28 @@ def test_seed_summary_is_the_mean_and_sample_sd_per_variant():
         assert got.at[0, f"{metric}_sd"] == pytest.approx(values.std(ddof=1), rel=1e-12)
     assert got.at[0, "balanced_accuracy_min"] == table["balanced_accuracy"][:3].min()
     assert seed_summary(table, ["a", "b", "c", "d"]).empty
+
+
+@pytest.mark.parametrize("classes", [2, 7])
+def test_the_seeds_ensemble_is_the_argmax_of_their_mean_probability(classes):
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, 300)
+    names = ["a-s0", "a-s1", "a-s2", "b"]
+    probs = {m: rng.dirichlet(np.ones(classes), 300) for m in names}
+    table = pd.DataFrame({"model": names, "balanced_accuracy": rng.random(4)})
+    got = seed_summary(table, ["a", "a", "a", "b"], probs, labels)
+    mean = (probs["a-s0"] + probs["a-s1"] + probs["a-s2"]) / 3
+    expected = balanced_accuracy_score(labels, mean.argmax(axis=1))
+    assert got.at[0, "ensemble_balanced_accuracy"] == pytest.approx(expected, rel=1e-12)
+    # Not any one seed's score, nor the mean of their scores: the averaged probabilities'.
+    alone = [balanced_accuracy_score(labels, probs[m].argmax(axis=1)) for m in names[:3]]
+    assert all(abs(expected - a) > 1e-3 for a in [*alone, np.mean(alone)])
+    assert got.at[0, "ensemble_ci_low"] < expected < got.at[0, "ensemble_ci_high"]
+    # Seeds that agree: the ensemble is each of them.
+    same = dict.fromkeys(names, probs["a-s0"])
+    got = seed_summary(table, ["a", "a", "a", "b"], same, labels)
+    assert got.at[0, "ensemble_balanced_accuracy"] == pytest.approx(alone[0], rel=1e-12)
+    assert "ensemble_balanced_accuracy" not in seed_summary(table, ["a", "a", "a", "b"])
 
 
 def test_each_model_meets_the_first_rows_same_seed():
@@ -523,9 +546,12 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     two = seeded["balanced_accuracy"][:2]
     assert spread.at[0, "balanced_accuracy_mean"] == pytest.approx(two.mean(), rel=1e-9)
     assert spread.at[0, "balanced_accuracy_sd"] == pytest.approx(two.std(ddof=1), abs=1e-9)
+    ensemble = spread.at[0, "ensemble_balanced_accuracy"]
+    assert spread.at[0, "ensemble_ci_low"] <= ensemble <= spread.at[0, "ensemble_ci_high"]
     assert "## Across seeds" in (report / "comparison.md").read_text()
     mean, sd = spread.at[0, "balanced_accuracy_mean"], spread.at[0, "balanced_accuracy_sd"]
     assert f"custom_cnn over 2 seeds: balanced accuracy {mean:.3f} +- {sd:.3f}" in said
+    assert f"their ensemble {ensemble:.3f} [" in said
     assert "Across seeds" in (report / "report.html").read_text()
     latest = max(
         (r for r in client.search_runs([experiment]) if r.info.run_name == "compare"),
@@ -534,6 +560,7 @@ def test_compare_three_models_then_load_bundles(tmp_path):
     assert latest.data.metrics["custom_cnn/balanced_accuracy_mean"] == pytest.approx(
         spread.at[0, "balanced_accuracy_mean"]
     )
+    assert latest.data.metrics["custom_cnn/ensemble_balanced_accuracy"] == pytest.approx(ensemble)
     seeds = {
         r.info.run_name: r.data.params.get("train.seed")
         for r in client.search_runs([experiment])
