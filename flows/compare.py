@@ -428,8 +428,7 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         "layers": {m: layer or "input" for m, layer in layers.items()},
         "params": got["params"],
         "predicted": got["logits"]["test"].argmax(axis=1).tolist(),  # the paired table's input
-        # calibrated test probabilities: the seeds' ensemble (seeds.csv)
-        "probabilities": cal.calibrator.probabilities(got["logits"]["test"]).tolist(),
+        "probabilities": cal.probs_after.tolist(),  # calibrated (test): the seeds' ensemble
     }
 
 
