@@ -195,6 +195,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, in case a kernel reads
+        # memory it never wrote (none of ours does): 9 % of a CPU training step. Results are
+        # bit-identical without the fill.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True

@@ -490,8 +490,9 @@ def _road_banded(mask: np.ndarray, img: np.ndarray) -> np.ndarray:
     kept. Numbered in raster order, a removed pixel's neighbours lie at most ``W + 1``
     equations away, so the matrix is banded and LAPACK's banded Cholesky
     (``scipy.linalg.solveh_banded``) solves it without a sparse factorisation's ordering and
-    bookkeeping: on this 2-core machine 1.05 ms a system at 64 px against SuperLU's 5.1 ms
-    (2.4 ms in a two-thread pool), level at 224 px (68 against 60 ms in the pool). The solution
+    bookkeeping: on two cores, with one BLAS thread (:meth:`FastNoisyLinearImputer.impute_all`),
+    1.9 ms a system at 64 px against SuperLU's 3.7 ms in a two-thread pool, level at 128 px
+    (12.5 against 12.0 ms), slower at 224 px (62 against 40 ms). The solution
     equals ``spsolve``'s to about 1e-14 (float64), so the float32 in-fill to rounding. scipy
     has no sparse Cholesky, hence this function.
 
@@ -546,10 +547,16 @@ class FastNoisyLinearImputer:
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        from threadpoolctl import threadpool_limits
+
         workers = max(1, min(workers or torch.get_num_threads(), len(jobs)))
         width = jobs[0][0].shape[-1] if jobs else 0
         if workers <= self.BANDED_MAX_THREADS and width <= self.BANDED_MAX_WIDTH:
-            solved = [self._solve_banded(*job) for job in jobs]
+            # One BLAS thread: OpenBLAS splits each small banded solve over its threads and
+            # spends more on handing it over than on the arithmetic (3x slower at 64 px on
+            # two cores); its threads also keep spinning against torch's. Same result bits.
+            with threadpool_limits(1, user_api="blas"):
+                solved = [self._solve_banded(*job) for job in jobs]
         else:
             with ThreadPoolExecutor(workers) as pool:
                 solved = list(pool.map(lambda job: self._solve(*job), jobs))
