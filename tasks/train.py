@@ -196,8 +196,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Deterministic mode also fills every new tensor with NaN, in case a kernel reads
-        # memory it never wrote (none of ours does): 9 % of a CPU training step. Results are
-        # bit-identical without the fill.
+        # memory it never wrote (none of ours does): 9 % of a CPU step of the custom CNN at
+        # 64 px, 4 % of the default's fit (83.0 -> 79.9 s). The weights are bit-identical.
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
     else:

@@ -29,6 +29,7 @@ an arbitrary number, and the aggregation helpers ignore NaNs.
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -512,6 +513,9 @@ def _road_banded(mask: np.ndarray, img: np.ndarray) -> np.ndarray:
     return solveh_banded(band, -b, check_finite=False)
 
 
+_BLAS_LIMIT = threading.Lock()  # one caller at a time changes the process's BLAS threads
+
+
 class FastNoisyLinearImputer:
     """pytorch-grad-cam's ``NoisyLinearImputer`` with :func:`_road_system` building the system.
 
@@ -522,8 +526,9 @@ class FastNoisyLinearImputer:
     independent of each other) run either as banded Cholesky solves one after another
     (:func:`_road_banded`; LAPACK keeps the GIL, so threads would not help) or as sparse solves
     in a thread pool (SuperLU releases the GIL), whichever is faster for the threads and image
-    size at hand; the noise is then drawn image by image in the given order, so the result
-    equals calling the imputer on each in turn, to float32 rounding of the solve.
+    size at hand; the noise is then drawn image by image in the given order, from a generator
+    seeded as the library's global RNG would be, so the result equals calling the imputer on
+    each in turn, to float32 rounding of the solve.
     """
 
     #: Banded solves, one after another, when the solving threads are at most this many ...
@@ -540,7 +545,7 @@ class FastNoisyLinearImputer:
     def impute_all(
         self, jobs: Sequence[tuple[torch.Tensor, torch.Tensor]], seed: int, workers: int = 0
     ) -> list[torch.Tensor]:
-        """Each ``(image, mask)`` imputed, noise seeded once with ``seed`` (torch's RNG).
+        """Each ``(image, mask)`` imputed, noise seeded once with ``seed`` (a torch generator).
 
         ``workers``: solving threads; 0 means torch's thread count (the CPU share the process
         was given).
@@ -554,16 +559,18 @@ class FastNoisyLinearImputer:
         if workers <= self.BANDED_MAX_THREADS and width <= self.BANDED_MAX_WIDTH:
             # One BLAS thread: OpenBLAS splits each small banded solve over its threads and
             # spends more on handing it over than on the arithmetic (3x slower at 64 px on
-            # two cores); its threads also keep spinning against torch's. Same result bits.
-            with threadpool_limits(1, user_api="blas"):
+            # two cores). Same result bits. The limit is process-wide, hence the lock (the
+            # solves hold the GIL anyway, so callers in threads lose nothing by queueing).
+            with _BLAS_LIMIT, threadpool_limits(1, user_api="blas"):
                 solved = [self._solve_banded(*job) for job in jobs]
         else:
             with ThreadPoolExecutor(workers) as pool:
                 solved = list(pool.map(lambda job: self._solve(*job), jobs))
-        with torch.random.fork_rng(devices=[]):  # the imputer runs on the CPU
-            torch.manual_seed(seed)
-            pairs = zip(jobs, solved, strict=True)
-            return [self._fill(img, mask, res) for (img, mask), res in pairs]
+        # A generator of its own, seeded as the library's global one would be: the same draws,
+        # and callers in other threads (or their global RNG) neither see nor move them.
+        generator = torch.Generator().manual_seed(seed)  # the imputer runs on the CPU
+        pairs = zip(jobs, solved, strict=True)
+        return [self._fill(img, mask, res, generator) for (img, mask), res in pairs]
 
     @staticmethod
     def _solve(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -577,11 +584,20 @@ class FastNoisyLinearImputer:
         except np.linalg.LinAlgError:  # singular (nothing kept): the sparse solve's answer
             return cls._solve(img, mask)
 
-    def _fill(self, img: torch.Tensor, mask: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    def _fill(
+        self,
+        img: torch.Tensor,
+        mask: torch.Tensor,
+        res: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The library's in-fill; ``generator`` draws the noise where torch's global RNG would
+        (``empty_like(...).normal_`` is what ``randn_like`` runs: the same numbers)."""
         imgflt = img.reshape(img.shape[0], -1)
         indices_linear = np.argwhere(mask.reshape(-1) == 0).flatten()
         img_infill = imgflt.clone()
-        img_infill[:, indices_linear] = res.t() + self.noise * torch.randn_like(res.t())
+        noise = torch.empty_like(res.t()).normal_(generator=generator)
+        img_infill[:, indices_linear] = res.t() + self.noise * noise
         return img_infill.reshape_as(img)
 
 
@@ -671,8 +687,8 @@ def road_scores(
     its ``ROADCombined``); what changes is the scoring: the library runs one forward pass of
     the clean images and one of the imputed ones per percentile and direction, here the clean
     probabilities are computed once and every imputed copy goes through one batched stream
-    (:class:`Perturbations`). The imputer draws noise from torch's global RNG; it runs under a
-    forked RNG seeded with ``seed``, so scores are reproducible and the caller's RNG state is
+    (:class:`Perturbations`). The imputer draws the library's noise from a torch generator of
+    its own seeded with ``seed``, so scores are reproducible and the caller's RNG state is
     left alone. Maps with many equal values (e.g. a large all-zero area) make the percentile
     cuts degenerate, as in the library.
 

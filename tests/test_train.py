@@ -167,7 +167,7 @@ def test_channels_last_changes_the_memory_layout_not_the_model(tiny, tmp_path):
 
 
 def test_deterministic_training_without_the_nan_fill_is_bit_identical(tiny, tmp_path, monkeypatch):
-    """Deterministic mode skips torch's NaN fill of new tensors (9 % of a CPU step): no kernel
+    """Deterministic mode skips torch's NaN fill of new tensors (4-9 % of a CPU step): no kernel
     reads memory it did not write, so the weights and logits equal those of a run with the
     fill on, bit for bit (a kernel that did read it would give NaN with the fill)."""
     import tasks.train as train_module

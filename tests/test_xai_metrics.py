@@ -238,6 +238,33 @@ def test_imputing_many_equals_one_at_a_time(workers: int) -> None:
     assert not torch.equal(together[0], jobs[0][0])  # something was imputed
 
 
+def test_imputing_from_threads_at_once_restores_the_blas_threads() -> None:
+    """The banded solves run on one BLAS thread, a process-wide setting: callers in several
+    threads at once (explain-batch's chunks) each get their own imputation, equal to a
+    caller alone, and the process keeps the BLAS threads it had."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    g = torch.Generator().manual_seed(5)
+    jobs = [
+        (torch.randn(3, SIZE, SIZE, generator=g), (torch.rand(SIZE, SIZE, generator=g) > f).float())
+        for f in (0.3, 0.5, 0.7)
+    ]
+    imputer = xm.FastNoisyLinearImputer()
+    before = blas_threads()
+    alone = [imputer.impute_all(jobs, seed=s, workers=1) for s in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda s: imputer.impute_all(jobs, seed=s, workers=1), range(8)))
+    assert blas_threads() == before
+    for a, b in zip(alone, together, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(alone[0][0], alone[1][0])  # the seed reaches the noise
+
+
 def test_banded_solve_is_the_sparse_solve_and_falls_back_when_refused(monkeypatch) -> None:
     """The banded Cholesky of the negated system equals SuperLU's solution of the library's
     system (float64, values of order one), also when nothing is kept (the singular Laplacian
