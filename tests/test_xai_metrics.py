@@ -239,9 +239,9 @@ def test_imputing_many_equals_one_at_a_time(workers: int) -> None:
 
 
 def test_imputing_from_threads_at_once_restores_the_blas_threads() -> None:
-    """The banded solves run on one BLAS thread, a process-wide setting: callers in several
-    threads at once (explain-batch's chunks) each get their own imputation, equal to a
-    caller alone, and the process keeps the BLAS threads it had."""
+    """The banded solves run on one BLAS thread, a process-wide setting, and the noise comes
+    from a generator per call: callers in several threads at once each get the imputation a
+    caller alone gets, and the process keeps the BLAS threads it had."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_info
