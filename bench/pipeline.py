@@ -193,10 +193,12 @@ def explain_bound(stage_s: float | None, work: dict[str, float]) -> str:
     maps, scores = work["maps_s"], work["scores_s"]
     rate = work["scored_images"] / work["forward_s"]
     floor = work["forward_s"] + work["imputation_s"]
+    reused = work.get("reused_images", 0)
+    again = f", {reused:,.0f} identical copies reused" if reused else ""
     return (
         f"maps {maps:.0f} s + scores {scores:.0f} s (forwarding {work['scored_images']:,.0f} "
-        f"perturbed images at {rate:.0f} img/s: {work['forward_s']:.0f} s; ROAD's in-filling: "
-        f"{work['imputation_s']:.0f} s) + process start, loading and outputs "
+        f"perturbed images at {rate:.0f} img/s: {work['forward_s']:.0f} s{again}; ROAD's "
+        f"in-filling: {work['imputation_s']:.0f} s) + process start, loading and outputs "
         f"{stage_s - maps - scores:.0f} s; the scoring forwards and in-filling alone take "
         f"{floor:.0f} s of the {EXPLAIN_TARGET_S:.0f} s"
     )

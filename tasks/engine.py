@@ -13,7 +13,8 @@ and only write their own outputs. What the engine does once for all of them:
   (the explain stage spends ``scorecam_budget`` / ``lime_budget`` images on them); 0 skips it.
 - **Scores batched over the perturbations.** Every map scored on the same images shares one
   :class:`tasks.xai_metrics.Perturbations` (the clean and baseline probabilities computed once;
-  deletion, insertion and ROAD copies scored in device-sized passes); localisation against a
+  deletion, insertion and ROAD copies scored in device-sized passes; a deletion / insertion
+  copy another map already made is not scored again); localisation against a
   lesion mask and agreement with a reference map are computed per image.
 - **Metadata-fusion models** are explained one image at a time through
   :class:`tasks.fusion.ImageOnly` (each case with its own metadata), transparently.
@@ -73,8 +74,9 @@ class Explanations:
             map: it points nowhere), then the columns of the requested :data:`SCORES`.
         work: where the time went: ``maps_s`` and ``scores_s`` (wall seconds of the two
             phases), ``scored_images`` (perturbed copies forwarded by the scores) with their
-            ``forward_s``, and ``imputation_s`` (ROAD's in-filling): what a bench needs to
-            tell the model's own cost from the engine's.
+            ``forward_s``, ``reused_images`` (deletion / insertion copies identical to one
+            an earlier map made, answered without a forward) and ``imputation_s`` (ROAD's
+            in-filling): what a bench needs to tell the model's own cost from the engine's.
     """
 
     maps: dict[Pair, np.ndarray]
@@ -318,7 +320,8 @@ def _scores(
     columns += [c for name in scores for c in SCORES[name]]
     table = pd.DataFrame(rows)
     used = [s.work for s in scorers if s is not None]
-    work = {k: sum(w[k] for w in used) for k in ("scored_images", "forward_s", "imputation_s")}
+    kinds = ("scored_images", "reused_images", "forward_s", "imputation_s")
+    work = {k: sum(w[k] for w in used) for k in kinds}
     return (table[[c for c in columns if c in table.columns]] if rows else table), work
 
 

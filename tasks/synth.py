@@ -332,21 +332,46 @@ def _marker(kind: str, rng: np.random.Generator, mask: np.ndarray, light: np.nda
     return (bars[best] & clear) * 0.95, colour
 
 
+def _lesion(
+    label: str, seed: int, lesion: int, size: int, difficulty: float
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """One lesion as every view of it starts: placement, turn and painted canvas.
+
+    All of it comes from the lesion's SHAPE stream, the only one that sees the label, so the
+    views of a lesion can share one painting (more than half of a view's rendering time).
+
+    Returns:
+        ``(where, turn, canvas)``: the centre offset (2,), the angle, and the (n, n, 5) layers
+        colour, opacity and outline.
+    """
+    shape_rng = _rng(seed, SHAPE, lesion)
+    where, turn = shape_rng.normal(0, 0.05, 2), shape_rng.uniform(0, 2 * np.pi)
+    rgb, alpha, outline = _paint_lesion(_look_for(label, shape_rng, difficulty), shape_rng, size)
+    return where, turn, np.dstack([rgb, alpha, outline])
+
+
 def _render(
-    label: str, seed: int, lesion: int, view: int, size: int, difficulty: float, marker: str | None
+    label: str,
+    seed: int,
+    lesion: int,
+    view: int,
+    size: int,
+    difficulty: float,
+    marker: str | None,
+    lesion_canvas: tuple[np.ndarray, float, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One view of one lesion: image and mask as uint8.
 
     Only the SHAPE stream sees the label. Skin tone (per lesion), texture, hair, vignette,
     framing and noise (per view) come from streams that never see it, so for a given key the
-    pixels outside the mask are the same whatever the class.
+    pixels outside the mask are the same whatever the class. ``lesion_canvas`` is the lesion's
+    :func:`_lesion`, when the caller renders several views of it; painted here otherwise.
     """
-    shape_rng, scene_rng = _rng(seed, SHAPE, lesion), _rng(seed, SCENE, lesion, view)
-    where, turn = shape_rng.normal(0, 0.05, 2), shape_rng.uniform(0, 2 * np.pi)
-    rgb, alpha, outline = _paint_lesion(_look_for(label, shape_rng, difficulty), shape_rng, size)
+    where, turn, canvas = lesion_canvas or _lesion(label, seed, lesion, size, difficulty)
+    scene_rng = _rng(seed, SCENE, lesion, view)
     shift, tilt = scene_rng.normal(0, 0.03, 2), scene_rng.normal(0, 0.3)
     zoom, gain = scene_rng.uniform(0.9, 1.1), scene_rng.uniform(0.9, 1.1)
-    placed = _warp(np.dstack([rgb, alpha, outline]), where + shift, turn + tilt, zoom)
+    placed = _warp(canvas, where + shift, turn + tilt, zoom)
     mask = placed[..., 4] > 0.5
     img = _skin(_rng(seed, SKIN, lesion).uniform(), scene_rng, size)
     img = _over(img, placed[..., :3], placed[..., 3] * mask)
@@ -428,13 +453,34 @@ _CHUNK = 25  # images per worker job: enough to amortise the hand-off, small for
 
 
 def _write_chunk(args: tuple) -> int:
-    """Render and save one chunk of views; returns how many (a worker process's job)."""
-    jobs, folder, seed, size, difficulty = args
+    """Render and save one chunk of lesions, each painted once for all its views; returns how
+    many views (a worker process's job)."""
+    lesions, folder, seed, size, difficulty = args
+    for label, lesion, views in lesions:
+        canvas = _lesion(label, seed, lesion, size, difficulty)
+        for image_id, view, mark in views:
+            img, mask = _render(label, seed, lesion, view, size, difficulty, mark, canvas)
+            Image.fromarray(img).save(folder / f"{image_id}.jpg", quality=92)
+            Image.fromarray(mask).save(folder / f"{image_id}_segmentation.png")
+    return sum(len(views) for _, _, views in lesions)
+
+
+def _lesion_chunks(jobs: list[tuple], per_chunk: int) -> list[list[tuple]]:
+    """The views grouped by lesion (``(label, lesion, [(image_id, view, marker), ...])``, in
+    order of first appearance), then into chunks of at least ``per_chunk`` views: a lesion's
+    views never span two chunks, so each lesion is painted once."""
+    by_lesion: dict[int, tuple[str, int, list[tuple]]] = {}
     for image_id, label, lesion, view, mark in jobs:
-        img, mask = _render(label, seed, lesion, view, size, difficulty, mark)
-        Image.fromarray(img).save(folder / f"{image_id}.jpg", quality=92)
-        Image.fromarray(mask).save(folder / f"{image_id}_segmentation.png")
-    return len(jobs)
+        by_lesion.setdefault(lesion, (label, lesion, []))[2].append((image_id, view, mark))
+    chunks: list[list[tuple]] = [[]]
+    count = 0
+    for group in by_lesion.values():
+        if count >= per_chunk:
+            chunks.append([])
+            count = 0
+        chunks[-1].append(group)
+        count += len(group[2])
+    return [chunk for chunk in chunks if chunk]
 
 
 def generate(cfg: SynthConfig, out_root: Path, progress: bool = True, workers: int = 1) -> dict:
@@ -486,8 +532,8 @@ def generate(cfg: SynthConfig, out_root: Path, progress: bool = True, workers: i
     with atomic_dir(out_root) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         chunks = [
-            (jobs[s : s + _CHUNK], tmp / IMAGES_DIR, cfg.seed, cfg.image_size, cfg.difficulty)
-            for s in range(0, len(jobs), _CHUNK)
+            (chunk, tmp / IMAGES_DIR, cfg.seed, cfg.image_size, cfg.difficulty)
+            for chunk in _lesion_chunks(jobs, _CHUNK)
         ]
         pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(chunks) > 1 else None
         try:

@@ -29,6 +29,7 @@ an arbitrary number, and the aggregation helpers ignore NaNs.
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 import time
 import warnings
@@ -279,8 +280,15 @@ class Perturbations:
         self.model = inference_twin(model)
         self.base = _baseline(self.x, baseline, blur_sigma)
         #: Work done so far, shared with every :meth:`head` view: images forwarded and the
-        #: seconds of those passes, and the seconds of ROAD's imputation (the bench's bound).
-        self.work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0}
+        #: seconds of those passes, the seconds of ROAD's imputation (the bench's bound), and
+        #: the deletion / insertion copies answered from :attr:`curve_points` instead.
+        self.work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0, "reused_images": 0}
+        #: ``(image, digest of the pixel set)`` -> the (deletion, insertion) probabilities of
+        #: that inner curve point, shared with every :meth:`head` view. Two maps that rank an
+        #: image's top pixels alike (Grad-CAM and XGrad-CAM at one layer often do, as do maps
+        #: that differ only below the step's cut) perturb it identically at that step, so the
+        #: copies are scored once; in the default's explain stage one inner point in ten.
+        self.curve_points: dict[tuple[int, bytes], tuple[float, float]] = {}
 
         # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
         self.batch = forward_batch(self.model, self.x, batch_size) if self.n else 1
@@ -334,21 +342,32 @@ class Perturbations:
         np.put_along_axis(rank, order, np.broadcast_to(np.arange(pixels), (n, pixels)), axis=1)
         rank_t = torch.from_numpy(rank).to(self.x.device)
         fractions = np.linspace(0.0, 1.0, steps + 1)
-        counts = torch.from_numpy(np.round(fractions * pixels).astype(np.int64)).to(self.x.device)
+        count = np.round(fractions * pixels).astype(np.int64)
+        counts = torch.from_numpy(count).to(self.x.device)
 
         # The first and last points are the clean image and the baseline, scored once for
         # every map; row r of the inner (steps - 1) * N perturbed copies is step 1 + r // N of
-        # image r % N, and each pass builds its rows with one vectorised `where`.
+        # image r % N. A row whose pixel set an earlier map already perturbed is answered from
+        # `curve_points`; the others are scored in passes, each built with one vectorised
+        # `where`.
         curves = {
             name: torch.empty(steps + 1, n, dtype=torch.float32)
             for name in ("deletion", "insertion")
         }
         curves["deletion"][0], curves["deletion"][steps] = self.clean, self.at_baseline
         curves["insertion"][0], curves["insertion"][steps] = self.at_baseline, self.clean
-        inner = (steps - 1) * n
+        inner = np.arange((steps - 1) * n)
+        inner_step, inner_image = 1 + inner // n, inner % n
+        keys = _pixel_set_keys(rank, inner_image, count[inner_step])
+        known = np.array([key in self.curve_points for key in keys], dtype=bool)
+        for r in np.flatnonzero(known):
+            cell = (inner_step[r], inner_image[r])
+            curves["deletion"][cell], curves["insertion"][cell] = self.curve_points[keys[r]]
+        self.work["reused_images"] += 2 * int(known.sum())
+        todo = torch.from_numpy(inner[~known]).to(self.x.device)
         with torch.no_grad():
-            for start in range(0, inner, self.batch):
-                rows = torch.arange(start, min(start + self.batch, inner), device=self.x.device)
+            for start in range(0, len(todo), self.batch):
+                rows = todo[start : start + self.batch]
                 step, image = 1 + rows // n, rows % n
                 chosen = (rank_t[image] < counts[step, None]).view(-1, 1, height, width)
                 both = torch.cat(
@@ -359,8 +378,10 @@ class Perturbations:
                 )
                 probs = self.probabilities(both, torch.cat([self.classes[image]] * 2))
                 cells = (step.cpu(), image.cpu())
-                curves["deletion"][cells] = probs[: len(rows)]
-                curves["insertion"][cells] = probs[len(rows) :]
+                deleted, inserted = probs[: len(rows)], probs[len(rows) :]
+                curves["deletion"][cells], curves["insertion"][cells] = deleted, inserted
+                pairs = zip(deleted.tolist(), inserted.tolist(), strict=True)
+                self.curve_points.update(zip([keys[r] for r in rows.tolist()], pairs, strict=True))
         out = {name: c.T.numpy().astype(np.float64) for name, c in curves.items()}
         return {
             "deletion_auc": np.trapezoid(out["deletion"], fractions, axis=1),
@@ -427,45 +448,65 @@ class Perturbations:
         return {"average_drop": drop, "increase": o > y, "score": y, "masked_score": o}
 
 
+def _pixel_set_keys(
+    rank: np.ndarray, image: np.ndarray, count: np.ndarray
+) -> list[tuple[int, bytes]]:
+    """``(image, digest)`` of each perturbed copy's pixel set ``rank[image] < count``.
+
+    A deletion or insertion copy is fully determined by its image and the set of pixels it
+    swaps for the baseline; the 128-bit BLAKE2 digest of the packed set stands for it (the
+    chance that two of a billion different sets share one is below 1e-20).
+    """
+    chosen = np.packbits(rank[image] < count[:, None], axis=1)
+    return [
+        (int(i), hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+        for i, row in zip(image, chosen, strict=True)
+    ]
+
+
 def _road_entries(
     mask: np.ndarray, img: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The entries of pytorch-grad-cam's ROAD equation system, vectorised per neighbour.
+    """The entries of pytorch-grad-cam's ROAD equation system, vectorised over the neighbours.
 
     ``NoisyLinearImputer.setup_sparse_system`` fills a ``lil_matrix`` entry group by entry
-    group and converts it, which is most of ROAD's time; this computes the same entries in one
-    numpy pass per neighbour offset. Arguments as the library's: ``mask`` (H, W), 1 where the
-    pixel is kept; ``img`` (C, H, W). One equation per removed pixel: ``-sum_neighbors`` on the
-    diagonal, the neighbour's weight at each removed neighbour, the kept neighbours' weighted
-    values (negated) on the right-hand side.
+    group and converts it, which is most of ROAD's time; this computes the same entries with
+    all eight neighbour offsets as one ``(8, equations)`` array. Only the right-hand side and
+    the diagonal are still summed offset by offset, in the library's order, so every float is
+    the library's (``tests/test_xai_metrics.py`` compares them bit for bit). Arguments as the
+    library's: ``mask`` (H, W), 1 where the pixel is kept; ``img`` (C, H, W). One equation per
+    removed pixel: ``-sum_neighbors`` on the diagonal, the neighbour's weight at each removed
+    neighbour, the kept neighbours' weighted values (negated) on the right-hand side.
 
     Returns:
         ``(rows, cols, values, diagonal, b)``: the off-diagonal entries (each (row, column)
-        once), the diagonal ``-sum_neighbors`` and ``b`` (equations, C).
+        once, offset by offset as the library lists them), the diagonal ``-sum_neighbors`` and
+        ``b`` (equations, C).
     """
-    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+    from pytorch_grad_cam.metrics.road import neighbors_weights
 
-    maskflt = mask.flatten()
+    height, width = mask.shape
+    maskflt = mask.reshape(-1)
     imgflat = img.reshape((img.shape[0], -1))
-    indices = np.argwhere(maskflt == 0).flatten()
+    indices = np.flatnonzero(maskflt == 0)
     coords_to_vidx = np.zeros(len(maskflt), dtype=int)
     coords_to_vidx[indices] = np.arange(len(indices))
-    equations = len(indices)
-    b = np.zeros((equations, img.shape[0]))
-    sum_neighbors = np.ones(equations)
-    rows, cols, values = [], [], []
-    for offset, weight in neighbors_weights:
-        valid, new_coords = NoisyLinearImputer.add_offset_to_indices(indices, offset, mask.shape)
-        valid_coords = new_coords[valid]
-        valid_ids = np.argwhere(valid == 1).flatten()
-        known = maskflt[valid_coords] > 0.5
-        b[valid_ids[known], :] -= weight * imgflat[:, valid_coords[known]].T
-        unknown = maskflt[valid_coords] < 0.5
-        rows.append(valid_ids[unknown])
-        cols.append(coords_to_vidx[valid_coords[unknown]])
-        values.append(np.full(int(unknown.sum()), weight))
-        sum_neighbors[np.argwhere(valid == 0).flatten()] -= weight
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(values), -sum_neighbors, b
+    row, col = np.divmod(indices, width)
+    offsets = np.array([offset for offset, _ in neighbors_weights])
+    r, c = row + offsets[:, :1], col + offsets[:, 1:]  # (8, equations)
+    valid = (r >= 0) & (c >= 0) & (r < height) & (c < width)
+    coords = np.where(valid, r * width + c, 0)  # 0 stands in where the neighbour is outside
+    neighbour = maskflt[coords]
+    known = valid & (neighbour > 0.5)
+    b = np.zeros((len(indices), img.shape[0]))
+    sum_neighbors = np.ones(len(indices))
+    for k, (_, weight) in enumerate(neighbors_weights):
+        ids = np.flatnonzero(known[k])
+        b[ids] -= weight * imgflat[:, coords[k, ids]].T
+        sum_neighbors[~valid[k]] -= weight
+    which, rows = np.nonzero(valid & (neighbour < 0.5))  # offset-major, as the library's
+    weights = np.array([weight for _, weight in neighbors_weights])
+    return rows, coords_to_vidx[coords[which, rows]], weights[which], -sum_neighbors, b
 
 
 def _road_system(mask: np.ndarray, img: np.ndarray) -> tuple[csc_matrix, np.ndarray]:

@@ -193,6 +193,9 @@ def test_speed_targets_judge_the_flow_and_the_explain_stage_and_say_what_bounds_
     # 18,844 images in 33 s is 571 img/s; 78 - 16 - 50 = 12 s outside the engine; floor 50 s.
     for part in ("18,844", "571 img/s", "in-filling: 17 s", "outputs 12 s", "alone take 50 s"):
         assert part in stage.bound
+    assert "reused" not in stage.bound
+    _, again = speed_targets(slow, work | {"reused_images": 1422.0}, True, False, "ok")
+    assert "33 s, 1,422 identical copies reused;" in again.bound
     fast = {"train": 30.0, "explain": 40.0}
     assert [t.verdict for t in speed_targets(fast, work, True, False, "ok")] == [PASS, PASS]
     broken = speed_targets(fast, {}, False, False, "error: stage explain exited 1")

@@ -136,9 +136,11 @@ def test_bad_requests_name_the_problem(case) -> None:
 def test_work_accounts_for_every_perturbed_copy(result) -> None:
     """The engine's account of its scoring work (what the bench's explain bound reads): 16
     map-images, each with 2 x (4 - 1) inner deletion / insertion copies, 8 ROAD copies and 1
-    Average Drop copy, plus the 4 clean images and their 4 baselines scored once."""
+    Average Drop copy, plus the 4 clean images and their 4 baselines scored once. A deletion /
+    insertion copy that an earlier map already made is reused, not forwarded again."""
     out, _ = result
     work = out.work
-    assert work["scored_images"] == 16 * (2 * 3 + 8 + 1) + 2 * 4
+    assert work["scored_images"] + work["reused_images"] == 16 * (2 * 3 + 8 + 1) + 2 * 4
+    assert work["reused_images"] % 2 == 0  # a deletion copy and its insertion copy together
     assert 0 < work["forward_s"] <= work["scores_s"] and work["maps_s"] > 0
     assert 0 < work["imputation_s"] <= work["scores_s"]

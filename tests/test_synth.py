@@ -124,6 +124,27 @@ def test_parallel_rendering_writes_the_same_bytes(tmp_path):
     assert one == two
 
 
+def test_views_of_a_lesion_share_one_painting_and_keep_their_bytes():
+    """Views are rendered lesion by lesion, the lesion painted once for all of them; each
+    view equals the one rendered on its own (painting included), and no chunk splits a
+    lesion."""
+    from tasks import synth
+
+    canvas = synth._lesion("MEL", 3, 7, 32, 0.5)
+    for view in range(3):
+        alone = synth._render("MEL", 3, 7, view, 32, 0.5, "ink")
+        shared = synth._render("MEL", 3, 7, view, 32, 0.5, "ink", canvas)
+        assert all(np.array_equal(a, b) for a, b in zip(alone, shared, strict=True))
+    jobs = [(f"ISIC_{i}", "NV", lesion, view, None) for i, (lesion, view) in enumerate(
+        [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2), (3, 0)]
+    )]  # fmt: skip
+    chunks = synth._lesion_chunks(jobs, per_chunk=2)
+    lesions = [[lesion for _, lesion, _ in chunk] for chunk in chunks]
+    assert lesions == [[0], [1], [2, 3]]  # first appearance order, >= 2 views a chunk
+    views = [v for chunk in chunks for _, _, lesion_views in chunk for v in lesion_views]
+    assert [image_id for image_id, _, _ in views] == [f"ISIC_{i}" for i in (0, 2, 5, 1, 4, 3, 6)]
+
+
 def test_other_seed_gives_other_images(tmp_path):
     generate(make_cfg(count=30), tmp_path / "a", progress=False)
     generate(make_cfg(count=30, seed=8), tmp_path / "b", progress=False)

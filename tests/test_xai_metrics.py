@@ -213,6 +213,29 @@ def test_fast_imputer_is_the_library_imputer() -> None:
     assert not torch.equal(outputs[1], image)
 
 
+@pytest.mark.parametrize("kept", ["random", "blob", "border", "none", "all"])
+def test_road_system_is_the_library_system_bit_for_bit(kept: str) -> None:
+    """The vectorised system (:func:`tasks.xai_metrics._road_system`) and the library's
+    ``setup_sparse_system``: the same matrix entries and right-hand side, float for float,
+    wherever the removed pixels lie (inside, on the border, everywhere, nowhere)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+
+    g = torch.Generator().manual_seed(6)
+    image = torch.randn(3, SIZE, SIZE + 5, generator=g).numpy()  # not square
+    keep = {
+        "random": (torch.rand(SIZE, SIZE + 5, generator=g) > 0.45).float().numpy(),
+        "blob": np.pad(blob(5, 9) < 0.5, ((0, 0), (0, 5)), constant_values=True),
+        "border": np.pad(np.ones((SIZE - 2, SIZE + 3)), 1),
+        "none": np.zeros((SIZE, SIZE + 5)),
+        "all": np.ones((SIZE, SIZE + 5)),
+    }[kept].astype(np.float32)
+    matrix, b = xm._road_system(keep, image)
+    expected, expected_b = NoisyLinearImputer.setup_sparse_system(keep, image, neighbors_weights)
+    assert b.dtype == expected_b.dtype and np.array_equal(b, expected_b)
+    assert matrix.shape == expected.shape == (int((keep == 0).sum()),) * 2
+    assert (matrix != expected.tocsc()).nnz == 0
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_imputing_many_equals_one_at_a_time(workers: int) -> None:
     """Solved together (banded Cholesky one after another with one worker, SuperLU in a thread
@@ -338,6 +361,37 @@ def test_perturbations_score_every_map_of_one_batch(patch_case) -> None:
     )
     with pytest.raises(ValueError, match="heatmaps must be"):
         first.road(good)
+
+
+def test_maps_that_perturb_alike_are_scored_once(patch_case) -> None:
+    """A map ranked like an earlier one swaps the same pixels at every step: its curves come
+    from the scorer's memory, with no forward. A map that shares only its top pixels is
+    forwarded only for the steps past them, and its curves equal a fresh scorer's."""
+    model, images, _, _ = patch_case
+    rng = np.random.default_rng(0)
+    heat = rng.random((2, SIZE, SIZE)).astype(np.float32)  # no ties
+    scorer = xm.Perturbations(model, images, [0, 0], batch_size=5)
+    first = scorer.deletion_insertion(heat, steps=8)
+    forwarded = scorer.work["scored_images"]
+    assert forwarded == 2 * 2 + 2 * 7 * 2 and scorer.work["reused_images"] == 0
+    doubled = scorer.deletion_insertion(2 * heat, steps=8)  # exact: the same order
+    assert scorer.work["scored_images"] == forwarded  # nothing forwarded
+    assert scorer.work["reused_images"] == 2 * 7 * 2
+    for key in ("deletion_curve", "insertion_curve"):
+        np.testing.assert_array_equal(doubled[key], first[key])
+
+    # The same top quarter of each image (steps 1 and 2 of 8), another order below it.
+    flat = heat.reshape(2, -1)
+    top = flat >= np.sort(flat, axis=1)[:, [-flat.shape[1] // 4]]
+    below = rng.random(flat.shape) * flat[top].min() / 2
+    partly = np.where(top, flat, below).reshape(heat.shape).astype(np.float32)
+    reused = scorer.work["reused_images"]
+    out = scorer.deletion_insertion(partly, steps=8)
+    assert scorer.work["reused_images"] - reused == 2 * 2 * 2  # 2 steps x 2 images, both curves
+    assert scorer.work["scored_images"] - forwarded == 2 * 5 * 2
+    fresh = xm.Perturbations(model, images, [0, 0], batch_size=5).deletion_insertion(partly, 8)
+    for key in ("deletion_curve", "insertion_curve"):
+        np.testing.assert_allclose(out[key], fresh[key], rtol=0, atol=PROB_ATOL)
 
 
 # --------------------------------------------------------------------------- sanity
