@@ -265,9 +265,10 @@ def save_experiment(repo: str, name: str | None = None) -> str:
     the .gitignore files DVC wrote), and puts every cached output in DVC's cache.
 
     It runs as a command in ``repo`` (DVC's experiment code works on the current directory).
-    Only the stages dvc.lock records are named: one never run (the synthetic set when the data
-    is real) has no outputs, and ``dvc exp save`` would stop on it. The resume checkpoint
-    (``persist``) stays out. Call it once the stages are current, as the flow's last step.
+    Only the stages dvc.lock records are saved: one never run (the synthetic set when the data
+    is real) has no outputs, and ``dvc exp save`` would stop on it; when every stage has run,
+    ``dvc.yaml`` stands for them all. The resume checkpoint (``persist``) stays out. Call it
+    once the stages are current, as the flow's last step.
 
     Args:
         repo: the project folder (a git + DVC repo with at least one commit).
@@ -307,7 +308,11 @@ def save_experiment(repo: str, name: str | None = None) -> str:
     for path in sorted(untracked):
         if (root / path).is_file():
             cmd += ["--include-untracked", path]
-    proc = subprocess.run(cmd + stages, cwd=root, env=_env(), capture_output=True, text=True)
+    # DVC commits target by target, reading and rewriting dvc.lock for each: naming the file
+    # when every stage has run commits them all in one pass (9.8 -> 3.8 s for the default's
+    # 14 stages on two cores).
+    targets = ["dvc.yaml"] if stages == list(defined) else stages
+    proc = subprocess.run(cmd + targets, cwd=root, env=_env(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{proc.stdout}{proc.stderr}")
     return ref_name or json.loads(proc.stdout)["ref"]

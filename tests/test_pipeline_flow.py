@@ -144,6 +144,16 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, ca
     assert [s["stage"] for s in first["stages"]] == list(yaml.safe_load(DVC_YAML)["stages"])
     assert all(s["ran"] for s in first["stages"])
     assert first["gate"]["promote"] and "first model" in first["gate"]["reason"]
+    # The run is a DVC experiment holding every stage's lock entry and metrics (every stage ran,
+    # so `dvc exp save` got dvc.yaml for them all).
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout
+    (ref,) = [r for r in refs.split() if r.endswith(f"/{first['experiment']}")]
+    saved = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], project).stdout)
+    assert saved["stages"] == yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert list(saved["stages"]) == list(yaml.safe_load(DVC_YAML)["stages"])
+    for metrics in ("metrics/train.json", "metrics/explain.json"):
+        shown = run(["git", "show", f"{ref}:{metrics}"], project).stdout
+        assert json.loads(shown) == json.loads((project / metrics).read_text()), metrics
 
     # The flow left dvc.lock as `dvc repro` would: DVC finds nothing to do, and neither does
     # a second flow run; the model stays champion.
