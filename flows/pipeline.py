@@ -85,15 +85,6 @@ def promotion_gate(repo: str, cfg: GateConfig, flow_run_id: str | None) -> dict:
     decision, both scores, the test-set version and the p-value go to the returned dict, the
     lineage run and the candidate's model version.
     """
-    from flows.explain_batch import (
-        ExplainBatchError,
-        bundle_file,
-        resolve_calibration,
-        resolve_model,
-    )
-    from tasks.calibrate import calibrator_from_dict
-    from tasks.models import load_bundle
-
     root = Path(repo)
     info = json.loads((root / tracking.RUN_FILE).read_text())
     onnx_file = root / paths.ONNX_REGISTRATION
@@ -114,6 +105,17 @@ def promotion_gate(repo: str, cfg: GateConfig, flow_run_id: str | None) -> dict:
         known = tracking.version_classes(name, champion_version)
         refusal = gate.class_mismatch(test.classes, known)
         if refusal is None:
+            # Loading a model needs torch and the registry helpers (2.6 s of imports on two
+            # cores): only here, not on a first run that has no champion to re-score.
+            from flows.explain_batch import (
+                ExplainBatchError,
+                bundle_file,
+                resolve_calibration,
+                resolve_model,
+            )
+            from tasks.calibrate import calibrator_from_dict
+            from tasks.models import load_bundle
+
             try:
                 ref = resolve_model(f"models:/{name}/{champion_version}", uri)
                 model, meta = load_bundle(bundle_file(ref.bundle, uri))
