@@ -285,9 +285,9 @@ class Perturbations:
         self.work = {"scored_images": 0, "forward_s": 0.0, "imputation_s": 0.0, "reused_images": 0}
         #: ``(image, digest of the pixel set)`` -> the (deletion, insertion) probabilities of
         #: that inner curve point, shared with every :meth:`head` view. Two maps that rank an
-        #: image's top pixels alike (Grad-CAM and XGrad-CAM at one layer often do, as do maps
-        #: that differ only below the step's cut) perturb it identically at that step, so the
-        #: copies are scored once; in the default's explain stage one inner point in ten.
+        #: image's top pixels alike perturb it identically at that step, so the copies are
+        #: scored once: in the default's explain stage XGrad-CAM and HiResCAM at the deep
+        #: layer rank every image as Grad-CAM does, and 1,418 of 14,460 copies are reused.
         self.curve_points: dict[tuple[int, bytes], tuple[float, float]] = {}
 
         # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
