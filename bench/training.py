@@ -37,8 +37,8 @@ H100_RATE_TARGET = 2600.0
 def train_config(settings: Settings) -> Any:
     """The project's TrainConfig from params.yaml, with the benchmark's model-speed settings.
 
-    Batch from ``--batch``, bf16 autocast and channels-last (both CUDA-only in
-    ``tasks.train``, so the CPU runs float32 NCHW exactly as the pipeline does), the device the
+    Batch from ``--batch``, bf16 autocast (where :func:`tasks.train.autocast_dtype` allows it,
+    exactly as the pipeline does) and channels-last, the device the
     run is on, and ``deterministic: false``, the README's advice for GPU speed (cuDNN
     autotuning). Everything else (optimiser, loss, class weights, augmentations, DataLoader
     workers) is the params file's.
@@ -80,6 +80,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         build_augment,
         lr_lambda,
         make_optimizer,
+        precision_name,
         seed_everything,
         train_one_epoch,
     )
@@ -101,7 +102,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     augment = build_augment(cfg, settings.size)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
-    precision = f"{cfg.amp} autocast" if device.type == "cuda" and cfg.amp != "none" else "float32"
+    precision = precision_name(device, cfg.amp)
     part.config.update(
         {
             "arch": settings.arch,
@@ -123,8 +124,9 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     )
     if device.type == "cpu":
         part.notes.append(
-            "The CPU runs float32 (tasks.train enables autocast on CUDA only) in channels_last "
-            "when train.channels_last is on; the bare loop follows the same rules, like for like."
+            f"The CPU runs {precision} (tasks.train.autocast_dtype: bf16 only on CPUs with bf16 "
+            "instructions) in channels_last when train.channels_last is on; the bare loop follows "
+            "the same rules, like for like."
         )
 
     def real(n_steps: int) -> None:

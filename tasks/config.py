@@ -277,7 +277,7 @@ class TrainConfig:
     focal_gamma: NonNegFloat  # focal loss focusing parameter
     augment: AugmentConfig  # training-time augmentations (torchvision.transforms.v2)
     device: Literal["auto", "cpu", "cuda"]  # auto | cpu | cuda
-    amp: Literal["none", "bf16", "fp16"]  # autocast on CUDA only
+    amp: Literal["none", "bf16", "fp16"]  # training autocast: CUDA, and bf16 on bf16-capable CPUs
     channels_last: Bool  # NHWC memory format (faster convolutions on CUDA and on the CPU)
     compile: Bool  # torch.compile the model
     workers: NonNegInt  # DataLoader worker processes

@@ -141,8 +141,8 @@ def test_channels_last_changes_the_memory_layout_not_the_model(tiny, tmp_path):
 
     root, p = tiny
     runs = {}
-    for nhwc in (True, False):
-        model_cfg, cfg = _cfg(p, epochs=1, channels_last=nhwc)
+    for nhwc in (True, False):  # float32: bf16's rounding would swamp the summation order
+        model_cfg, cfg = _cfg(p, epochs=1, channels_last=nhwc, amp="none")
         runs[nhwc] = train(
             model_cfg, cfg, root / "prepared", tmp_path / f"{nhwc}.pt", "v1", show_progress=False
         )
@@ -469,3 +469,68 @@ def test_cached_images_reach_loader_workers_by_file_name(tiny):
     assert torch.equal(image[..., :3], data[3][0])
     assert torch.equal(image[..., 3], torch.from_numpy(np.array(masked.masks[3]) * 255))
     assert set(image[..., 3].unique().tolist()) == {0, 255}
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "native", "expected"),
+    [
+        ("cpu", "bf16", True, torch.bfloat16),
+        ("cpu", "bf16", False, None),  # emulated bf16 is 2-11x slower than float32
+        ("cpu", "fp16", True, None),  # no fast CPU fp16 kernels
+        ("cpu", "none", True, None),
+        ("cuda", "bf16", False, torch.bfloat16),  # the CPU's instructions do not matter
+        ("cuda", "fp16", False, torch.float16),
+        ("cuda", "none", True, None),
+    ],
+)
+def test_training_autocasts_where_the_hardware_has_the_dtype(device, amp, native, expected):
+    from tasks.train import autocast_dtype
+
+    assert autocast_dtype(torch.device(device), amp, native_bf16=native) is expected
+
+
+def test_the_autocast_context_runs_the_precision_it_reports():
+    """On whatever CPU runs the suite, a convolution inside ``autocast`` comes out in the dtype
+    that ``precision_name`` logs, so the logged precision is the one that trained."""
+    from tasks.train import autocast, precision_name
+
+    cpu = torch.device("cpu")
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with autocast(cpu, "bf16"):
+        out = conv(torch.rand(1, 3, 8, 8))
+    expected = {"bf16 autocast": torch.bfloat16, "float32": torch.float32}
+    assert out.dtype is expected[precision_name(cpu, "bf16")]
+    with autocast(cpu, "none"):
+        assert conv(torch.rand(1, 3, 8, 8)).dtype is torch.float32
+
+
+def test_cpu_bf16_training_is_bf16_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """bf16 steps (forced on, so every CPU runs them; emulated ones only slower) give other
+    weights than float32, yet a run stopped after its first epoch and resumed equals the
+    uninterrupted run bit for bit, as float32 does."""
+    import tasks.train as train_module
+
+    root, p = tiny
+    model_cfg, cfg = _cfg(p, epochs=2)
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    fp32 = train(model_cfg, cfg, root / "prepared", tmp_path / "f.pt", "v1", show_progress=False)
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    full = train(model_cfg, cfg, root / "prepared", tmp_path / "b.pt", "v1", show_progress=False)
+    assert (fp32.precision, full.precision) == ("float32", "bf16 autocast")
+    assert not np.array_equal(fp32.test_logits, full.test_logits)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Stop  # after epoch 1's checkpoint is on disk
+
+    with pytest.raises(Stop):
+        train(model_cfg, cfg, root / "prepared", tmp_path / "cut.pt", "v1", stop, False)
+    resumed = train(
+        model_cfg, cfg, root / "prepared", tmp_path / "cut.pt", "v1", show_progress=False
+    )
+    assert resumed.resumed_from == 1
+    assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
+    np.testing.assert_array_equal(resumed.test_logits, full.test_logits)
