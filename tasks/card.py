@@ -288,6 +288,7 @@ def training_section(p: Params, train: Mapping[str, Any], calibrate: Mapping | N
     reported = {
         "best epoch": train.get("best_epoch"),
         "device": train.get("device"),
+        "training precision": train.get("precision"),
         "training seconds": train.get("seconds"),
         "class weights": train.get("class_weights"),
         "temperature": (calibrate or {}).get("temperature"),

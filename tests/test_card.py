@@ -132,7 +132,7 @@ def write_project(root: Path, optional: bool = True) -> None:
     write_json(
         root / paths.METRICS / "train.json",
         {"test": scores, "test_per_class": per_class, "best_epoch": 7, "device": "cpu",
-         "seconds": 81.4, "class_weights": {"MEL": 1.08, "NV": 0.83, "BCC": 1.31}},
+         "precision": "bf16 autocast", "seconds": 81.4, "class_weights": {"MEL": 1.08, "NV": 0.83, "BCC": 1.31}},
     )  # fmt: skip
     write_json(
         root / paths.METRICS / "ingest.json",
@@ -279,7 +279,7 @@ def test_card_renders_every_section_and_sets_the_registry_description(project):
         "Diagnosis without a clinician",  # out of scope
         DATA_VERSION, "1500", "862",  # data
         "very_light", "53.3%",  # skin tone: 560 of the 1050 training images
-        "train.lr", "0.002", "custom_cnn",  # training configuration
+        "train.lr", "0.002", "custom_cnn", "bf16 autocast",  # training configuration
         f"{ba['value']:.3f}", f"[{ba['low']:.3f}, {ba['high']:.3f}]",  # test with its CI
         "ham-holdout", "0.583", "[0.541, 0.627]", "0.710 / 0.830", "83.3% / 2.210",  # external
         "brown", "0.604", "[0.470, 0.730]", "0.428 (skin_tone)",  # subgroups
