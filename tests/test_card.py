@@ -132,7 +132,8 @@ def write_project(root: Path, optional: bool = True) -> None:
     write_json(
         root / paths.METRICS / "train.json",
         {"test": scores, "test_per_class": per_class, "best_epoch": 7, "device": "cpu",
-         "precision": "bf16 autocast", "seconds": 81.4, "class_weights": {"MEL": 1.08, "NV": 0.83, "BCC": 1.31}},
+         "precision": "bf16 autocast", "seconds": 81.4,
+         "class_weights": {"MEL": 1.08, "NV": 0.83, "BCC": 1.31}},
     )  # fmt: skip
     write_json(
         root / paths.METRICS / "ingest.json",
