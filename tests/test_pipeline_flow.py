@@ -198,6 +198,13 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, ca
         data.tags["promotion"] == "refused" and "already champion" in data.tags["promotion_reason"]
     )
     assert data.tags["prefect_flow_run_id"]
+    # The precision that trained (bf16 on a CPU with bf16 instructions), in the tag and metrics.
+    import torch
+
+    from tasks.train import precision_name
+
+    trained = json.loads((project / "metrics/train.json").read_text())["precision"]
+    assert data.tags["precision"] == trained == precision_name(torch.device("cpu"), "bf16")
     assert {"train", "calibrate", "explain", "data"} <= {
         a.path for a in client.list_artifacts(info["run_id"])
     }
