@@ -78,6 +78,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         _loader,
         autocast,
         build_augment,
+        grad_scaler,
         lr_lambda,
         make_optimizer,
         precision_name,
@@ -101,7 +102,7 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     steps, batch = settings.steps, settings.batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     augment = build_augment(cfg, settings.size)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
+    scaler = grad_scaler(device, cfg.amp)
     precision = precision_name(device, cfg.amp)
     part.config.update(
         {
@@ -151,11 +152,11 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(classes), (batch,), device=device)
 
-    def bare(n_steps: int, sync: bool = False) -> None:
+    def bare(n_steps: int, sync: bool = False, amp: str = cfg.amp) -> None:
         model.train()
         previous = None
         for _ in range(n_steps):
-            with autocast(device, cfg.amp):
+            with autocast(device, amp):
                 loss = loss_fn(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -182,6 +183,9 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
     fns = {"real": lambda: real(steps), "bare": lambda: bare(steps), "data": data_side}
     if device.type == "cuda":
         fns["synced"] = lambda: bare(steps, sync=True)
+    if precision != "float32":  # what the autocast buys: the same bare loop in float32
+        bare(settings.warmup_steps, amp="none")  # untimed: float32's own oneDNN primitives
+        fns["bare_float32"] = lambda: bare(steps, amp="none")
     timings = measure_many(
         fns, device, warmup=0, repeats=settings.repeats, budget_s=settings.budget_s
     )
@@ -213,6 +217,24 @@ def run(settings: Settings, workload: Workload, part: Part) -> None:
         timing=t_data,
         note="loader + per-image augmentations + normalise, no model (train_one_epoch's data half)",
     )
+    if "bare_float32" in timings:
+        r_f32 = images / timings["bare_float32"].median_s
+        part.add(
+            "bare_loop_float32_images_per_s",
+            r_f32,
+            "images/s",
+            reference="bare_loop_images_per_s",
+            ratio=r_f32 / r_bare,
+            timing=timings["bare_float32"],
+            note=f"the bare loop without autocast: {precision} steps run {r_bare / r_f32:.2f}x it",
+        )
+    else:
+        part.skip(
+            "bare_loop_float32_images_per_s",
+            "images/s",
+            "skipped: the steps already run float32",
+            note="the bare loop above is the float32 one",
+        )
     if device.type == "cuda":
         t_sync = timings["synced"]
         r_sync = images / t_sync.median_s

@@ -566,6 +566,18 @@ def precision_name(device: torch.device, amp: str) -> str:
     return names[autocast_dtype(device, amp)]
 
 
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """A loss scaler when the steps autocast to float16, else None.
+
+    float16's 5-bit exponent underflows small gradients, so fp16 steps scale the loss up and
+    the gradients back down; bf16 keeps float32's exponent and needs no scaling. Derived from
+    :func:`autocast_dtype`, so the scaler never disagrees with the precision that runs.
+    """
+    if autocast_dtype(device, amp) is torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
 def autocast(device: torch.device, amp: str):
     """Autocast to :func:`autocast_dtype`'s choice; a no-op context for float32."""
     dtype = autocast_dtype(device, amp)
@@ -913,9 +925,7 @@ def train(
     scored = ema.module if ema is not None else model  # what is validated, kept and saved
     probe = _loader(splits["train"], train_cfg, device, metadata.get("train"), shuffle=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg, len(probe)))
-    scaler = (
-        torch.amp.GradScaler("cuda") if device.type == "cuda" and train_cfg.amp == "fp16" else None
-    )
+    scaler = grad_scaler(device, train_cfg.amp)
 
     key = fingerprint(
         model_cfg, train_cfg, data_version if color == "none" else f"{data_version}|{color}"

@@ -471,22 +471,36 @@ def test_cached_images_reach_loader_workers_by_file_name(tiny):
     assert set(image[..., 3].unique().tolist()) == {0, 255}
 
 
-@pytest.mark.parametrize(
-    ("device", "amp", "native", "expected"),
-    [
-        ("cpu", "bf16", True, torch.bfloat16),
-        ("cpu", "bf16", False, None),  # emulated bf16 is 2-11x slower than float32
-        ("cpu", "fp16", True, None),  # no fast CPU fp16 kernels
-        ("cpu", "none", True, None),
-        ("cuda", "bf16", False, torch.bfloat16),  # the CPU's instructions do not matter
-        ("cuda", "fp16", False, torch.float16),
-        ("cuda", "none", True, None),
-    ],
-)
+AUTOCAST_RULE = [
+    ("cpu", "bf16", True, torch.bfloat16),
+    ("cpu", "bf16", False, None),  # emulated bf16 is 2-11x slower than float32
+    ("cpu", "fp16", True, None),  # no fast CPU fp16 kernels
+    ("cpu", "none", True, None),
+    ("cuda", "bf16", False, torch.bfloat16),  # the CPU's instructions do not matter
+    ("cuda", "fp16", False, torch.float16),
+    ("cuda", "none", True, None),
+]
+
+
+@pytest.mark.parametrize(("device", "amp", "native", "expected"), AUTOCAST_RULE)
 def test_training_autocasts_where_the_hardware_has_the_dtype(device, amp, native, expected):
     from tasks.train import autocast_dtype
 
     assert autocast_dtype(torch.device(device), amp, native_bf16=native) is expected
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
+@pytest.mark.parametrize(("device", "amp", "native", "expected"), AUTOCAST_RULE)
+def test_a_loss_scaler_exactly_when_the_steps_run_float16(
+    device, amp, native, expected, monkeypatch
+):
+    """fp16 steps need loss scaling (float16 underflows small gradients), bf16 and float32
+    steps must not get it: the scaler follows the same rule as the autocast dtype."""
+    import tasks.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
+    scaler = train_module.grad_scaler(torch.device(device), amp)
+    assert (scaler is not None) == (expected is torch.float16)
 
 
 def test_the_autocast_context_runs_the_precision_it_reports():
