@@ -118,6 +118,7 @@ def reproduce(repo: str | Path, target: str, single_item: bool = True) -> list[s
     from dvc.stage.exceptions import StageCmdFailedError
 
     _venv_first_on_path()
+    _dvc_logs_to_current_streams()
     # DVC's in-process API resolves some paths against the working directory (an out would
     # otherwise look "external" to the repo): run it from the repo, as `dvc repro` would be.
     with contextlib.chdir(repo), Repo(".") as dvc:
@@ -133,6 +134,25 @@ def reproduce(repo: str | Path, target: str, single_item: bool = True) -> list[s
         except DvcException as err:
             raise StageFailed(target, str(err), None) from None
     return [stage.name for stage in ran if hasattr(stage, "name")]
+
+
+def _dvc_logs_to_current_streams() -> None:
+    """Point DVC's console log handlers at today's ``sys.stdout`` / ``sys.stderr``.
+
+    ``import dvc`` installs them once, bound to the streams of that moment. When those streams
+    are later replaced and closed (a Prefect or pytest capture that ended, a notebook cell's
+    redirect), DVC's handler turns the failed write of its "Running stage" line into an
+    exception, and the stage fails before its command starts. Re-pointing them at each
+    reproduction keeps DVC's lines where this process prints now; warnings and errors go to
+    stderr, as DVC sets them up.
+    """
+    from dvc.logger import LoggerHandler
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, LoggerHandler):
+                errors = handler.level >= logging.WARNING
+                handler.setStream(sys.stderr if errors else sys.stdout)
 
 
 def _exit_status(err: Exception) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -83,3 +84,39 @@ def test_dvc_reads_its_files_with_the_c_parser():
     assert YAML(typ="safe").Parser.__name__ == "CParser"
     stages = parse_yaml((REPO / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
     assert {"synth", "train", "explain", "card"} <= set(stages)
+
+
+def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_path, capsys):
+    """``import dvc`` binds its console handlers to the streams of that moment; once those are
+    closed (a capture that ended), DVC's "Running stage" line used to fail the stage before its
+    command ran. The flows re-point the handlers at each reproduction."""
+    import io
+    import logging
+    import subprocess
+
+    from dvc.logger import LoggerHandler
+    from dvc.repo import Repo
+
+    from flows.stages import reproduce
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    Repo.init(str(tmp_path)).close()
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  hello:\n    cmd: python -c \"open('out.txt', 'w').write('hi')\"\n"
+        "    outs: [out.txt]\n"
+    )
+    handlers = [
+        h
+        for name in ("dvc", "dvc_objects", "dvc_data")
+        for h in logging.getLogger(name).handlers
+        if isinstance(h, LoggerHandler)
+    ]
+    assert handlers
+    gone = io.StringIO()
+    gone.close()
+    for handler in handlers:
+        handler.setStream(gone)
+    assert reproduce(tmp_path, "hello") == ["hello"]
+    assert (tmp_path / "out.txt").read_text() == "hi"
+    assert "Running stage 'hello'" in capsys.readouterr().out
+    assert {h.stream for h in handlers} <= {sys.stdout, sys.stderr}
