@@ -79,6 +79,7 @@ def pipeline_stages(repo: str | Path = ".") -> list[str]:
     from dvc.repo import Repo
 
     defined = list(yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"])
+    _dvc_logs_to_current_streams()
     with Repo(str(repo)) as dvc:
         try:
             graph = dvc.index.graph.reverse()  # DVC's edges point from a stage to its deps
@@ -137,22 +138,28 @@ def reproduce(repo: str | Path, target: str, single_item: bool = True) -> list[s
 
 
 def _dvc_logs_to_current_streams() -> None:
-    """Point DVC's console log handlers at today's ``sys.stdout`` / ``sys.stderr``.
+    """Point DVC's console log handlers at the current ``sys.stdout`` / ``sys.stderr``.
 
     ``import dvc`` installs them once, bound to the streams of that moment. When those streams
     are later replaced and closed (a Prefect or pytest capture that ended, a notebook cell's
     redirect), DVC's handler turns the failed write of its "Running stage" line into an
-    exception, and the stage fails before its command starts. Re-pointing them at each
-    reproduction keeps DVC's lines where this process prints now; warnings and errors go to
-    stderr, as DVC sets them up.
+    exception, and the stage fails before its command starts. Re-pointing them each time the
+    flows open the DVC repo keeps DVC's lines where this process prints now; warnings and
+    errors go to stderr, as DVC sets them up.
     """
     from dvc.logger import LoggerHandler
 
     for name in ("dvc", "dvc_objects", "dvc_data"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, LoggerHandler):
-                errors = handler.level >= logging.WARNING
-                handler.setStream(sys.stderr if errors else sys.stdout)
+                stream = sys.stderr if handler.level >= logging.WARNING else sys.stdout
+                # Assigned under the handler's lock, not with ``setStream``: that flushes the
+                # old stream first, and a closed file raises on flush.
+                handler.acquire()
+                try:
+                    handler.stream = stream
+                finally:
+                    handler.release()
 
 
 def _exit_status(err: Exception) -> int | None:

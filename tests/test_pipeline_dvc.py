@@ -112,7 +112,7 @@ def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_pat
         if isinstance(h, LoggerHandler)
     ]
     assert handlers
-    gone = io.StringIO()
+    gone = io.TextIOWrapper(io.BytesIO())  # like a capture's file: closed, it refuses flush()
     gone.close()
     for handler in handlers:
         handler.setStream(gone)
