@@ -89,7 +89,7 @@ def test_dvc_reads_its_files_with_the_c_parser():
 def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_path, capsys):
     """``import dvc`` binds its console handlers to the streams of that moment; once those are
     closed (a capture that ended), DVC's "Running stage" line used to fail the stage before its
-    command ran. The flows re-point the handlers at each reproduction."""
+    command ran. The flows re-point the handlers each time they open the DVC repo."""
     import io
     import logging
     import subprocess
@@ -114,9 +114,14 @@ def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_pat
     assert handlers
     gone = io.TextIOWrapper(io.BytesIO())  # like a capture's file: closed, it refuses flush()
     gone.close()
-    for handler in handlers:
-        handler.setStream(gone)
-    assert reproduce(tmp_path, "hello") == ["hello"]
-    assert (tmp_path / "out.txt").read_text() == "hi"
-    assert "Running stage 'hello'" in capsys.readouterr().out
-    assert {h.stream for h in handlers} <= {sys.stdout, sys.stderr}
+    before = [h.stream for h in handlers]
+    try:
+        for handler in handlers:
+            handler.setStream(gone)
+        assert reproduce(tmp_path, "hello") == ["hello"]
+        assert (tmp_path / "out.txt").read_text() == "hi"
+        assert "Running stage 'hello'" in capsys.readouterr().out
+        assert {h.stream for h in handlers} <= {sys.stdout, sys.stderr}
+    finally:  # the next test finds DVC's handlers as this one did
+        for handler, stream in zip(handlers, before, strict=True):
+            handler.stream = stream
