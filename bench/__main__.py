@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": command,
                 "timestamp": now_utc(),
                 "git_commit": git["commit"],
+                "hardware": report["hardware"],  # a part carried into a later file keeps it
             }
             console.print(f"  {name}: {part.status} in {part.seconds:.1f} s")
     finally:

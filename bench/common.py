@@ -604,7 +604,9 @@ def write_report(path: Path, report: dict[str, Any], merge: bool = True) -> dict
 
     Merging lets the slow ``pipeline`` part be run on its own (``--only pipeline``) without
     losing the other parts' results in the same ``<device>.json``: every part carries its own
-    command line, timestamp and commit, so a carried-over part stays attributable.
+    command line, timestamp, commit and hardware, so a carried-over part stays attributable
+    (the file's top-level ``hardware`` is the latest run's machine; parts written before parts
+    recorded their hardware have none).
 
     Returns:
         The report as written.

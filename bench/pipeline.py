@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import REPO, Part, Settings, Target, judge
 
@@ -145,18 +146,22 @@ def run(settings: Settings, part: Part) -> None:
         )
     )
     summary = root / "reports" / "explain" / "summary.json"
-    work = json.loads(summary.read_text()).get("work", {}) if summary.exists() else {}
+    explained = json.loads(summary.read_text()) if summary.exists() else {}
+    work = explained.get("work", {})
+    if "score_precision" in explained:
+        work = {**work, "precision": explained["score_precision"]}
     part.targets += speed_targets(seconds, work, complete, settings.on_cuda, part.status)
 
 
 def speed_targets(
-    seconds: dict[str, float], work: dict[str, float], complete: bool, on_cuda: bool, status: str
+    seconds: dict[str, float], work: dict[str, Any], complete: bool, on_cuda: bool, status: str
 ) -> list[Target]:
     """The flow (<= 4 min) and explain-stage (<= 60 s) targets, with what bounds each.
 
     Args:
         seconds: wall seconds per stage.
-        work: the explain stage's ``summary.json`` ``work`` (the engine's own account).
+        work: the explain stage's ``summary.json`` ``work`` (the engine's own account), with
+            ``precision``, the summary's ``score_precision``, when it has one.
         complete: every stage ran.
         on_cuda: this run has a CUDA device (the targets are the CPU's either way).
         status: the part's status, the verdict when incomplete.
@@ -180,13 +185,14 @@ def speed_targets(
     return out
 
 
-def explain_bound(stage_s: float | None, work: dict[str, float]) -> str:
+def explain_bound(stage_s: float | None, work: dict[str, Any]) -> str:
     """What the explain stage's seconds are made of, from the engine's account of its work.
 
     The scores forward every perturbed copy (deletion, insertion, ROAD, Average Drop) through
-    the model's inference twin, and ROAD in-fills each removed region with a linear solve; at
-    float32, with the same images, methods, layers and scores, that work is fixed, so its
-    seconds are the floor no scheduling of the engine can go under.
+    the model's inference twin, and ROAD in-fills each removed region with a linear solve;
+    with the same images, methods, layers and scores that work is fixed at a given precision
+    (``explain.score_amp``: the summary's ``score_precision``), so its seconds are the floor no
+    scheduling of the engine can go under.
     """
     if stage_s is None or not work.get("forward_s"):
         return ""
@@ -195,10 +201,11 @@ def explain_bound(stage_s: float | None, work: dict[str, float]) -> str:
     floor = work["forward_s"] + work["imputation_s"]
     reused = work.get("reused_images", 0)
     again = f", {reused:,.0f} identical copies reused" if reused else ""
+    precision = f" in {work['precision']}" if work.get("precision") else ""
     return (
         f"maps {maps:.0f} s + scores {scores:.0f} s (forwarding {work['scored_images']:,.0f} "
-        f"perturbed images at {rate:.0f} img/s: {work['forward_s']:.0f} s{again}; ROAD's "
-        f"in-filling: {work['imputation_s']:.0f} s) + process start, loading and outputs "
+        f"perturbed images at {rate:.0f} img/s{precision}: {work['forward_s']:.0f} s{again}; "
+        f"ROAD's in-filling: {work['imputation_s']:.0f} s) + process start, loading and outputs "
         f"{stage_s - maps - scores:.0f} s; the scoring forwards and in-filling alone take "
         f"{floor:.0f} s of the {EXPLAIN_TARGET_S:.0f} s"
     )

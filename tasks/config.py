@@ -335,6 +335,7 @@ class ExplainConfig:
     target: Name  # predicted | true | a class name: the class each map explains
     top_k_percent: Annotated[float, Strict(), Gt(0), Le(100)]  # pixels kept for Jaccard and IoU
     perturbation_steps: PosInt  # steps of the deletion / insertion curves
+    score_amp: Literal["none", "bf16", "fp16"]  # autocast of the faithfulness scores' passes
     bootstrap: PosInt  # bootstrap resamples for the confidence intervals
     seed: NonNegInt  # sampling and LIME seed
 

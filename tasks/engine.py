@@ -14,8 +14,10 @@ and only write their own outputs. What the engine does once for all of them:
 - **Scores batched over the perturbations.** Every map scored on the same images shares one
   :class:`tasks.xai_metrics.Perturbations` (the clean and baseline probabilities computed once;
   deletion, insertion and ROAD copies scored in device-sized passes; a deletion / insertion
-  copy another map already made is not scored again); localisation against a
-  lesion mask and agreement with a reference map are computed per image.
+  copy another map already made is not scored again), autocast as ``Options.score_amp``
+  says (bf16 where the CPU has bf16 instructions: 2.3x faster passes on the default); the
+  maps are float32 whatever it says. Localisation against a lesion mask and agreement with a
+  reference map are computed per image.
 - **Metadata-fusion models** are explained one image at a time through
   :class:`tasks.fusion.ImageOnly` (each case with its own metadata), transparently.
 
@@ -47,6 +49,7 @@ from tasks.cams import (
     method_layers,
 )
 from tasks.config import ExplainConfig
+from tasks.forward import autocast_dtype, device_of, precision_name
 from tasks.fusion import ImageOnly, is_fusion
 
 #: Scores :func:`explain` can compute, and the table columns each adds.
@@ -77,11 +80,14 @@ class Explanations:
             ``forward_s``, ``reused_images`` (deletion / insertion copies identical to one
             an earlier map made, answered without a forward) and ``imputation_s`` (ROAD's
             in-filling): what a bench needs to tell the model's own cost from the engine's.
+        score_precision: what the faithfulness scores' forwards ran in (``float32``,
+            ``bf16 autocast`` or ``fp16 autocast``; ``Options.score_amp`` on this device).
     """
 
     maps: dict[Pair, np.ndarray]
     table: pd.DataFrame
     work: dict[str, float] = field(default_factory=dict)
+    score_precision: str = "float32"
 
 
 def options(
@@ -97,6 +103,7 @@ def options(
         batch_size=cfg.batch_size,
         mean=tuple(mean),
         std=tuple(std),
+        score_amp=cfg.score_amp,
     )
 
 
@@ -172,10 +179,11 @@ def explain(
     start = time.perf_counter()
     maps = _maps(batch, list(dict.fromkeys(pairs)), opts, budgets, label)
     middle = time.perf_counter()
-    scoring = _Scoring(scores, masks, reference, perturbation_steps, top_k_percent, opts)
+    dtype = autocast_dtype(device_of(model), opts.score_amp)  # where the scorers run
+    scoring = _Scoring(scores, masks, reference, perturbation_steps, top_k_percent, opts, dtype)
     table, work = _scores(batch, maps, scoring, label.replace("explaining", "scoring"))
     work = {"maps_s": middle - start, "scores_s": time.perf_counter() - middle, **work}
-    return Explanations(maps, table, work)
+    return Explanations(maps, table, work, precision_name(dtype))
 
 
 def _views(model: nn.Module, n: int, metadata: np.ndarray | None) -> list[tuple[slice, nn.Module]]:
@@ -212,6 +220,7 @@ class _Scoring:
     steps: int
     top_k_percent: float
     options: Options
+    autocast: torch.dtype | None  # of the scoring passes (None: float32)
 
 
 def _maps(
@@ -293,7 +302,11 @@ def _scores(
             stop = min(sl.stop, n)
             if scorers[k] is None:
                 scorers[k] = xm.Perturbations(
-                    view, batch.images[sl], targets[sl], batch_size=scoring.options.batch_size
+                    view,
+                    batch.images[sl],
+                    targets[sl],
+                    batch_size=scoring.options.batch_size,
+                    autocast=scoring.autocast,
                 )
             scorer = scorers[k].head(stop - sl.start)
             for name, values in _faithfulness(scorer, heat[sl.start : stop], scoring).items():

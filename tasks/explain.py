@@ -148,6 +148,7 @@ def run_explain(
     summary["images"] = int(len(ids))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["work"] = {k: round(float(v), 2) for k, v in result.work.items()}  # bench's bound
+    summary["score_precision"] = result.score_precision
     write_explain_gallery(out_dir / "gallery.html", table, ids, cfg, classes)
     return summary
 

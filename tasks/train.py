@@ -12,7 +12,6 @@ batches, augmentations and dropout masks as the lost one did.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -31,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tasks import distributed, paths
+from tasks import distributed, forward, paths
 from tasks.config import AugmentConfig, ModelConfig, Params, TrainConfig
+from tasks.forward import autocast, autocast_dtype
 from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
 from tasks.io import atomic_path
 from tasks.losses import class_weights, epoch_class_weights, make_loss, sampler_weights
@@ -527,43 +527,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise TrainingError(f"train.optimizer {cfg.optimizer!r}: choose adam, adamw or sgd")
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles).
-
-    Only then does bf16 autocast pay on the CPU: a training step of the default model at 64 px
-    took 0.31 s against 0.54 s in float32 on a Zen 4 core pair, while with oneDNN held to
-    AVX512-core (bf16 emulated) it took 1.15 s and to AVX2 7.1 s, 2x and 11x slower than float32.
-    torch exposes the CPUID bits only as private helpers, hence the guarded lookup; the answer
-    is cached, since every training step's autocast asks.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast_dtype(
-    device: torch.device, amp: str, native_bf16: bool | None = None
-) -> torch.dtype | None:
-    """The dtype training steps autocast to, or None for float32.
-
-    CUDA honours ``bf16`` and ``fp16``. The CPU honours ``bf16`` only where the CPU has bf16
-    instructions (``native_bf16``, probed when None) and runs float32 elsewhere; CPU fp16 has
-    no fast kernels, so it always runs float32. Steps stay deterministic either way, so a
-    resumed CPU run still equals an uninterrupted one on the same machine. Evaluation, export
-    and explanations always run float32.
-    """
-    if device.type == "cuda" and amp in {"bf16", "fp16"}:
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cpu" and amp == "bf16":
-        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
-        return torch.bfloat16 if native else None
-    return None
-
-
 def precision_name(device: torch.device, amp: str) -> str:
     """What the training steps run in, as logged: bf16 autocast, fp16 autocast or float32."""
-    names = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "float32"}
-    return names[autocast_dtype(device, amp)]
+    return forward.precision_name(autocast_dtype(device, amp))
 
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
@@ -576,14 +542,6 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
     if autocast_dtype(device, amp) is torch.float16:
         return torch.amp.GradScaler(device.type)
     return None
-
-
-def autocast(device: torch.device, amp: str):
-    """Autocast to :func:`autocast_dtype`'s choice; a no-op context for float32."""
-    dtype = autocast_dtype(device, amp)
-    return torch.autocast(
-        device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
-    )
 
 
 def train_one_epoch(

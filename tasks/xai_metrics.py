@@ -45,7 +45,7 @@ from scipy.sparse import coo_matrix, csc_matrix
 from scipy.sparse.linalg import spsolve
 from skimage.metrics import structural_similarity
 
-from tasks.forward import forward_batch, inference_twin, run_batched
+from tasks.forward import autocast_to, forward_batch, inference_twin, run_batched
 
 ClassIndex = int | Sequence[int] | np.ndarray | torch.Tensor
 ExplainFn = Callable[[torch.nn.Module, torch.Tensor, ClassIndex], np.ndarray]
@@ -252,7 +252,8 @@ class Perturbations:
     each computed once instead of once per map and metric. Every perturbed copy of every map
     is then scored in passes of a device-sized batch (:func:`tasks.forward.batch_size`) on the
     model's inference twin (BatchNorm folded, channels-last; :func:`tasks.forward.
-    inference_twin`), whose probabilities equal the model's to float32 rounding.
+    inference_twin`), whose probabilities equal the model's to float32 rounding, or autocast
+    to ``autocast`` when given.
 
     Args:
         model: classifier returning logits; it is not modified.
@@ -262,6 +263,14 @@ class Perturbations:
             Gaussian-blurred image) or ``"mean"`` (the per-image, per-channel mean colour).
         blur_sigma: Gaussian sigma in pixels; default ``max(1, min(H, W) / 32)``.
         batch_size: images per forward pass; 0 sizes it to the device.
+        autocast: the dtype every scoring pass autocasts to (the clean and baseline
+            probabilities too, so a curve is never half in one precision); None: float32.
+            The scores are averages of probabilities, so bfloat16's 8-bit mantissa moves them
+            little: on the default's explain stage (22 images, 24 method x layer pairs) a
+            per-image deletion or insertion AUC moved by at most 0.008 (mean 0.002) and a
+            method's mean by at most 0.002, against bootstrap intervals 0.15-0.26 wide, while
+            the passes ran 2.3x faster on a two-core Intel Xeon with AMX. Heatmaps never
+            depend on it.
     """
 
     def __init__(
@@ -273,8 +282,10 @@ class Perturbations:
         baseline: str = "blur",
         blur_sigma: float | None = None,
         batch_size: int = 0,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.x = _on_model_device(model, _as_images(images))
+        self.autocast = autocast
         self.n, _, self.height, self.width = self.x.shape
         self.classes = torch.tensor(_class_indices(class_idx, self.n), device=self.x.device)
         self.model = inference_twin(model)
@@ -291,7 +302,7 @@ class Perturbations:
         self.curve_points: dict[tuple[int, bytes], tuple[float, float]] = {}
 
         # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
-        self.batch = forward_batch(self.model, self.x, batch_size) if self.n else 1
+        self.batch = forward_batch(self.model, self.x, batch_size, dtype=autocast) if self.n else 1
         clean_and_base = self.probabilities(
             torch.cat([self.x, self.base]), torch.cat([self.classes, self.classes])
         )
@@ -320,7 +331,8 @@ class Perturbations:
             out[rows] = probs.gather(1, classes[rows, None].to(probs.device))[:, 0].cpu()
 
         start = time.perf_counter()
-        run_batched(self.model, x, self.batch, keep)  # ends on .cpu(): the device is done
+        with autocast_to(self.x.device, self.autocast):
+            run_batched(self.model, x, self.batch, keep)  # ends on .cpu(): the device is done
         self.work["scored_images"] += len(x)
         self.work["forward_s"] += time.perf_counter() - start
         return out

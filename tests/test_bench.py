@@ -64,6 +64,8 @@ def test_header_has_command_versions_hardware(report):
     assert settings["quick"] is True and settings["threads"] == 1
     assert settings["torch"]["num_threads"] == 1
     assert settings["parts"] == list(PARTS)
+    for name, part in report["parts"].items():  # each part names the machine it ran on
+        assert part["hardware"] == hw and part["git_commit"] == report["git"]["commit"], name
 
 
 def test_every_part_ran_with_positive_rates(report):
@@ -204,6 +206,9 @@ def test_speed_targets_judge_the_flow_and_the_explain_stage_and_say_what_bounds_
     assert "reused" not in stage.bound
     _, again = speed_targets(slow, work | {"reused_images": 1422.0}, True, False, "ok")
     assert "33 s, 1,422 identical copies reused;" in again.bound
+    _, bf16 = speed_targets(slow, work | {"precision": "bf16 autocast"}, True, False, "ok")
+    assert "571 img/s in bf16 autocast: 33 s" in bf16.bound
+    assert " in " not in stage.bound.split("img/s")[1].split(":")[0]  # no precision: not named
     fast = {"train": 30.0, "explain": 40.0}
     assert [t.verdict for t in speed_targets(fast, work, True, False, "ok")] == [PASS, PASS]
     broken = speed_targets(fast, {}, False, False, "error: stage explain exited 1")

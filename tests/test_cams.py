@@ -546,6 +546,41 @@ def test_inference_twin_is_fast_hook_free_and_follows_the_weights() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        nn.MaxPool2d(2, dilation=2),
+    ],
+    ids=["2x2", "padded", "ceil", "dilated"],
+)
+def test_the_twin_pools_before_the_relu_with_the_same_values(pool: nn.MaxPool2d) -> None:
+    """ReLU then max-pool equals max-pool then ReLU, bit for bit, NaN included; the twin runs
+    the cheaper order, and leaves a pool that returns indices as it is."""
+    from tasks.forward import _pool_before_relu
+
+    net = nn.Sequential(nn.ReLU(), pool)
+    x = torch.randn(2, 3, 11, 11, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 3, 4] = float("nan")
+    expected = net(x.clone())
+    _pool_before_relu(net)
+    assert [type(m) for m in net] == [nn.MaxPool2d, nn.ReLU]
+    torch.testing.assert_close(net(x.clone()), expected, rtol=0, atol=0, equal_nan=True)
+    kept = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2, return_indices=True))
+    _pool_before_relu(kept)
+    assert [type(m) for m in kept] == [nn.ReLU, nn.MaxPool2d]
+
+
+def test_the_default_models_twin_pools_before_each_relu() -> None:
+    from tasks.forward import inference_twin
+
+    twin = inference_twin(build_model("custom_cnn", 3).eval())
+    for block in (twin.block1, twin.block2, twin.block3, twin.block4):
+        assert [type(m) for m in block] == [nn.Conv2d, nn.Identity, nn.MaxPool2d, nn.ReLU]
+
+
 def test_batch_size_is_measured_once_per_question() -> None:
     from tasks import forward
 
@@ -581,6 +616,21 @@ def test_score_cam_and_the_perturbation_scores_share_one_forward_measurement() -
     size = forward.forward_batch(twin, images, work=256)  # Score-CAM's question for the same twin
     assert [q for q in forward._TIMES if q[:4] == question] == asked
     assert forward._TIMES[asked[0]] == timed and size in forward.CPU_CANDIDATES  # not re-timed
+
+
+def test_each_scoring_precision_times_its_own_batch() -> None:
+    """bf16 and float32 passes of one twin have different best batches (2.9x apart at batch
+    16, 2.2x at 64 on the default), so a bf16 scorer asks its own question."""
+    from tasks import forward
+    from tasks.xai_metrics import Perturbations
+
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", 3).eval()
+    images = torch.rand(2, 3, 18, 18)  # a shape no other test sizes
+    Perturbations(model, images, [0, 1], autocast=torch.bfloat16)
+    key = ("forward", *forward.model_key(forward.inference_twin(model)))
+    assert [q for q in forward._TIMES if q[:5] == (*key, "torch.bfloat16", (3, 18, 18))]
+    assert not [q for q in forward._TIMES if q[:4] == (*key, (3, 18, 18))]  # float32: not asked
 
 
 def test_small_work_is_one_pass_with_nothing_timed_and_the_batch_never_exceeds_it() -> None:

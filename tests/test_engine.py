@@ -4,8 +4,10 @@ scores, on a tiny random-init CNN (the numbers mean nothing; the scheduling is t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from rich.progress import Progress
@@ -144,3 +146,46 @@ def test_work_accounts_for_every_perturbed_copy(result) -> None:
     assert work["reused_images"] % 2 == 0  # a deletion copy and its insertion copy together
     assert 0 < work["forward_s"] <= work["scores_s"] and work["maps_s"] > 0
     assert 0 < work["imputation_s"] <= work["scores_s"]
+
+
+#: How far a faithfulness score may move when its passes run in bfloat16: 8 mantissa bits are
+#: 2**-8 relative per rounding, compounded over the CNN's four blocks and the softmax, on scores
+#: that are (differences of) probabilities in [0, 1]; the measured moves are far smaller.
+BF16_SCORE_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "other-cpu"])
+def test_score_amp_autocasts_the_scores_only_where_the_cpu_has_bf16(case, monkeypatch, native):
+    """``score_amp=bf16`` runs the faithfulness passes in bf16 where the CPU has bf16
+    instructions (forced here; a CPU without them emulates, only slower) and float32 elsewhere,
+    where the table is the float32 one bit for bit. The maps are float32 either way."""
+    import tasks.forward
+
+    model, images, targets, _ = case
+    monkeypatch.setattr(tasks.forward, "cpu_has_native_bf16", lambda: native)
+    pair = ("gradcam", "deep")
+    scores = ["deletion_insertion", "average_drop", "road"]
+
+    def run(amp: str) -> engine.Explanations:
+        opts = replace(FAST, score_amp=amp)
+        return engine.explain(
+            model, "custom_cnn", images, targets, [pair], options=opts, scores=scores,
+            perturbation_steps=4,
+        )  # fmt: skip
+
+    fp32, amp = run("none"), run("bf16")
+    assert fp32.score_precision == "float32"
+    assert amp.score_precision == ("bf16 autocast" if native else "float32")
+    assert_maps_match(amp.maps[pair], fp32.maps[pair], "maps under score_amp")
+    columns = ["deletion_auc", "insertion_auc", "average_drop", "road"]
+    if not native:
+        pd.testing.assert_frame_equal(amp.table, fp32.table)
+        return
+    moved = (amp.table[columns] - fp32.table[columns]).abs().to_numpy()
+    assert moved.max() > 0  # the passes did run in bf16
+    assert moved.max() <= BF16_SCORE_TOLERANCE
+
+
+def test_an_unknown_score_amp_is_refused() -> None:
+    with pytest.raises(ValueError, match="score_amp must be one of"):
+        engine.Options(score_amp="int8")

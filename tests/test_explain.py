@@ -88,6 +88,10 @@ def test_every_image_method_layer_has_its_outputs(job):
     assert summary["images"] == n_images and len(table) == n_images * len(expected)
     work = summary["work"]  # the engine's account, which the bench's explain bound reads
     assert work["scored_images"] > 0 and 0 < work["forward_s"] <= work["scores_s"]
+    from tasks.forward import autocast_dtype, precision_name
+
+    expected_precision = precision_name(autocast_dtype(torch.device("cpu"), cfg.score_amp))
+    assert summary["score_precision"] == expected_precision  # params.yaml's score_amp, here
     heat = np.load(out / "heatmaps.npz")
     assert len(heat.files) == len(table)
     for row in table.itertuples():

@@ -496,9 +496,10 @@ def test_a_loss_scaler_exactly_when_the_steps_run_float16(
 ):
     """fp16 steps need loss scaling (float16 underflows small gradients), bf16 and float32
     steps must not get it: the scaler follows the same rule as the autocast dtype."""
+    import tasks.forward
     import tasks.train as train_module
 
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(tasks.forward, "cpu_has_native_bf16", lambda: native)
     scaler = train_module.grad_scaler(torch.device(device), amp)
     assert (scaler is not None) == (expected is torch.float16)
 
@@ -522,13 +523,13 @@ def test_cpu_bf16_training_is_bf16_deterministic_and_resumes_exactly(tiny, tmp_p
     """bf16 steps (forced on, so every CPU runs them; emulated ones only slower) give other
     weights than float32, yet a run stopped after its first epoch and resumed equals the
     uninterrupted run bit for bit, as float32 does."""
-    import tasks.train as train_module
+    import tasks.forward
 
     root, p = tiny
     model_cfg, cfg = _cfg(p, epochs=2)
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(tasks.forward, "cpu_has_native_bf16", lambda: False)
     fp32 = train(model_cfg, cfg, root / "prepared", tmp_path / "f.pt", "v1", show_progress=False)
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(tasks.forward, "cpu_has_native_bf16", lambda: True)
     full = train(model_cfg, cfg, root / "prepared", tmp_path / "b.pt", "v1", show_progress=False)
     assert (fp32.precision, full.precision) == ("float32", "bf16 autocast")
     assert not np.array_equal(fp32.test_logits, full.test_logits)
