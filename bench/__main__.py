@@ -34,6 +34,7 @@ from bench import DEFAULT_PARTS, PARTS  # noqa: E402
 from bench.common import (  # noqa: E402
     REPO,
     SCHEMA,
+    SPEED_PROBE_S,
     CpuLoad,
     Part,
     Settings,
@@ -42,7 +43,9 @@ from bench.common import (  # noqa: E402
     git_info,
     hardware,
     now_utc,
+    reference_speed,
     render,
+    speed_drift_note,
     torch_settings,
     versions,
     write_report,
@@ -180,6 +183,8 @@ def selected_parts(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 def run_part(name: str, settings: Settings, workload_fn) -> Part:
     """One part, timed; an exception becomes the part's status instead of ending the run."""
     part = Part(name)
+    probe_s = 0.05 if settings.quick else SPEED_PROBE_S
+    before = reference_speed(probe_s)
     load = CpuLoad()
     start = time.perf_counter()
     try:
@@ -212,6 +217,11 @@ def run_part(name: str, settings: Settings, workload_fn) -> Part:
         part.notes.append(traceback.format_exc()[-4000:])
     part.seconds = time.perf_counter() - start
     part.config["machine_load"] = load.stop()
+    after = reference_speed(probe_s)
+    part.config["machine_speed"] = {"before_gflops": before, "after_gflops": after}
+    drift = speed_drift_note(before, after)
+    if drift:
+        part.notes.append(drift)
     share = part.config["machine_load"].get("other_processes_cpu_share") or 0.0
     if share > BUSY_SHARE:
         part.notes.append(

@@ -488,6 +488,41 @@ class CpuLoad:
         return out
 
 
+#: Seconds of each reference-speed probe (a part is probed before and after it runs).
+SPEED_PROBE_S = 0.5
+#: A part whose reference speed moved by more than this share between its probes gets a note.
+SPEED_DRIFT = 0.10
+
+
+def reference_speed(seconds: float = SPEED_PROBE_S) -> float:
+    """The machine's speed now: float32 GFLOP/s of a 512 x 512 matmul on this process's threads.
+
+    :class:`CpuLoad` sees the other processes of this machine, not a host that slows the
+    whole machine down: on a shared two-core sandbox the default model's float32 forward went
+    from 506 to 397 images/s within 36 minutes while other processes used under 1 % of the
+    CPU. Probing a fixed piece of arithmetic before and after each part puts its numbers on
+    a scale that runs of other hours (and machines) can be compared with.
+    """
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    torch.mm(a, a)  # warm-up: the BLAS's threads and buffers
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count == 0:
+        torch.mm(a, a)
+        count += 1
+    return round(2 * 512**3 * count / elapsed / 1e9, 2)
+
+
+def speed_drift_note(before: float, after: float) -> str | None:
+    """A note when the reference speed moved by more than :data:`SPEED_DRIFT` during a part."""
+    change = after / before - 1 if before > 0 else 0.0
+    if abs(change) <= SPEED_DRIFT:
+        return None
+    return (
+        f"the machine's reference speed moved by {change:+.0%} while this part ran "
+        f"({before:.0f} -> {after:.0f} GFLOP/s): its numbers mix two speeds of the machine"
+    )
+
+
 def device_slug() -> str:
     """``cpu``, or the GPU's name as a file-name slug (``nvidia-h100-80gb-hbm3``)."""
     if not torch.cuda.is_available():
@@ -565,6 +600,14 @@ def render(report: dict[str, Any], console: Any) -> None:
                 m["note"],
             )
     console.print(table)
+    speeds = [
+        f"{name} {part['config']['machine_speed']['before_gflops']:.0f} -> "
+        f"{part['config']['machine_speed']['after_gflops']:.0f}"
+        for name, part in report["parts"].items()
+        if "machine_speed" in part.get("config", {})
+    ]
+    if speeds:
+        console.print(f"reference speed (GFLOP/s) before -> after each part: {', '.join(speeds)}")
     loads = [
         f"{name} {part['config']['machine_load'].get('other_processes_cpu_share', 0) or 0:.0%}"
         for name, part in report["parts"].items()
@@ -574,7 +617,7 @@ def render(report: dict[str, Any], console: Any) -> None:
         console.print(f"CPU used by other processes while each part ran: {', '.join(loads)}")
     for name, part in report["parts"].items():
         for note in part.get("notes", []):
-            if note.startswith("other processes used"):
+            if note.startswith(("other processes used", "the machine's reference speed")):
                 console.print(f"[yellow]warning[/] {name}: {note}")
     targets = Table(title="targets", title_justify="left")
     for col in ("target", "measured", "threshold", "verdict"):

@@ -66,6 +66,19 @@ def test_header_has_command_versions_hardware(report):
     assert settings["parts"] == list(PARTS)
     for name, part in report["parts"].items():  # each part names the machine it ran on
         assert part["hardware"] == hw and part["git_commit"] == report["git"]["commit"], name
+        speed = part["config"]["machine_speed"]  # and how fast that machine was, around it
+        assert speed["before_gflops"] > 0 and speed["after_gflops"] > 0, name
+
+
+def test_a_part_during_which_the_machine_changed_speed_says_so() -> None:
+    from bench.common import SPEED_DRIFT, speed_drift_note
+
+    inside = 100.0 * SPEED_DRIFT * 0.9  # a move just inside the allowed drift
+    assert speed_drift_note(100.0, 100.0 + inside) is None
+    assert speed_drift_note(100.0, 100.0 - inside) is None
+    slower = speed_drift_note(100.0, 78.0)
+    assert slower is not None and "-22%" in slower and "100 -> 78 GFLOP/s" in slower
+    assert "+25%" in (speed_drift_note(80.0, 100.0) or "")
 
 
 def test_every_part_ran_with_positive_rates(report):
