@@ -301,7 +301,8 @@ class Perturbations:
         #: layer rank every image as Grad-CAM does, and 1,418 of 14,460 copies are reused.
         self.curve_points: dict[tuple[int, bytes], tuple[float, float]] = {}
 
-        # The twin's forward question, the one Score-CAM and LIME ask too (one measurement).
+        # The twin's forward question, timed once per precision (in float32 it is the one
+        # Score-CAM and LIME ask too).
         self.batch = forward_batch(self.model, self.x, batch_size, dtype=autocast) if self.n else 1
         clean_and_base = self.probabilities(
             torch.cat([self.x, self.base]), torch.cat([self.classes, self.classes])
