@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from bench.common import REPO, Part, Settings, Target, judge
 
@@ -147,24 +146,33 @@ def run(settings: Settings, part: Part) -> None:
     )
     summary = root / "reports" / "explain" / "summary.json"
     explained = json.loads(summary.read_text()) if summary.exists() else {}
-    work = explained.get("work", {})
-    if "score_precision" in explained:
-        work = {**work, "precision": explained["score_precision"]}
-    part.targets += speed_targets(seconds, work, complete, settings.on_cuda, part.status)
+    part.targets += speed_targets(
+        seconds,
+        explained.get("work", {}),
+        complete,
+        settings.on_cuda,
+        part.status,
+        precision=explained.get("score_precision"),
+    )
 
 
 def speed_targets(
-    seconds: dict[str, float], work: dict[str, Any], complete: bool, on_cuda: bool, status: str
+    seconds: dict[str, float],
+    work: dict[str, float],
+    complete: bool,
+    on_cuda: bool,
+    status: str,
+    precision: str | None = None,
 ) -> list[Target]:
     """The flow (<= 4 min) and explain-stage (<= 60 s) targets, with what bounds each.
 
     Args:
         seconds: wall seconds per stage.
-        work: the explain stage's ``summary.json`` ``work`` (the engine's own account), with
-            ``precision``, the summary's ``score_precision``, when it has one.
+        work: the explain stage's ``summary.json`` ``work`` (the engine's own account).
         complete: every stage ran.
         on_cuda: this run has a CUDA device (the targets are the CPU's either way).
         status: the part's status, the verdict when incomplete.
+        precision: the summary's ``score_precision`` (what the scoring passes ran in), if any.
     """
     total = sum(seconds.values())
     stage = seconds.get("explain")
@@ -176,7 +184,7 @@ def speed_targets(
         ("flow_cpu_under_4_min", "the embedded default's stages on 2 CPU cores",
          total if complete else None, FLOW_TARGET_S, f"slowest stages: {slowest}"),
         ("explain_stage_cpu_under_60_s", "the explain stage of the default on 2 CPU cores",
-         stage if complete else None, EXPLAIN_TARGET_S, explain_bound(stage, work)),
+         stage if complete else None, EXPLAIN_TARGET_S, explain_bound(stage, work, precision)),
     ):  # fmt: skip
         v = judge(value, threshold, "<", scope="cpu", on_cuda=on_cuda, missing=status)
         out.append(
@@ -185,7 +193,9 @@ def speed_targets(
     return out
 
 
-def explain_bound(stage_s: float | None, work: dict[str, Any]) -> str:
+def explain_bound(
+    stage_s: float | None, work: dict[str, float], precision: str | None = None
+) -> str:
     """What the explain stage's seconds are made of, from the engine's account of its work.
 
     The scores forward every perturbed copy (deletion, insertion, ROAD, Average Drop) through
@@ -201,10 +211,10 @@ def explain_bound(stage_s: float | None, work: dict[str, Any]) -> str:
     floor = work["forward_s"] + work["imputation_s"]
     reused = work.get("reused_images", 0)
     again = f", {reused:,.0f} identical copies reused" if reused else ""
-    precision = f" in {work['precision']}" if work.get("precision") else ""
+    ran_in = f" in {precision}" if precision else ""
     return (
         f"maps {maps:.0f} s + scores {scores:.0f} s (forwarding {work['scored_images']:,.0f} "
-        f"perturbed images at {rate:.0f} img/s{precision}: {work['forward_s']:.0f} s{again}; "
+        f"perturbed images at {rate:.0f} img/s{ran_in}: {work['forward_s']:.0f} s{again}; "
         f"ROAD's in-filling: {work['imputation_s']:.0f} s) + process start, loading and outputs "
         f"{stage_s - maps - scores:.0f} s; the scoring forwards and in-filling alone take "
         f"{floor:.0f} s of the {EXPLAIN_TARGET_S:.0f} s"

@@ -147,19 +147,27 @@ def _dvc_logs_to_current_streams() -> None:
     flows open the DVC repo keeps DVC's lines where this process prints now; warnings and
     errors go to stderr, as DVC sets them up.
     """
+    for handler in dvc_console_handlers():
+        stream = sys.stderr if handler.level >= logging.WARNING else sys.stdout
+        # Assigned under the handler's lock, not with ``setStream``: that flushes the old
+        # stream first, and a closed file raises on flush.
+        handler.acquire()
+        try:
+            handler.stream = stream
+        finally:
+            handler.release()
+
+
+def dvc_console_handlers() -> list[logging.StreamHandler]:
+    """The console handlers ``import dvc`` installs on its loggers (``dvc.logger.setup``)."""
     from dvc.logger import LoggerHandler
 
-    for name in ("dvc", "dvc_objects", "dvc_data"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, LoggerHandler):
-                stream = sys.stderr if handler.level >= logging.WARNING else sys.stdout
-                # Assigned under the handler's lock, not with ``setStream``: that flushes the
-                # old stream first, and a closed file raises on flush.
-                handler.acquire()
-                try:
-                    handler.stream = stream
-                finally:
-                    handler.release()
+    return [
+        handler
+        for name in ("dvc", "dvc_objects", "dvc_data")
+        for handler in logging.getLogger(name).handlers
+        if isinstance(handler, LoggerHandler)
+    ]
 
 
 def _exit_status(err: Exception) -> int | None:

@@ -11,6 +11,7 @@ import torch
 
 from tasks.config import load_params
 from tasks.explain import explained_classes, run_explain, sample_indices
+from tasks.forward import autocast_dtype, precision_name
 from tasks.ingest import build_manifest
 from tasks.metrics import softmax
 from tasks.models import build_model
@@ -88,8 +89,6 @@ def test_every_image_method_layer_has_its_outputs(job):
     assert summary["images"] == n_images and len(table) == n_images * len(expected)
     work = summary["work"]  # the engine's account, which the bench's explain bound reads
     assert work["scored_images"] > 0 and 0 < work["forward_s"] <= work["scores_s"]
-    from tasks.forward import autocast_dtype, precision_name
-
     expected_precision = precision_name(autocast_dtype(torch.device("cpu"), cfg.score_amp))
     assert summary["score_precision"] == expected_precision  # params.yaml's score_amp, here
     heat = np.load(out / "heatmaps.npz")

@@ -91,13 +91,11 @@ def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_pat
     closed (a capture that ended), DVC's "Running stage" line used to fail the stage before its
     command ran. The flows re-point the handlers each time they open the DVC repo."""
     import io
-    import logging
     import subprocess
 
-    from dvc.logger import LoggerHandler
     from dvc.repo import Repo
 
-    from flows.stages import reproduce
+    from flows.stages import dvc_console_handlers, reproduce
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     Repo.init(str(tmp_path)).close()
@@ -105,12 +103,7 @@ def test_a_stage_runs_after_the_streams_dvc_was_imported_with_are_closed(tmp_pat
         "stages:\n  hello:\n    cmd: python -c \"open('out.txt', 'w').write('hi')\"\n"
         "    outs: [out.txt]\n"
     )
-    handlers = [
-        h
-        for name in ("dvc", "dvc_objects", "dvc_data")
-        for h in logging.getLogger(name).handlers
-        if isinstance(h, LoggerHandler)
-    ]
+    handlers = dvc_console_handlers()
     assert handlers
     gone = io.TextIOWrapper(io.BytesIO())  # like a capture's file: closed, it refuses flush()
     gone.close()
