@@ -59,8 +59,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage.segmentation import slic
 from torch import nn
 
+from tasks.forward import AMP_MODES, forward_batch, inference_twin, model_key
 from tasks.forward import batch_size as sized_batch
-from tasks.forward import forward_batch, inference_twin, model_key
 from tasks.models import ARCHITECTURES, arch_spec, eval_mode, head_layer, tapped, target_layers
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ Pair = tuple[str, str | None]
 EXACT_CAM_ARCHS: tuple[str, ...] = tuple(n for n, s in ARCHITECTURES.items() if s.cam_exact)
 
 
-#: ``Options.score_amp`` values.
-SCORE_AMPS: tuple[str, ...] = ("none", "bf16", "fp16")
+#: ``Options.score_amp`` values: the autocast settings of :func:`tasks.forward.autocast_dtype`.
+SCORE_AMPS: tuple[str, ...] = AMP_MODES
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse", "effective_number")
 LOSSES = ("ce", "focal", "logit_adjusted")
 COLOR_CONSTANCY = ("none", "shades_of_gray")
 TTA_MODES = ("none", "flips", "flips_rot90")
+AMP_MODES = ("none", "bf16", "fp16")
 SEVERITIES = ("error", "warning", "off")
 RECIPE_STEPS = ("pipeline", "compare", "tune")
 SPLIT_NAMES = ("train", "val", "test")
@@ -277,7 +278,7 @@ class TrainConfig:
     focal_gamma: NonNegFloat  # focal loss focusing parameter
     augment: AugmentConfig  # training-time augmentations (torchvision.transforms.v2)
     device: Literal["auto", "cpu", "cuda"]  # auto | cpu | cuda
-    amp: Literal["none", "bf16", "fp16"]  # training autocast: CUDA, and bf16 on bf16-capable CPUs
+    amp: Literal[AMP_MODES]  # training autocast: CUDA, and bf16 on bf16-capable CPUs
     channels_last: Bool  # NHWC memory format (faster convolutions on CUDA and on the CPU)
     compile: Bool  # torch.compile the model
     workers: NonNegInt  # DataLoader worker processes
@@ -335,7 +336,7 @@ class ExplainConfig:
     target: Name  # predicted | true | a class name: the class each map explains
     top_k_percent: Annotated[float, Strict(), Gt(0), Le(100)]  # pixels kept for Jaccard and IoU
     perturbation_steps: PosInt  # steps of the deletion / insertion curves
-    score_amp: Literal["none", "bf16", "fp16"]  # autocast of the faithfulness scores' passes
+    score_amp: Literal[AMP_MODES]  # autocast of the faithfulness scores' passes
     bootstrap: PosInt  # bootstrap resamples for the confidence intervals
     seed: NonNegInt  # sampling and LIME seed
 

@@ -79,6 +79,10 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+#: The autocast settings (``train.amp``, ``explain.score_amp``) :func:`autocast_dtype` knows.
+AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
+
+
 def autocast_dtype(
     device: torch.device, amp: str, native_bf16: bool | None = None
 ) -> torch.dtype | None:
@@ -91,7 +95,13 @@ def autocast_dtype(
     kernels, so it always runs float32. Passes stay deterministic either way, so a resumed CPU
     run still equals an uninterrupted one on the same machine. Heatmaps, evaluation and export
     always run float32.
+
+    Raises:
+        ValueError: ``amp`` is not one of :data:`AMP_MODES` (a typo would otherwise run
+            float32 without a word).
     """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
     if device.type == "cuda" and amp in {"bf16", "fp16"}:
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if device.type == "cpu" and amp == "bf16":

@@ -489,6 +489,17 @@ def test_training_autocasts_where_the_hardware_has_the_dtype(device, amp, native
     assert autocast_dtype(torch.device(device), amp, native_bf16=native) is expected
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("amp", ["int8", "BF16", "float32", ""])
+def test_an_unknown_autocast_setting_is_an_error_not_float32(device, amp):
+    """The rule is shared by train.amp and explain.score_amp; a value it does not know must
+    not quietly run float32 (config refuses it first; this guards direct callers)."""
+    from tasks.forward import autocast_dtype
+
+    with pytest.raises(ValueError, match=f"amp must be one of .*got '{amp}'"):
+        autocast_dtype(torch.device(device), amp, native_bf16=True)
+
+
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
 @pytest.mark.parametrize(("device", "amp", "native", "expected"), AUTOCAST_RULE)
 def test_a_loss_scaler_exactly_when_the_steps_run_float16(
