@@ -81,10 +81,6 @@ Pair = tuple[str, str | None]
 EXACT_CAM_ARCHS: tuple[str, ...] = tuple(n for n, s in ARCHITECTURES.items() if s.cam_exact)
 
 
-#: ``Options.score_amp`` values: the autocast settings of :func:`tasks.forward.autocast_dtype`.
-SCORE_AMPS: tuple[str, ...] = AMP_MODES
-
-
 @dataclass(frozen=True)
 class Options:
     """How the methods run (the ``explain.*`` knobs that are not about what to explain).
@@ -99,7 +95,7 @@ class Options:
             and LIME masked inputs); ``0`` sizes every pass to the device.
         mean: normalisation mean of the images (LIME's superpixels need the real colours).
         std: normalisation std of the images.
-        score_amp: ``none`` | ``bf16`` | ``fp16``: what the faithfulness scores' forward
+        score_amp: one of :data:`tasks.forward.AMP_MODES`: what the faithfulness scores' forward
             passes autocast to (:func:`tasks.forward.autocast_dtype`'s rule, as
             ``train.amp``); the heatmaps are float32 whatever it says.
     """
@@ -116,8 +112,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0: sized to the device), got {self}")
-        if self.score_amp not in SCORE_AMPS:
-            raise ValueError(f"score_amp must be one of {SCORE_AMPS}, got {self.score_amp!r}")
+        if self.score_amp not in AMP_MODES:
+            raise ValueError(f"score_amp must be one of {AMP_MODES}, got {self.score_amp!r}")
 
 
 #: ``compute(model, arch, images, targets, layer, options) -> (N, H, W) heatmaps``.
