@@ -139,6 +139,12 @@ def predict(
     out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write"),
     batch_size: int = typer.Option(32, help="images per onnxruntime call"),
     provider: str = typer.Option("auto", help="auto | cuda | cpu"),
+    metadata: Path | None = typer.Option(
+        None,
+        "--metadata",
+        help="CSV of image_id, age, sex, site (HAM10000 / ISIC metadata files work as they are) "
+        "for a model trained with model.metadata_prior",
+    ),
 ) -> None:
     """Predict new images with the calibrated ONNX model; one CSV row per file.
 
@@ -148,7 +154,9 @@ def predict(
     from tasks.predict import run_predict
 
     with command("predict"):
-        result = run_predict(inputs, model, out, batch_size=batch_size, provider=provider)
+        result = run_predict(
+            inputs, model, out, batch_size=batch_size, provider=provider, metadata=metadata
+        )
         console.print(result.summary(), highlight=False)
 
 
@@ -209,6 +217,9 @@ def explain_batch(
     temperature: float | None = typer.Option(None, help="calibration temperature override"),
     dask_address: str | None = typer.Option(None, help="Dask scheduler, tcp://host:8786"),
     local_dask: bool = typer.Option(False, help="run the chunks on a local Dask cluster"),
+    metadata: Path | None = typer.Option(
+        None, "--metadata", help="CSV of image_id, age, sex, site, as for predict"
+    ),
     params: Path = ParamsOpt,
 ) -> None:
     """Predict and explain new images: heatmaps, overlays, text, predictions.csv, MLflow run.
@@ -225,7 +236,7 @@ def explain_batch(
     try:
         result = run_explain_batch(
             list(inputs), model, split(methods), split(layers), out, chunk_size, params,
-            temperature, dask_address, local_dask,
+            temperature, dask_address, local_dask, metadata,
         )  # fmt: skip
     except (ExplainBatchError, ConfigError, FileNotFoundError, ValueError) as err:
         raise typer.Exit(report_failure("explain-batch", err)) from None

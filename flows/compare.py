@@ -169,7 +169,7 @@ def _load(bundle: str, name: str, splits: dict, p: Params, job: CompareJob, devi
     """A loaded variant: the model, its logits on val/test, the facts the report needs."""
     from flows.explain_batch import bundle_file
     from tasks import tracking
-    from tasks.fusion import metadata_features
+    from tasks.fusion import metadata_features, prior_from_meta
     from tasks.models import load_bundle
     from tasks.train import MEAN, STD
 
@@ -202,8 +202,10 @@ def _load(bundle: str, name: str, splits: dict, p: Params, job: CompareJob, devi
     from tasks.models import with_tta
 
     scored = with_tta(model, extra.get("tta"))  # as it was evaluated
+    prior = prior_from_meta(extra)  # a metadata prior: its log-odds, as training added them
     logits = {
         s: _predict(scored, splits[s], metadata[s], p.train.batch_size, device, todo)
+        + (0.0 if prior is None else prior.log_odds(splits[s].rows))
         for s in ("val", "test")
     }
     return {
@@ -357,6 +359,7 @@ def variant_task(variant: dict, bundle: str | None, index: int, job: CompareJob)
         "source": "trained" if v.trained else v.source,
         "arch": arch,
         "metadata": fusion,
+        "metadata_prior": bool(got["extra"].get("metadata_prior")),
         **{k: _finite(metrics[k]) for k in cmp.HEADLINE},
     }
     low, high = cmp.balanced_accuracy_ci(got["logits"]["test"], test.labels)

@@ -294,8 +294,16 @@ def explain_images(
     calibrator: dict[str, Any],
     cfg: ExplainConfig,
     masks: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[tuple[str, str | None], np.ndarray], pd.DataFrame]:
-    """Calibrated probabilities, explained classes, per (method, layer) maps and their scores.
+    prior_term: np.ndarray | None = None,
+) -> tuple[
+    np.ndarray, np.ndarray, dict[tuple[str, str | None], np.ndarray], pd.DataFrame, np.ndarray
+]:
+    """Calibrated probabilities, explained classes, per (method, layer) maps and their scores,
+    and the probabilities from the image alone.
+
+    ``prior_term``: the metadata prior's log-odds per image (a model trained with one, given
+    ``--metadata``), added to the logits before calibration, as evaluate and predict do; the
+    maps stay the image model's own.
 
     A pure function of decoded uint8 images (N, H, W, 3) and optional lesion masks (N, H, W),
     all-zero for an image without one: the explanation engine (:func:`tasks.engine.explain`)
@@ -314,7 +322,9 @@ def explain_images(
     x = torch.from_numpy(normalize(raw, mean, std)).to(next(model.parameters()).device)
     with torch.no_grad():  # the bundle's train.tta, as calibrated, evaluated and exported
         logits = with_tta(model, (meta.get("extra") or {}).get("tta"))(x).float().cpu().numpy()
-    probs = calibrator_from_dict(calibrator).probabilities(logits)
+    calibrate = calibrator_from_dict(calibrator).probabilities
+    image_only = calibrate(logits)
+    probs = image_only if prior_term is None else calibrate(logits + prior_term)
     classes = list(meta["classes"])
     targets = probs.argmax(axis=1)
     if cfg.target in classes:
@@ -330,7 +340,7 @@ def explain_images(
         masks=masks,
         top_k_percent=cfg.top_k_percent,
     )
-    return probs, targets, result.maps, result.table
+    return probs, targets, result.maps, result.table, image_only
 
 
 def guard_referral(
@@ -369,9 +379,11 @@ def explain_chunk(
     resize: str,
     staging: str,
     aspect_tolerance: float = 0.02,
+    patients: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Decode, predict and explain one chunk of ``(path, image_id, mask, mask problem)``; write
-    its files (``aspect_tolerance``: ``validate.mask_aspect_tolerance``).
+    its files (``aspect_tolerance``: ``validate.mask_aspect_tolerance``; ``patients``: age, sex
+    and site by file stem, for a model with a metadata prior).
 
     Overlays go to ``staging/overlays``, the heatmaps to a shard ``staging/_shards/<index>.npz``
     that the flow merges. An unreadable file becomes an error row; the rest still run.
@@ -381,7 +393,8 @@ def explain_chunk(
     """
     import torch
 
-    from tasks.explain_text import describe_heatmap, explain_text
+    from tasks.explain_text import describe_heatmap, explain_text, metadata_text
+    from tasks.fusion import has_metadata, prior_from_meta
     from tasks.gallery import outline, overlay, overlay_name, save_png
     from tasks.models import load_bundle
     from tasks.predict import _DECODE_ERRORS, load_image, load_image_and_mask
@@ -406,12 +419,25 @@ def explain_chunk(
             errors[image_id] = str(err) if isinstance(err, PrepareError) else f"{path}: {err}"
     empty = np.zeros((size, size), dtype=np.uint8)
     lesions = np.stack([masks.get(i, empty) for i in images]) if masks else None
-    probs, targets, maps, scores = (
+    prior = prior_from_meta(meta.get("extra")) if patients is not None else None
+    stems = {image_id: Path(path).stem for path, image_id, _, _ in items}
+    rows_of = pd.DataFrame(
+        [(patients or {}).get(stems[i], {}) for i in images], columns=["age", "sex", "site"]
+    )
+    used = has_metadata(rows_of) if prior is not None else np.zeros(len(images), dtype=bool)
+    term = None if prior is None or not images else prior.log_odds(rows_of)
+    probs, targets, maps, scores, alone = (
         explain_images(
-            model, meta, np.stack(list(images.values())), calibration["calibrator"], cfg, lesions
-        )
+            model,
+            meta,
+            np.stack(list(images.values())),
+            calibration["calibrator"],
+            cfg,
+            lesions,
+            term,
+        )  # fmt: skip
         if images
-        else (None, None, {}, None)
+        else (None, None, {}, None, None)
     )
     out, classes = Path(staging), meta["classes"]
     referral = guard_referral(model, meta, images, probs, calibration) if images else []
@@ -430,7 +456,16 @@ def explain_chunk(
         head = {"image_id": image_id, "image": path, "predicted": classes[k]}
         head["confidence"] = float(probs[i, k])
         probabilities = {f"p_{c}": float(p) for c, p in zip(classes, probs[i], strict=True)}
-        predictions.append({**head, **probabilities, **referral[i], "error": None})
+        said = ""
+        if used[i]:
+            patient = rows_of.iloc[i]
+            said = " " + metadata_text(
+                classes[k], float(alone[i, k]), head["confidence"],
+                patient["age"], patient["sex"], patient["site"],
+            )  # fmt: skip
+        predictions.append(
+            {**head, **probabilities, **referral[i], "metadata": bool(used[i]), "error": None}
+        )
         lesion = masks.get(image_id)
         picture = raw if lesion is None else outline(raw, lesion)
         save_png(picture, out / "overlays" / f"{image_id}.png", scale)
@@ -445,7 +480,8 @@ def explain_chunk(
                 | {"target": classes[targets[i]], "average_drop": score["average_drop"]}
                 | {"increase_in_confidence": score["increase_in_confidence"]}
                 | {"location": facts["location"], "area_percent": facts["area_percent"]}
-                | {"text": explain_text(classes[k], head["confidence"], facts), "error": None}
+                | {"text": explain_text(classes[k], head["confidence"], facts) + said}
+                | {"error": None}
                 | {"mask": None if mask is None else str(mask)}
                 | {key: score.get(key) for key in LOCALISATION}
                 | {"outside_flag": None if lesion is None else facts["outside_flag"]}
@@ -488,7 +524,7 @@ def write_outputs(
     shutil.rmtree(tmp / "_shards")
     table = pd.DataFrame([r for res in results for r in res["rows"]], columns=TABLE)
     columns = ["image_id", "image", "predicted", "confidence", *[f"p_{c}" for c in classes]]
-    columns += ["ood_score", "ood", "prediction_set", "refer", "error"]
+    columns += ["ood_score", "ood", "prediction_set", "refer", "metadata", "error"]
     preds = pd.DataFrame([r for res in results for r in res["predictions"]], columns=columns)
     table.to_parquet(tmp / "explanations.parquet", index=False)
     table.to_csv(tmp / "explanations.csv", index=False)
@@ -526,6 +562,7 @@ def explain_batch_flow(
     chunk_size: int | None = None,
     params_path: str = "params.yaml",
     temperature: float | None = None,
+    metadata: str | None = None,
 ) -> BatchResult:
     """Predict and explain every image under ``inputs``; write ``out_dir``; log an MLflow run.
 
@@ -538,10 +575,13 @@ def explain_batch_flow(
         chunk_size: images per task (default ``orchestration.chunk_size``).
         params_path: params.yaml to read the explain, orchestration and tracking sections from.
         temperature: calibration temperature overriding the model's own calibrator.
+        metadata: a ``--metadata`` table (:func:`tasks.predict.read_metadata_table`) for a
+            model with a metadata prior.
     """
     from tasks import tracking
     from tasks.calibrate import calibrator_from_dict
     from tasks.cams import method_layers
+    from tasks.predict import read_metadata_table
 
     start, log, p = time.perf_counter(), get_run_logger(), load_params(params_path)
     cfg = dataclasses.replace(
@@ -564,6 +604,17 @@ def explain_batch_flow(
         for (image, mask, problem), image_id in zip(files, ids, strict=True)
     ]
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    table = None if metadata is None else read_metadata_table(metadata)
+    patients = [  # each chunk gets its own images' rows (plain dicts: any task runner)
+        None
+        if table is None
+        else {
+            stem: table.loc[stem].to_dict()
+            for stem in {Path(path).stem for path, *_ in chunk}
+            if stem in table.index
+        }
+        for chunk in chunks
+    ]
     paired = sum(mask is not None for _, mask, _ in files)
     log.info(
         "%d files (%d with a lesion mask), %d chunks, %d maps per image",
@@ -591,6 +642,7 @@ def explain_batch_flow(
                 p.prepare.resize,
                 str(tmp),
                 p.validate.mask_aspect_tolerance,
+                patients[k],
             )  # fmt: skip
             for k, chunk in enumerate(chunks)
         ]
@@ -649,6 +701,7 @@ def run_explain_batch(
     temperature: float | None = None,
     dask_address: str | None = None,
     local_dask: bool = False,
+    metadata: str | Path | None = None,
 ) -> BatchResult:
     """Check inputs, model and methods first (a typo starts no flow run), pick the runner, run.
 
@@ -666,7 +719,17 @@ def run_explain_batch(
         raise ExplainBatchError(f"--temperature {temperature}: must be > 0")
     check_output_dir(out_dir, "-o/--out folder")
     find_images(inputs)
+    if metadata is not None:
+        from tasks.predict import read_metadata_table
+
+        read_metadata_table(metadata)  # a bad line stops here, before any flow run
     _, meta = open_model(model, tracking.configure())
+    if metadata is not None and not (meta.get("extra") or {}).get("metadata_prior"):
+        raise ExplainBatchError(
+            f"--metadata {metadata}: {model} carries no metadata prior (it was trained with "
+            "model.metadata_prior: false), so age, sex and site cannot change its answer; "
+            "leave --metadata out"
+        )
     p = load_params(params_path)
     method_layers(methods or p.explain.methods, layers or p.explain.layers, meta["arch"])
     job = explain_batch_flow
@@ -680,5 +743,6 @@ def run_explain_batch(
         )
         job = explain_batch_flow.with_options(task_runner=runner)
     return job(
-        inputs, model, methods, layers, str(out_dir), chunk_size, str(params_path), temperature
-    )
+        inputs, model, methods, layers, str(out_dir), chunk_size, str(params_path), temperature,
+        None if metadata is None else str(metadata),
+    )  # fmt: skip

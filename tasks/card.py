@@ -336,6 +336,9 @@ def test_section(train: Mapping[str, Any], intervals: Mapping[str, Any] | None) 
         "n": test.get("n_samples"),
         "level": (intervals or {}).get("level"),
         "balanced_accuracy": _number(test.get("balanced_accuracy")),
+        "image_only_balanced_accuracy": _number(
+            (train.get("image_only") or {}).get("test_balanced_accuracy")
+        ),
         "metrics": rows,
         "per_class": per_class,
     }
@@ -589,6 +592,13 @@ def known_limitations(context: Mapping[str, Any], cfg: CardConfig) -> list[str]:
         out.append(
             f"The test split has only {test.get('n')} images: the balanced accuracy "
             f"{_f(ba)} has a {test['level']:.0%} CI of [{_f(bounds['low'])}, {_f(bounds['high'])}]."
+        )
+    image_only = test.get("image_only_balanced_accuracy")
+    if image_only is not None:
+        out.append(
+            f"The test numbers include the metadata prior: with each case's age, sex and site "
+            f"the balanced accuracy is {_f(ba)}, from the image alone {_f(image_only)}. A case "
+            "scored without metadata gets the image alone."
         )
     for row in test["per_class"]:
         if row["recall"] is not None and row["recall"] < cfg.min_recall:

@@ -758,6 +758,7 @@ MAIN_COLUMNS = [
     "model",
     "arch",
     "metadata",
+    "metadata_prior",
     "source",
     *HEADLINE,
     "balanced_accuracy_ci_low",

@@ -234,6 +234,8 @@ class ModelConfig:
     weights_path: Str | None  # local state_dict file (loaded with weights_only=True)
     dropout: Annotated[float, Strict(), Ge(0), Lt(1)]  # dropout before the classification head
     metadata: Bool = False  # fuse age, sex and anatomical site with the image features
+    metadata_prior: Bool = False  # add log p(class | age, sex, site) / p(class) to the logits
+    metadata_prior_c: PosFloat = 1.0  # inverse L2 strength of that logistic regression
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -823,6 +825,12 @@ def _cross_checks(tree: dict[str, Any]) -> list[str]:
                 f"{' and '.join(clash)} (mixed images have no one mask; hooks and "
                 "torch.compile do not mix); set them off, or train.mask_loss to 0"
             )
+    model = _get(tree, "model")
+    if isinstance(model, dict) and model.get("metadata") is True and model.get("metadata_prior"):
+        problems.append(
+            "model.metadata_prior: a fusion model (model.metadata: true) already reads age, sex "
+            "and site; set one of them to false"
+        )
     variants = _get(tree, "compare", "variants")
     if isinstance(variants, dict):
         for name, overrides in variants.items():

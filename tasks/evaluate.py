@@ -93,6 +93,8 @@ class ScoringModel:
             when it carries none.
         set_probabilities: raw logits -> the probabilities the sets were fitted on (those of
             the ONNX graph: :func:`tasks.conformal.graph_probabilities`); set with ``conformal``.
+        prior: the :class:`tasks.fusion.MetadataPrior` the model was trained with (its log-odds
+            are added to the image logits of every row with age, sex or site), or None.
     """
 
     classes: list[str]
@@ -108,6 +110,7 @@ class ScoringModel:
     run_id: str | None = None
     conformal: Any = None
     set_probabilities: Callable[[np.ndarray], np.ndarray] = softmax
+    prior: Any = None
 
 
 def _torch_logits(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -136,6 +139,7 @@ def load_bundle_model(
     and there is no referral threshold and no sets.
     """
     from tasks.conformal import graph_probabilities, read_sets
+    from tasks.fusion import prior_from_meta
     from tasks.io import lineage_problem
     from tasks.models import load_image_bundle, with_tta
 
@@ -172,6 +176,7 @@ def load_bundle_model(
         run_id=run_id,
         conformal=sets,
         set_probabilities=lambda logits: graph_probabilities(logits, calibrator),
+        prior=prior_from_meta(extra),
     )
 
 
@@ -181,6 +186,7 @@ def load_onnx_model(ref: str, tracking_uri: str | None = None) -> ScoringModel:
     The graph returns raw logits beside its calibrated probabilities; the calibrator is the
     temperature stored in its metadata (the same one the graph applies).
     """
+    from tasks.fusion import prior_from_meta
     from tasks.predict import load_predictor
 
     predictor = load_predictor(ref, tracking_uri=tracking_uri)
@@ -206,6 +212,7 @@ def load_onnx_model(ref: str, tracking_uri: str | None = None) -> ScoringModel:
         run_id=predictor.metadata.get("mlflow_run_id"),
         conformal=predictor.conformal,
         set_probabilities=calibrator.probabilities,  # the graph's own calibration
+        prior=prior_from_meta(predictor.metadata),
     )
 
 
@@ -316,6 +323,9 @@ def score_set(
 ) -> tuple[np.ndarray, list[float | None]]:
     """Raw logits (N, K) of every manifest row, and the ITA of the skin around each lesion.
 
+    The logits are the model's answer: the image logits plus, for a model trained with a
+    metadata prior, the log-odds of each row's age, sex and site (zero for a row with none).
+
     The skin tone is measured here, on the very pixels (and mask) the model sees, so the
     subgroup stage needs no second decode.
     """
@@ -336,7 +346,10 @@ def score_set(
             angles.append(ita_angle(rgb, mask_px if has_mask else None))
         batch = normalize(np.stack(images), model.mean, model.std)
         logits.append(np.asarray(model.logits(batch), dtype=np.float64))
-    return np.concatenate(logits), angles
+    out = np.concatenate(logits)
+    if model.prior is not None:
+        out += model.prior.log_odds(manifest)
+    return out, angles
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +517,16 @@ def evaluate_set(
     )
     if threshold is None:
         note += "; the model carries no referral threshold, so nothing is referred"
+    with_metadata = None
+    if model.prior is not None:
+        from tasks.fusion import has_metadata  # torch: only for a model with a prior
+
+        with_metadata = int(has_metadata(manifest).sum())
+    if with_metadata is not None:
+        note += (
+            f"; the metadata prior used age, sex or site for {with_metadata} of {len(y)} "
+            "images (the others: the image alone)"
+        )
     mel = (
         melanoma_at_referral(labels, predicted, referred)
         if MELANOMA in shared
@@ -527,6 +550,7 @@ def evaluate_set(
         "referred_share": float(referred.mean()),
         "melanoma": {**mel, "rule": "flagged = predicted MEL or referred"},
         "calibrator": model.calibrator.method,
+        "metadata_prior_images": with_metadata,
         "model": model.source,
         "note": note,
     }

@@ -23,7 +23,8 @@ from tasks import engine, paths
 from tasks import xai_metrics as xm
 from tasks.cams import explain_batch
 from tasks.config import ExplainConfig, Params
-from tasks.explain_text import describe_heatmap, explain_text
+from tasks.explain_text import describe_heatmap, explain_text, metadata_text
+from tasks.fusion import has_metadata, prior_from_meta
 from tasks.gallery import outline, overlay, overlay_name, save_png, write_gallery
 from tasks.labels import full_name
 from tasks.prepare import PreparedSplit
@@ -79,8 +80,13 @@ def run_explain(
     device: torch.device,
     sanity: bool = True,
     show_progress: bool = True,
+    image_only: np.ndarray | None = None,
 ) -> dict:
-    """The whole job; writes into ``out_dir`` (a fresh folder) and returns the summary."""
+    """The whole job; writes into ``out_dir`` (a fresh folder) and returns the summary.
+
+    ``image_only`` (a model with a metadata prior): the calibrated probabilities without the
+    prior; each row with age, sex or site then gets a sentence on what they changed.
+    """
     start = time.perf_counter()
     labels = split.labels
     preds = probabilities.argmax(axis=1)
@@ -120,7 +126,15 @@ def run_explain(
     for _, r in table.iterrows():
         i, key = r["index"], (r["method"], None if r["layer"] == "input" else r["layer"])
         facts = describe_heatmap(maps[key][i], masks[i] if has_mask[i] else None)
-        texts.append(explain_text(r["predicted"], r["confidence"], facts))
+        text = explain_text(r["predicted"], r["confidence"], facts)
+        row = split.rows.iloc[idx[i]]
+        if image_only is not None and has_metadata(split.rows.iloc[[idx[i]]])[0]:
+            k = classes.index(r["predicted"])
+            text += " " + metadata_text(
+                r["predicted"], float(image_only[idx[i], k]), r["confidence"],
+                row["age"], row["sex"], row["site"],
+            )  # fmt: skip
+        texts.append(text)
         inside.append(facts.get("inside_share"))
         flags.append(bool(facts.get("outside_flag", False)))
     table["inside_share"] = inside
@@ -255,9 +269,18 @@ def run(p: Params) -> dict:
     test = load_predictions(paths.PREDICTIONS / "test.npz")
     probabilities = calibrator.probabilities(test["logits"])
     split = open_split(paths.PREPARED, "test")
+    prior = prior_from_meta(meta.get("extra"))
+    image_only = (
+        None
+        if prior is None
+        else calibrator.probabilities(test["logits"] - prior.log_odds(split.rows))
+    )
     device = pick_device(p.train.device)
     with atomic_dir(paths.EXPLAIN) as tmp:
-        summary = run_explain(model, meta["arch"], split, probabilities, p.explain, tmp, device)
+        summary = run_explain(
+            model, meta["arch"], split, probabilities, p.explain, tmp, device,
+            image_only=image_only,
+        )  # fmt: skip
         write_json(tmp / "summary.json", summary)
     flat = explain_metrics(summary)
     write_json(paths.METRICS / "explain.json", flat)

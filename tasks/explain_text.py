@@ -207,3 +207,29 @@ def explain_text(label: str, confidence: float, facts: dict[str, Any]) -> str:
     if facts.get("outside_flag"):
         text += f" {ARTEFACT_SENTENCE}"
     return text
+
+
+def metadata_text(
+    label: str, image_only: float, confidence: float, age: Any, sex: Any, site: Any
+) -> str:
+    """One sentence on what the metadata prior did to the predicted class's probability.
+
+    A heatmap shows only the image's part of a fused answer; this sentence shows the rest, so a
+    reader can tell a prediction the image carries from one that age, sex and site carry.
+
+    Args:
+        label: the predicted class code.
+        image_only: its calibrated probability from the image alone.
+        confidence: its calibrated probability with the metadata prior.
+        age, sex, site: the patient's values (None or NaN where unknown).
+    """
+    known = [
+        f"age {float(age):.0f}" if age is not None and age == age else None,
+        None if sex is None or sex != sex else str(sex),
+        None if site is None or site != site else str(site),
+    ]
+    said = ", ".join(k for k in known if k)
+    return (
+        f"From the image alone, {full_name(label)} has {_percent(image_only)}; with the "
+        f"patient's {said} (metadata prior) it has {_percent(confidence)}."
+    )

@@ -113,7 +113,9 @@ def export_onnx(
     Every metadata value is JSON (``read_metadata`` parses them back): ``arch``, ``classes``,
     ``input_size``, ``normalization`` ({mean, std}), ``resize``, ``temperature``,
     ``data_version``, ``mlflow_run_id``, ``referral_threshold`` (when given), ``opset``,
-    ``format``/``format_version`` and the ``extra`` keys.
+    ``format``/``format_version``, the bundle's ``metadata_prior`` (when it has one: the graph
+    stays image-only, and evaluate and predict add the prior's log-odds to its logits) and the
+    ``extra`` keys.
 
     Args:
         model: the trained classifier (raw logits); exported in eval mode, its own mode is
@@ -170,6 +172,8 @@ def export_onnx(
     trained = meta.get("extra") or {}  # preprocessing that predict must repeat, from the bundle
     props["color_constancy"] = trained.get("color_constancy", "none")
     props["tta"] = trained.get("tta", "none")  # already inside the graph (run wraps the model)
+    if trained.get("metadata_prior"):  # added to the graph's logits by evaluate and predict
+        props["metadata_prior"] = trained["metadata_prior"]
     props.update(extra or {})
 
     target = Path(path)

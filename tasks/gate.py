@@ -184,7 +184,7 @@ def model_logits(
     """
     from torch.utils.data import DataLoader
 
-    from tasks.fusion import metadata_features
+    from tasks.fusion import metadata_features, prior_from_meta
     from tasks.models import eval_mode
     from tasks.train import MEAN, STD, CachedImages, pick_device, predict_logits
 
@@ -205,7 +205,8 @@ def model_logits(
     device = pick_device("auto")
     with eval_mode(model.to(device)) as scoring:
         logits, _ = predict_logits(scoring, loader, device)
-    return logits
+    prior = prior_from_meta(meta.get("extra"))  # the model's answer includes its metadata prior
+    return logits if prior is None else logits + prior.log_odds(split.rows)
 
 
 def paired_bootstrap(

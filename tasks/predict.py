@@ -18,7 +18,15 @@ lesion photos) and hidden files (``.DS_Store``, macOS ``._x.jpg``), which are sk
 counted.
 
 Everything the user controls (the model reference, ``--batch-size``, ``--provider``, the output
-path) is checked before the first image is decoded: :func:`run_predict` is the door.
+path, the ``--metadata`` table) is checked before the first image is decoded:
+:func:`run_predict` is the door.
+
+A model trained with a metadata prior (``model.metadata_prior``) reads each patient's age, sex
+and site from ``--metadata`` (a CSV keyed by image id, the file name without its suffix, as
+HAM10000's and ISIC's metadata files are): the prior's log-odds are added to the graph's
+logits and the calibrated probabilities recomputed with the graph's own temperature, as
+evaluation scored the model. An image without a row gets the image model's answer alone; the
+``metadata`` column says which rows used it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from PIL import Image
 
 from tasks.config import DEFAULT_MAX_PIXELS
 from tasks.export import INPUT_NAME, OUTPUT_NAMES, decode_metadata, normalize, ort_session
+from tasks.fusion import SEXES, has_metadata, prior_from_meta
 from tasks.ingest import (
     IMAGE_SUFFIXES,
     MASK_SUFFIX,
@@ -45,6 +54,7 @@ from tasks.ingest import (
     pixel_limit_problem,
 )
 from tasks.io import atomic_path, check_output_file
+from tasks.metrics import softmax
 from tasks.prepare import PrepareError, decode_one
 from tasks.progress import progress_bar
 
@@ -111,6 +121,8 @@ class Predictor:
         threshold = metadata.get("referral_threshold")
         self.referral_threshold = None if threshold is None else float(threshold)
         self.ood, self.conformal = guards_from_metadata(metadata, source)
+        self.prior = prior_from_meta(metadata)
+        self.temperature = np.asarray(metadata.get("temperature", 1.0), dtype=np.float64)
 
     def __repr__(self) -> str:
         return (
@@ -124,6 +136,85 @@ class Predictor:
             list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
         )
         return logits, probs
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Raw logits -> calibrated probabilities, as the graph computes them (its temperature)."""
+        return softmax(np.asarray(logits, dtype=np.float64) / self.temperature).astype(np.float32)
+
+
+# Columns of a --metadata table: the first name present is used (HAM10000's and ISIC 2019's
+# own names included, so their metadata files work as they are).
+METADATA_COLUMNS = {
+    "image_id": ("image_id", "image"),
+    "age": ("age", "age_approx"),
+    "sex": ("sex",),
+    "site": ("site", "localization", "anatom_site_general"),
+}
+MAX_AGE = 120
+
+
+def read_metadata_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A ``--metadata`` CSV -> one row per image id (``age``, ``sex``, ``site``).
+
+    Empty cells and HAM10000's ``unknown`` mean "not known". Hand-written (no library checks a
+    patient table) so that every bad row is named with its line and rule.
+
+    Raises:
+        PredictError: naming the file, and the line and rule of the first bad row: no image id
+            column, no age / sex / site column, an image id given twice, an age that is not a
+            number in 0-120, a sex other than male or female.
+    """
+    from tasks.ingest import _clean
+
+    source = Path(path)
+    if not source.is_file():
+        raise PredictError(f"--metadata {source}: no such file")
+    try:
+        raw = pd.read_csv(source, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PredictError(
+            f"--metadata {source}: not a readable CSV ({_first_line(err)})"
+        ) from None
+    found = {
+        key: next((n for n in names if n in raw.columns), None)
+        for key, names in METADATA_COLUMNS.items()
+    }
+    if found["image_id"] is None:
+        raise PredictError(f"--metadata {source}: no image_id (or image) column")
+    if not any(found[k] for k in ("age", "sex", "site")):
+        raise PredictError(
+            f"--metadata {source}: no age, sex or site column (site may be named localization "
+            "or anatom_site_general, age age_approx)"
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    first: dict[str, int] = {}
+    for i, record in enumerate(raw.to_dict("records")):
+        line = i + 2  # the header is line 1
+        image_id = str(record[found["image_id"]]).strip()
+        where = f"--metadata {source} line {line}"
+        if not image_id:
+            raise PredictError(f"{where}: empty image id")
+        if image_id in first:
+            raise PredictError(
+                f"{where}: image id {image_id} again (first on line {first[image_id]})"
+            )
+        first[image_id] = line
+        values = {k: _clean(record[c]) if c else None for k, c in found.items() if k != "image_id"}
+        age = values["age"]
+        if age is not None:
+            try:
+                values["age"] = float(age)
+            except ValueError:
+                values["age"] = float("nan")
+            if not 0 <= values["age"] <= MAX_AGE:
+                raise PredictError(f"{where}: age {age!r} is not a number in 0-{MAX_AGE}")
+        sex = values["sex"]
+        if sex is not None and str(sex).lower() not in SEXES:
+            raise PredictError(f"{where}: sex {sex!r} is not male, female or empty")
+        rows[image_id] = values
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["age", "sex", "site"])
+    table["age"] = pd.to_numeric(table["age"])
+    return table
 
 
 def guards_from_metadata(metadata: Mapping[str, Any], source: str) -> tuple[Any, Any]:
@@ -328,6 +419,7 @@ def predict_files(
     referral_threshold: float | None | Literal["model"] = "model",
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    metadata: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Score image files in batches; one row per file, in the order given.
 
@@ -342,14 +434,18 @@ def predict_files(
         progress: show a progress bar.
         max_pixels: larger images get an error row instead of being decoded
             (``validate.max_pixels``).
+        metadata: age, sex and site per image id (:func:`read_metadata_table`), for a model
+            with a metadata prior; None scores the images alone.
 
     Returns:
         Columns ``image`` (path as given), ``predicted`` (class), ``confidence`` (its calibrated
         probability), ``p_<class>`` for each class, ``ood_score`` / ``ood`` (the guard's score
         and flag), ``prediction_set`` (the conformal set, e.g. ``{MEL, NV}``), ``refer``
-        (nullable bool; see :func:`referral_columns`) and ``error`` (None, or why the file
-        could not be scored; its other columns are then empty). Without a guard or sets in
-        the model, their columns are NA.
+        (nullable bool; see :func:`referral_columns`), ``metadata`` (True where the metadata
+        prior used the image's age, sex or site) and ``error`` (None, or why the file could
+        not be scored; its other columns are then empty). Without a guard or sets in the
+        model, their columns are NA. The OOD score is the image's alone: the guard was fitted
+        on image logits.
     """
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size}: must be >= 1")
@@ -376,10 +472,16 @@ def predict_files(
                 batch_rows.append(row)
             if arrays:
                 logits, probs = predictor.predict(normalize(np.stack(arrays), mean, std))
+                used = np.zeros(len(good), dtype=bool)
+                if predictor.prior is not None and metadata is not None:
+                    patients = metadata.reindex([Path(r["image"]).stem for r in good])
+                    used = has_metadata(patients)
+                    probs = predictor.probabilities(logits + predictor.prior.log_odds(patients))
                 extra = referral_columns(
                     logits, probs, predictor.classes, threshold, predictor.ood, predictor.conformal
                 )
-                for row, p, more in zip(good, probs, extra, strict=True):
+                for row, p, more, u in zip(good, probs, extra, used, strict=True):
+                    row["metadata"] = bool(u)
                     k = int(p.argmax())
                     row["predicted"] = predictor.classes[k]
                     row["confidence"] = float(p[k])
@@ -387,11 +489,14 @@ def predict_files(
                     row.update(more)
             rows.extend(batch_rows)
             bar.advance(task, len(chunk))
-    columns = ["image", "predicted", "confidence", *prob_cols, *REFERRAL_COLUMNS, "error"]
+    columns = [
+        "image", "predicted", "confidence", *prob_cols, *REFERRAL_COLUMNS, "metadata", "error"
+    ]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.astype({c: "float64" for c in ["confidence", *prob_cols, "ood_score"]})
     frame["refer"] = frame["refer"].astype("boolean")
     frame["ood"] = frame["ood"].astype("boolean")
+    frame["metadata"] = frame["metadata"].astype("boolean")
     frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
     return frame
 
@@ -601,14 +706,20 @@ class PredictRun:
     out: Path
     scan: InputScan
     provider: str
+    prior: bool = False  # the model carries a metadata prior
 
     def summary(self) -> str:
         bad = int(self.frame["error"].notna().sum())
         referred = int(self.frame["refer"].fillna(False).astype(bool).sum())
         skipped = self.scan.skipped()
+        used = int(self.frame["metadata"].fillna(False).astype(bool).sum())
+        prior = (
+            f"; age, sex or site used for {used} of {len(self.frame) - bad}" if self.prior else ""
+        )
         return (
             f"predict: {len(self.frame) - bad} images scored, {bad} unreadable (error rows), "
             f"{referred} to refer to a dermatologist"
+            + prior
             + (f"; {skipped}" if skipped else "")
             + f" -> {self.out} ({self.provider})"
         )
@@ -621,6 +732,7 @@ def run_predict(
     batch_size: int = 32,
     provider: str = "auto",
     progress: bool = True,
+    metadata: str | os.PathLike[str] | None = None,
 ) -> PredictRun:
     """``dermaflow predict``: check every option and the output path, then score and write.
 
@@ -646,10 +758,19 @@ def run_predict(
         from tasks import tracking
 
         uri = tracking.configure()  # the registry resolves aliases through the global URI
+    patients = None if metadata is None else read_metadata_table(metadata)
     predictor = load_predictor(model, tracking_uri=uri, provider=provider)
-    frame = predict_files(predictor, scan.files, batch_size=batch_size, progress=progress)
+    if patients is not None and predictor.prior is None:
+        raise PredictError(
+            f"--metadata {metadata}: {model} carries no metadata prior (it was trained with "
+            "model.metadata_prior: false), so age, sex and site cannot change its answer; "
+            "leave --metadata out"
+        )
+    frame = predict_files(
+        predictor, scan.files, batch_size=batch_size, progress=progress, metadata=patients
+    )
     write_csv(frame, out)
-    return PredictRun(frame, Path(out), scan, predictor.provider)
+    return PredictRun(frame, Path(out), scan, predictor.provider, predictor.prior is not None)
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

@@ -70,6 +70,7 @@ KNOWN_ERRORS = (
     ("tasks.conformal", "ConformalError"),
     ("tasks.distributed", "DistributedError"),
     ("tasks.export", "ParityError"),
+    ("tasks.fusion", "MetadataPriorError"),
     ("tasks.ingest", "IngestError"),
     ("tasks.io", "LineageError"),
     ("tasks.io", "OutputPathError"),

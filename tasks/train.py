@@ -33,7 +33,15 @@ from torchvision.transforms import v2
 from tasks import distributed, forward, paths
 from tasks.config import AugmentConfig, ModelConfig, Params, TrainConfig
 from tasks.forward import autocast, autocast_dtype
-from tasks.fusion import EMBED, FusionNet, feature_names, metadata_features, site_vocabulary
+from tasks.fusion import (
+    EMBED,
+    FusionNet,
+    MetadataPrior,
+    feature_names,
+    fit_metadata_prior,
+    metadata_features,
+    site_vocabulary,
+)
 from tasks.io import atomic_path
 from tasks.losses import class_weights, epoch_class_weights, make_loss, sampler_weights
 from tasks.metrics import classification_metrics
@@ -857,6 +865,18 @@ def train(
     mix = build_mix(train_cfg, len(classes))
 
     metadata, extra = build_metadata(splits) if model_cfg.metadata else ({}, {})
+    prior = None
+    if model_cfg.metadata_prior and not model_cfg.metadata:  # config refuses both
+        # Fitted first, so a class without metadata is refused before any training.
+        train_rows = splits["train"].rows
+        prior = fit_metadata_prior(
+            train_rows, splits["train"].labels, classes, model_cfg.metadata_prior_c
+        )
+        if prior is None:
+            console.print(
+                "[yellow]train: model.metadata_prior is on but no training image has age, sex "
+                "or site, so the prior is p(class) and adds nothing; the model is image-only[/]"
+            )
     model = build_model(
         model_cfg.arch,
         EMBED if model_cfg.metadata else len(classes),
@@ -1018,6 +1038,14 @@ def train(
     final = with_tta(scored, train_cfg.tta)
     val, val_logits, val_labels = evaluate(final, val_loader, eval_loss, device, classes)
     test, test_logits, test_labels = evaluate(final, test_loader, eval_loss, device, classes)
+    if prior is not None:
+        extra["metadata_prior"] = prior.to_dict()
+        extra["image_only"] = {
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "test_balanced_accuracy": test["balanced_accuracy"],
+        }
+        val, val_logits = with_prior(prior, splits["val"], val_logits, eval_loss, classes)
+        test, test_logits = with_prior(prior, splits["test"], test_logits, eval_loss, classes)
     extra = {
         **extra,
         "color_constancy": color,
@@ -1045,6 +1073,24 @@ def train(
         image_size=size,
         extra=extra,
     )
+
+
+def with_prior(
+    prior: MetadataPrior,
+    split: PreparedSplit,
+    logits: np.ndarray,
+    loss_fn: nn.Module,
+    classes: list[str],
+) -> tuple[dict, np.ndarray]:
+    """A split's image logits plus the metadata prior, and the metrics of the sum.
+
+    The sum is what the train stage writes to ``data/predictions``, so calibration, conformal
+    sets, subgroups and the card all judge the fused answer, as ``dermaflow evaluate`` does.
+    """
+    fused = logits + prior.log_odds(split.rows)
+    metrics = classification_metrics(fused, split.labels, classes)
+    metrics["loss"] = float(loss_fn(torch.from_numpy(fused), torch.tensor(split.labels)).item())
+    return metrics, fused
 
 
 def build_metadata(splits: dict[str, PreparedSplit]) -> tuple[dict[str, np.ndarray], dict]:
@@ -1142,6 +1188,10 @@ def save_outputs(
         "precision": result.precision,
         "seconds": round(result.seconds, 1),
     }
+    image_only = result.extra.get("image_only")
+    if image_only:  # the metadata prior's gain, next to the fused numbers above
+        summary["image_only"] = image_only
+        flat.update({f"image_only_{k}": v for k, v in image_only.items()})
     test_images = np.array(open_split(prepared_dir, "test").images[:2])
     example = to_input(torch.from_numpy(test_images), torch.device("cpu")).numpy()
     return {"summary": summary, "flat": flat, "input_example": example.astype(np.float32)}

@@ -110,3 +110,21 @@ def gate_config(min_gain: float = 0.0, max_ece_increase: float = 0.02):
         seed=0,
         champion_alias="champion",
     )
+
+
+def patients(n: int = 300, seed: int = 0):
+    """Random patients of three classes whose class leans on age and site, for metadata priors.
+
+    Class 0 is old and mostly on the face, class 1 (60 % of them) young, class 2 old; sex is
+    noise. Returns the rows (``age``, ``sex``, ``site``) and the class indices.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, size=n, p=[0.2, 0.6, 0.2])
+    face = rng.random(n) < np.where(y == 0, 0.8, 0.2)
+    age = np.where(y == 1, 30.0, 70.0) + rng.normal(0, 10, n)
+    sex = rng.choice(["male", "female"], size=n)
+    rows = pd.DataFrame({"age": age, "sex": sex, "site": np.where(face, "face", "back")})
+    return rows, y

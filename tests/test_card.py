@@ -262,6 +262,14 @@ def test_limitations_are_written_from_the_numbers(project):
     context = card.build_context(better, p, None, {})
     text = "\n".join(card.known_limitations(context, p.card))
     assert "OOD guard" not in text and "ECE" not in text and "referral" not in text
+    assert "metadata prior" not in text  # the fixture's training reports no image-only number
+    fused = {**inputs, "train": {**inputs["train"], "image_only": {"test_balanced_accuracy": 0.5}}}
+    context = card.build_context(fused, p, None, {})
+    text = "\n".join(card.known_limitations(context, p.card))
+    assert (
+        f"with each case's age, sex and site the balanced accuracy is {test_ba:.3f}, from the "
+        "image alone 0.500" in text
+    )
 
 
 def test_card_renders_every_section_and_sets_the_registry_description(project):

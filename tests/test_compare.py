@@ -32,8 +32,12 @@ from tasks.config import ConfigError
 from tests.helpers import TINY, make_project, run, write_params
 
 VARIANTS = {
-    "custom_cnn": ["model.arch=custom_cnn"],
-    "custom_cnn_metadata": ["model.arch=custom_cnn", "model.metadata=true"],
+    "custom_cnn": ["model.arch=custom_cnn", "model.metadata_prior=false"],
+    "custom_cnn_metadata": [
+        "model.arch=custom_cnn",
+        "model.metadata=true",
+        "model.metadata_prior=false",
+    ],
 }
 
 

@@ -35,7 +35,7 @@ from tasks.ingest import IngestError, build_manifest
 from tasks.metrics import softmax
 from tasks.predict import load_predictor, predict_files
 from tests.datasets import make_ph2, write_image
-from tests.helpers import TINY, write_params
+from tests.helpers import TINY, patients, write_params
 
 CLASSES = ["MEL", "NV", "BCC"]
 ISIC2018_COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
@@ -372,3 +372,61 @@ def test_evaluate_set_with_label_map_and_fewer_classes(project: Path, layout: st
     assert saved["balanced_accuracy"] == pytest.approx(rec["balanced_accuracy"])
     with pytest.raises(IngestError, match="does not map atypical_nevus"):
         run_cli(root, str(bundle), p, label_map="common_nevus=NV,melanoma=MEL", log=False)
+
+
+def test_a_model_with_a_metadata_prior_adds_it_for_the_rows_with_metadata(project: Path) -> None:
+    """Bundle and ONNX alike: p ∝ exp(log p_image + prior/T) where a row has metadata."""
+    from tasks.config import load_params
+    from tasks.export import export_onnx
+    from tasks.fusion import fit_metadata_prior
+    from tasks.models import save_bundle
+    from tasks.train import MEAN, STD
+    from tests.datasets import make_ham
+
+    prior = fit_metadata_prior(*patients(), CLASSES)
+    dx = ["mel", "nv", "bcc"] * 4
+    rows = [
+        {
+            "image_id": f"ISIC_{i:07d}",
+            "dx": d,
+            "age": 20 + 7 * i,
+            "localization": ["back", "face"][i % 2],
+        }
+        for i, d in enumerate(dx)
+    ]
+    rows[4].update(age="", sex="unknown", localization="unknown")  # no metadata at all
+    root = make_ham(project / "ham", rows)
+    t = 1.5
+    extra = {"metadata_prior": prior.to_dict()}
+    model = tiny_cnn(2)
+    plain = save_bundle(project / "plain.pt", model, "custom_cnn", CLASSES, 32, MEAN, STD,
+                        temperature=t)  # fmt: skip
+    fused = save_bundle(project / "fused.pt", model, "custom_cnn", CLASSES, 32, MEAN, STD,
+                        temperature=t, extra=extra)  # fmt: skip
+    meta = {"arch": "custom_cnn", "classes": CLASSES, "input_size": 32,
+            "normalization": {"mean": list(MEAN), "std": list(STD)}, "extra": extra}  # fmt: skip
+    onnx = export_onnx(model, meta, project / "fused.onnx", 18, t)
+    p = load_params("params.yaml")
+    cols = [f"p_{c}" for c in CLASSES]
+
+    def scored(ref: Path, name: str) -> tuple[dict, pd.DataFrame]:
+        rec = run_cli(root, str(ref), p, name=name, log=False)
+        table = pd.read_parquet(project / f"reports/external/{name}/predictions.parquet")
+        return rec, table.set_index("image_id").loc[[r["image_id"] for r in rows]]
+
+    rec0, base = scored(plain, "plain")
+    assert rec0["metadata_prior_images"] is None
+    manifest = pd.DataFrame({
+        "age": [r["age"] if r["age"] != "" else np.nan for r in rows],
+        "sex": [None if r.get("sex") == "unknown" else "male" for r in rows],
+        "site": [None if r["localization"] == "unknown" else r["localization"] for r in rows],
+    })  # fmt: skip
+    z = np.log(base[cols].to_numpy()) + prior.log_odds(manifest) / t
+    expected = softmax(z)
+    for ref, name in ((fused, "fused_pt"), (onnx, "fused_onnx")):
+        rec, table = scored(ref, name)
+        assert rec["metadata_prior_images"] == len(rows) - 1
+        assert "the metadata prior used age, sex or site for 11 of 12 images" in rec["note"]
+        np.testing.assert_allclose(table[cols].to_numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(table[cols].to_numpy()[4], base[cols].to_numpy()[4], atol=1e-6)
+    assert np.abs(expected - base[cols].to_numpy()).max() > 0.01  # the prior moved something

@@ -23,7 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.explain_batch import explain_chunk, run_explain_batch
+from flows.explain_batch import ExplainBatchError, explain_chunk, run_explain_batch
 from tasks import tracking
 from tasks.explain_text import OUTSIDE_SHARE
 from tasks.export import normalize
@@ -32,7 +32,7 @@ from tasks.models import build_model, load_bundle, save_bundle
 from tasks.predict import load_image
 from tasks.train import MEAN, STD
 from tests.datasets import not_an_image, write_image, write_mask
-from tests.helpers import write_params
+from tests.helpers import patients, write_params
 
 SIZE = 32
 CLASSES = ["MEL", "NV", "BCC"]
@@ -281,3 +281,46 @@ def test_cli_exits_non_zero_naming_the_problem(
     missing = tmp_path / "no_model.pt"
     result = CliRunner().invoke(app, ["explain-batch", str(empty), "--model", str(missing)])
     assert result.exit_code == 2 and str(missing) in result.output.replace("\n", "")
+
+
+def test_a_metadata_prior_moves_the_images_with_metadata(
+    ws: SimpleNamespace, prefect_server: None
+) -> None:
+    """``--metadata``: p = softmax((logits + prior) / T) where a file's stem has a row."""
+    from tasks.fusion import fit_metadata_prior
+    from tasks.predict import PredictError
+
+    prior = fit_metadata_prior(*patients(), CLASSES)
+    model, _ = load_bundle(ws.bundle)
+    bundle = save_bundle(
+        ws.root / "prior" / "model.pt", model, "custom_cnn", CLASSES, SIZE, MEAN, STD,
+        temperature=1.5, extra={"metadata_prior": prior.to_dict()},
+    )  # fmt: skip
+    table = ws.root / "patients.csv"
+    table.write_text("image_id,age,sex,site\na,80,female,face\nc,,,back\nzzz,40,male,back\n")
+    result = run_explain_batch(
+        [ws.folder], str(bundle), out_dir=ws.root / "out_prior", params_path=ws.params,
+        metadata=table,
+    )  # fmt: skip
+    preds = pd.read_csv(ws.root / "out_prior" / "predictions.csv").set_index("image_id")
+    ok = preds[preds["error"].isna()].sort_index()
+    assert ok["metadata"].tolist() == [True, False, True, False, False]  # a b c d e
+    files = list(ok["image"])
+    raw = np.stack([load_image(f, SIZE, "center_crop") for f in files])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(normalize(raw, MEAN, STD))).numpy()
+    rows = pd.DataFrame(
+        {"age": [80.0, None, None, None, None], "sex": ["female", None, None, None, None],
+         "site": ["face", None, "back", None, None]}
+    )  # fmt: skip
+    expected = softmax((logits + prior.log_odds(rows)) / 1.5)
+    np.testing.assert_allclose(ok[[f"p_{c}" for c in CLASSES]], expected, atol=1e-5)
+    texts = result.table.set_index("image_id")["text"].dropna()
+    assert texts.loc[["a", "c"]].str.contains("(metadata prior)", regex=False).all()
+    assert not texts.loc[["b", "d", "e"]].str.contains("metadata", regex=False).any()
+    with pytest.raises(PredictError, match="line 2: sex 'x' is not male"):
+        bad = ws.root / "bad.csv"
+        bad.write_text("image_id,sex\na,x\n")
+        run_explain_batch([ws.folder], str(bundle), params_path=ws.params, metadata=bad)
+    with pytest.raises(ExplainBatchError, match="carries no metadata prior"):
+        run_explain_batch([ws.folder], str(ws.bundle), params_path=ws.params, metadata=table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.explain_text import ARTEFACT_SENTENCE, describe_heatmap, explain_text
+from tasks.explain_text import ARTEFACT_SENTENCE, describe_heatmap, explain_text, metadata_text
 
 SIZE = 64
 
@@ -162,3 +162,19 @@ def test_empty_map_and_bad_inputs() -> None:
 def test_folder_labels_are_worded_plainly() -> None:
     facts = describe_heatmap(disk(32, 32, 10))
     assert explain_text("benign_naevus", 0.9, facts).startswith("Predicted benign naevus (90 %).")
+
+
+@pytest.mark.parametrize(
+    ("patient", "said"),
+    [
+        ((70.0, "male", "face"), "age 70, male, face"),
+        ((float("nan"), None, "back"), "back"),
+        ((41.6, "female", float("nan")), "age 42, female"),
+    ],
+)
+def test_metadata_sentence_says_what_the_prior_changed(patient: tuple, said: str) -> None:
+    text = metadata_text("BCC", 0.412, 0.634, *patient)
+    assert text == (
+        f"From the image alone, basal cell carcinoma has 41 %; with the patient's {said} "
+        "(metadata prior) it has 63 %."
+    )

@@ -195,6 +195,10 @@ def images_here(root: Path, assets: Assets) -> None:
     shutil.copytree(assets.images, root / "imgs")
 
 
+def onnx_here(root: Path, assets: Assets) -> None:
+    shutil.copy(assets.onnx, root / "m.onnx")
+
+
 def bundle_here(root: Path, assets: Assets) -> None:
     shutil.copy(assets.bundle, root / "model.pt")
 
@@ -430,6 +434,30 @@ CASES = [
          ["no image files under masks (1 mask(s) skipped)"],
          lambda root, a: write_image(root / "masks" / "x_segmentation.png") and None,
          ["predictions.csv"]),
+    Case("predict-metadata-missing", ["predict", "imgs", "--metadata", "meta.csv"],
+         ["--metadata meta.csv: no such file"], images_here, ["predictions.csv"]),
+    Case("predict-metadata-bad-age", ["predict", "imgs", "--metadata", "meta.csv"],
+         ["--metadata meta.csv line 3: age 'abc' is not a number in 0-120"],
+         steps(images_here, write("meta.csv", "image_id,age,sex\nx,40,male\ny,abc,male\n")),
+         ["predictions.csv"]),
+    Case("predict-metadata-twice", ["predict", "imgs", "--metadata", "meta.csv"],
+         ["--metadata meta.csv line 3: image id x again (first on line 2)"],
+         steps(images_here, write("meta.csv", "image_id,site\nx,back\nx,face\n")),
+         ["predictions.csv"]),
+    Case("predict-metadata-no-prior", ["predict", "imgs", "-m", "m.onnx", "--metadata", "m.csv"],
+         ["--metadata m.csv: m.onnx carries no metadata prior", "leave --metadata out"],
+         steps(images_here, onnx_here, write("m.csv", "image_id,age\nx,40\n")),
+         ["predictions.csv"]),
+    Case("explain-batch-metadata-bad-age",
+         ["explain-batch", "imgs", "-m", "model.pt", "--metadata", "m.csv"],
+         ["--metadata m.csv line 2: age '200' is not a number in 0-120"],
+         steps(images_here, bundle_here, write("m.csv", "image_id,age\nx,200\n")),
+         ["reports/explain_batch"]),
+    Case("explain-batch-metadata-no-prior",
+         ["explain-batch", "imgs", "-m", "model.pt", "--metadata", "m.csv"],
+         ["--metadata m.csv: model.pt carries no metadata prior"],
+         steps(images_here, bundle_here, write("m.csv", "image_id,age\nx,40\n")),
+         ["reports/explain_batch"]),
     Case("explain-batch-truncated-bundle", ["explain-batch", "imgs", "-m", "model.pt"],
          ["model.pt: cannot load the model bundle"],
          steps(images_here, write("model.pt", b"PK\x03\x04 cut")), ["reports/explain_batch"]),

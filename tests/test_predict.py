@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.export import export_onnx
+from tasks.export import export_onnx, normalize
+from tasks.fusion import MetadataPrior, fit_metadata_prior
 from tasks.models import build_model
 from tasks.predict import (
     PredictError,
@@ -27,12 +28,14 @@ from tasks.predict import (
     match_masks,
     predict_files,
     preprocess,
+    read_metadata_table,
     scan_inputs,
     write_csv,
 )
 from tasks.prepare import PrepareError, decode_one
 from tasks.train import MEAN, STD, to_input
 from tests.datasets import make_ph2, not_an_image, truncate, write_image, write_mask
+from tests.helpers import patients
 from tests.tolerances import PROB_ATOL
 
 SIZE = 32
@@ -166,7 +169,7 @@ def test_predict_files(predictor: Predictor, images: dict[str, Path], tmp_path: 
     prob_cols = [f"p_{c}" for c in CLASSES]
     assert list(df.columns) == [
         "image", "predicted", "confidence", *prob_cols, "ood_score", "ood", "prediction_set",
-        "refer", "error",
+        "refer", "metadata", "error",
     ]  # fmt: skip
     assert df["image"].tolist() == [str(f) for f in files]
 
@@ -402,3 +405,89 @@ def test_no_images_names_what_was_skipped(tmp_path: Path) -> None:
     write_image(tmp_path / "in" / "a_segmentation.png")
     with pytest.raises(PredictError, match=r"no image files under .*\(1 mask\(s\) skipped\)"):
         run_predict([tmp_path / "in"], "model.onnx", tmp_path / "p.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# A model with a metadata prior: --metadata
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prior_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MetadataPrior]:
+    """The fixture's network, exported with a metadata prior fitted on random patients."""
+    prior = fit_metadata_prior(*patients(), CLASSES)
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", len(CLASSES)).eval()
+    meta = {
+        "arch": "custom_cnn", "classes": CLASSES, "input_size": SIZE,
+        "normalization": {"mean": list(MEAN), "std": list(STD)}, "data_version": "v1",
+        "extra": {"metadata_prior": prior.to_dict()},
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("prior") / "model.onnx"
+    return export_onnx(model, meta, path, 18, 1.3, run_id="r"), prior
+
+
+def test_predict_adds_the_prior_of_the_images_with_metadata(
+    prior_onnx: tuple[Path, MetadataPrior], images: dict[str, Path], tmp_path: Path
+) -> None:
+    path, prior = prior_onnx
+    table = tmp_path / "meta.csv"
+    table.write_text(  # HAM10000's own column names; case_2 has only "unknown"s: no metadata
+        "lesion_id,image_id,dx,age,sex,localization\n"
+        "HAM_1,case_0,nv,25,male,back\nHAM_2,case_1,bcc,80,female,face\n"
+        "HAM_3,case_2,nv,,unknown,unknown\nHAM_4,not_in_the_folder,mel,50,male,back\n"
+    )
+    files = [images[k] for k in ("good0", "good1", "good2", "good3")]
+    predictor = load_predictor(path)
+    plain = predict_files(predictor, files, progress=False)
+    fused = predict_files(predictor, files, progress=False, metadata=read_metadata_table(table))
+    assert fused["metadata"].tolist() == [True, True, False, False]
+    assert not plain["metadata"].any()
+    cols = [f"p_{c}" for c in CLASSES]
+    # Without metadata: the graph's own probabilities; with it: the graph's logits plus the
+    # prior, through the graph's temperature (1.3).
+    np.testing.assert_allclose(
+        fused[cols].to_numpy()[2:], plain[cols].to_numpy()[2:], atol=PROB_ATOL
+    )
+    x = normalize(np.stack([load_image(f, SIZE) for f in files[:2]]), MEAN, STD)
+    logits, _ = predictor.predict(x)
+    rows = pd.DataFrame({"age": [25.0, 80.0], "sex": ["male", "female"], "site": ["back", "face"]})
+    z = (logits + prior.log_odds(rows)) / 1.3
+    expected = np.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(fused[cols].to_numpy()[:2], expected, atol=PROB_ATOL)
+    assert np.abs(expected - plain[cols].to_numpy()[:2]).max() > 10 * PROB_ATOL  # it moved
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("id,age\nx,3\n", "no image_id (or image) column"),
+        ("image_id,dx\nx,nv\n", "no age, sex or site column"),
+        ("image_id,age\na,30\nb,40\na,50\n", "line 4: image id a again (first on line 2)"),
+        ("image_id,age\na,thirty\n", "line 2: age 'thirty' is not a number in 0-120"),
+        ("image_id,age\na,-4\n", "line 2: age '-4' is not a number in 0-120"),
+        ("image_id,sex\na,M\n", "line 2: sex 'M' is not male, female or empty"),
+        ("image_id,age\n,30\n", "line 2: empty image id"),
+        ("", "not a readable CSV"),
+    ],
+)
+def test_a_bad_metadata_table_is_named_by_line_and_rule(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "meta.csv"
+    path.write_text(text)
+    with pytest.raises(PredictError, match=re.escape(message)) as err:
+        read_metadata_table(path)
+    assert str(err.value).startswith(f"--metadata {path}") and "\n" not in str(err.value)
+
+
+def test_isic_2019_metadata_columns_are_read_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "ISIC_2019_Training_Metadata.csv"
+    path.write_text(
+        "image,age_approx,anatom_site_general,lesion_id,sex\n"
+        "ISIC_0000000,55.0,anterior torso,,female\nISIC_0000001,,,,\n"
+    )
+    table = read_metadata_table(path)
+    assert table.loc["ISIC_0000000"].tolist() == [55.0, "female", "anterior torso"]
+    assert table.loc["ISIC_0000001"].isna().all()

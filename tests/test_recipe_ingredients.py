@@ -213,8 +213,9 @@ def test_ema_bundle_holds_the_averaged_weights_with_every_switch_on(tiny_cc, tmp
         p.train, epochs=1, batch_size=16, ema_decay=0.5, mixup_alpha=0.4, cutmix_alpha=1.0,
         mix_prob=1.0, loss="logit_adjusted", logit_tau=1.0, drw_epoch=1, tta="flips",
     )  # fmt: skip
+    image_only = dataclasses.replace(p.model, metadata_prior=False)  # its log-odds: checked last
     result: TrainResult = train(
-        p.model, cfg, root / "prepared", tmp_path / "ckpt.pt", "v1", show_progress=False,
+        image_only, cfg, root / "prepared", tmp_path / "ckpt.pt", "v1", show_progress=False,
         color="shades_of_gray",
     )  # fmt: skip
     assert result.extra["tta"] == "flips" and result.extra["color_constancy"] == "shades_of_gray"
@@ -232,6 +233,15 @@ def test_ema_bundle_holds_the_averaged_weights_with_every_switch_on(tiny_cc, tmp
     assert differs  # the raw weights are not what was saved
     # the final logits are TTA log-probabilities: they exponentiate to distributions
     np.testing.assert_allclose(np.exp(result.test_logits).sum(1), 1.0, atol=PROB_ATOL)
+    # With the metadata prior, the same network's log-probabilities plus the prior's log-odds.
+    from tasks.fusion import prior_from_meta
+    from tasks.prepare import open_split
+
+    fused = train(p.model, cfg, root / "prepared", tmp_path / "ckpt2.pt", "v1",
+                  show_progress=False, color="shades_of_gray")  # fmt: skip
+    prior = prior_from_meta(fused.extra)
+    term = prior.log_odds(open_split(root / "prepared", "test").rows)
+    np.testing.assert_allclose(np.exp(fused.test_logits - term).sum(1), 1.0, atol=PROB_ATOL)
 
 
 def test_a_cache_written_without_colour_constancy_gets_it_on_load(tiny_cc, tmp_path) -> None:
@@ -272,7 +282,7 @@ def test_ablation_recipe_runs_end_to_end_on_tens_of_images(tmp_path: Path) -> No
     sets = [a for o in tiny for a in ("--set", o)]
     # All the variants are checked against the config when the recipe loads (a bad override
     # stops it before any work); three of them train here, to keep the suite within its
-    # budget: the baseline row, a loss row and the last row, which has every ingredient on.
+    # budget: the baseline row, a loss row and the last row: preset A with the metadata prior.
     recipe = yaml.safe_load(ABLATION.read_text())
     variants = list(recipe["compare"]["variants"])
     assert variants[0] == "baseline" and len(variants) >= 10
@@ -286,6 +296,8 @@ def test_ablation_recipe_runs_end_to_end_on_tens_of_images(tmp_path: Path) -> No
     run(["dermaflow", "recipe", str(trimmed), "--no-refresh", *sets], project)
     table = pd.read_csv(project / "reports" / "compare" / "comparison.csv")
     assert list(table["model"]) == kept
+    # The last row is preset A with the metadata prior: it alone adds age, sex and site.
+    assert table["metadata_prior"].tolist() == [False, False, True]
     ba = table["balanced_accuracy"]
     assert (table["balanced_accuracy_ci_low"] <= ba).all()
     assert (ba <= table["balanced_accuracy_ci_high"]).all()
