@@ -291,7 +291,7 @@ def _rel(path: Path | None, root: Path) -> str | None:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _clean(value: object) -> object:
+def clean_value(value: object) -> object:
     """Strip a metadata value; empty, NaN and HAM10000's literal ``unknown`` become None."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return None
@@ -757,7 +757,7 @@ def _ages(raw: pd.Series) -> tuple[pd.Series, list[str | None]]:
     numbers = pd.to_numeric(raw, errors="coerce").astype(float)
     texts: list[str | None] = []
     for value, number in zip(raw, numbers, strict=True):
-        given = _clean(value)
+        given = clean_value(value)
         texts.append(str(given) if given is not None and pd.isna(number) else None)
     return numbers, texts
 
@@ -845,11 +845,11 @@ def build_manifest(
         if column not in frame.columns:
             frame[column] = None
     frame["lesion_id"] = [
-        _clean(lesion) or image
+        clean_value(lesion) or image
         for lesion, image in zip(frame["lesion_id"], frame["image_id"], strict=True)
     ]
-    frame["sex"] = [_clean(v) for v in frame["sex"]]
-    frame["site"] = [_clean(v) for v in frame["site"]]
+    frame["sex"] = [clean_value(v) for v in frame["sex"]]
+    frame["site"] = [clean_value(v) for v in frame["site"]]
     frame["age"], frame["age_text"] = _ages(frame["age"])
 
     pairs = [

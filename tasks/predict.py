@@ -50,6 +50,7 @@ from tasks.ingest import (
     IMAGE_SUFFIXES,
     MASK_SUFFIX,
     PH2_MASK_FOLDERS,
+    clean_value,
     is_transposed,
     pixel_limit_problem,
 )
@@ -164,8 +165,6 @@ def read_metadata_table(path: str | os.PathLike[str]) -> pd.DataFrame:
             column, no age / sex / site column, an image id given twice, an age that is not a
             number in 0-120, a sex other than male or female.
     """
-    from tasks.ingest import _clean
-
     source = Path(path)
     if not source.is_file():
         raise PredictError(f"--metadata {source}: no such file")
@@ -199,7 +198,8 @@ def read_metadata_table(path: str | os.PathLike[str]) -> pd.DataFrame:
                 f"{where}: image id {image_id} again (first on line {first[image_id]})"
             )
         first[image_id] = line
-        values = {k: _clean(record[c]) if c else None for k, c in found.items() if k != "image_id"}
+        values = {k: clean_value(record[c]) if c else None for k, c in found.items()}
+        del values["image_id"]
         age = values["age"]
         if age is not None:
             try:
