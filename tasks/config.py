@@ -234,7 +234,7 @@ class ModelConfig:
     weights_path: Str | None  # local state_dict file (loaded with weights_only=True)
     dropout: Annotated[float, Strict(), Ge(0), Lt(1)]  # dropout before the classification head
     metadata: Bool = False  # fuse age, sex and anatomical site with the image features
-    metadata_prior: Bool = False  # add log p(class | age, sex, site) / p(class) to the logits
+    metadata_prior: Bool = False  # add log p(class | age, sex, site) - log p(class) to the logits
     metadata_prior_c: PosFloat = 1.0  # inverse L2 strength of that logistic regression
 
 

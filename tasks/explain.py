@@ -123,13 +123,13 @@ def run_explain(
     table["target"] = [classes[targets[i]] for i in table["index"]]
     table["confidence"] = [float(probabilities[idx][i].max()) for i in table["index"]]
     texts, inside, flags = [], [], []
+    with_metadata = has_metadata(split.rows) if image_only is not None else None
     for _, r in table.iterrows():
         i, key = r["index"], (r["method"], None if r["layer"] == "input" else r["layer"])
         facts = describe_heatmap(maps[key][i], masks[i] if has_mask[i] else None)
         text = explain_text(r["predicted"], r["confidence"], facts)
-        row = split.rows.iloc[idx[i]]
-        if image_only is not None and has_metadata(split.rows.iloc[[idx[i]]])[0]:
-            k = classes.index(r["predicted"])
+        if with_metadata is not None and with_metadata[idx[i]]:
+            row, k = split.rows.iloc[idx[i]], classes.index(r["predicted"])
             text += " " + metadata_text(
                 r["predicted"], float(image_only[idx[i], k]), r["confidence"],
                 row["age"], row["sex"], row["site"],

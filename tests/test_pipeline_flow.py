@@ -154,6 +154,12 @@ def test_pipeline_flow_runs_skips_reruns_and_gates(tmp_path, prefect_harness, ca
     for metrics in ("metrics/train.json", "metrics/explain.json"):
         shown = run(["git", "show", f"{ref}:{metrics}"], project).stdout
         assert json.loads(shown) == json.loads((project / metrics).read_text()), metrics
+    # The default's metadata prior: its image-only number beside the fused one, and the
+    # explanations of the cases with age, sex or site say what it changed.
+    trained = json.loads((project / "metrics/train.json").read_text())
+    assert 0 <= trained["image_only"]["test_balanced_accuracy"] <= 1
+    texts = pd.read_parquet(project / "reports/explain/explanations.parquet")["text"]
+    assert texts.str.contains("(metadata prior)", regex=False).any()
 
     # The flow left dvc.lock as `dvc repro` would: DVC finds nothing to do, and neither does
     # a second flow run; the model stays champion.
